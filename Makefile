@@ -1,0 +1,41 @@
+# Set-up is part of every target: a fresh Debian machine with Python 3.11 needs nothing else.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mbquant-installed
+DATA   := data
+OUT    ?= runs/demo
+
+.PHONY: demo test test-slow bench setup data clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 2; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's dataset-fashion-mnist (installed with apt-get when missing) -> data/{train,val}
+data: $(DATA)/train/.complete $(DATA)/val/.complete
+
+$(DATA)/train/.complete $(DATA)/val/.complete: | $(STAMP)
+	$(BIN)/mbquant data fashion-mnist $(DATA) --quiet
+
+# The main job on the shipped phone checkpoint: 512 calibration images from data/train,
+# accuracy drop on all 10,000 data/val images, verified INT8 .pte + report in $(OUT)
+demo: $(STAMP) data
+	$(BIN)/mbquant ptq mobilenet_v2 --calib $(DATA)/train --eval $(DATA)/val --out $(OUT)
+
+test: $(STAMP) data
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP) data
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP) data
+	$(BIN)/python benchmarks/ptq_accuracy.py
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info

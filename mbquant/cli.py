@@ -1,0 +1,204 @@
+"""The `mbquant` command line: a thin layer over the Python API. ``main(argv) -> int``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .config import GRANULARITIES, OBSERVERS
+from .errors import ConfigError, MbquantError
+
+
+def _add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
+    from .models import available_models
+
+    p.add_argument("model", help=f"zoo model: {', '.join(available_models())}")
+    p.add_argument("--weights", required=weights_required,
+                   help="checkpoint path, shipped checkpoint name, or torchvision weights name (IMAGENET1K_V1, DEFAULT)")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
+    p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mbquant", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"mbquant {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("data", help="prepare a real dataset as an ImageFolder tree")
+    p.add_argument("dataset", choices=["fashion-mnist"])
+    p.add_argument("dest", type=Path, help="folder to write DEST/train/<class>/*.png and DEST/val/<class>/*.png")
+    _add_common(p)
+
+    p = sub.add_parser("train", help="train a float zoo model on an ImageFolder")
+    _add_model_args(p)
+    p.add_argument("--data", type=Path, required=True, help="folder with train/ and val/ ImageFolders")
+    p.add_argument("--width-mult", type=float, default=1.0)
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--preset", choices=["small", "imagenet"], default="small")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--max-train-samples", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="checkpoint path (default: runs/<model>_w<W>_r<R>.pth)")
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a float checkpoint on an ImageFolder")
+    _add_model_args(p)
+    p.add_argument("--data", type=Path, required=True, help="labelled ImageFolder (e.g. data/val)")
+    p.add_argument("--batch-size", type=int, default=256)
+    _add_common(p)
+
+    p = sub.add_parser("ptq", help="post-training static INT8 -> verified ExecuTorch/XNNPACK .pte + report")
+    _add_model_args(p)
+    p.add_argument("--calib", type=Path, required=True, help="calibration images: ImageFolder or flat folder")
+    p.add_argument("--eval", type=Path, default=None, help="labelled ImageFolder for the accuracy drop "
+                   "(default: the calibration folder, with a warning)")
+    p.add_argument("--num-calib", type=int, default=512, help="calibration samples (not batches)")
+    p.add_argument("--observer", default="histogram", choices=list(OBSERVERS))
+    p.add_argument("--percentile", type=float, default=99.99, help="for --observer percentile")
+    p.add_argument("--granularity", default="per-channel", choices=list(GRANULARITIES), help="weight granularity")
+    p.add_argument("--fuse-relu6", action=argparse.BooleanOptionalAction, default=True,
+                   help="quantize conv(-BN)-ReLU6 as one unit (output range clamped to [0, 6])")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
+    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    p.add_argument("--target", default="phone", help="deployment target (phone)")
+    p.add_argument("--min-delegated", type=float, default=0.99, help="fail below this delegated-op ratio")
+    p.add_argument("--max-drop", type=float, default=None, help="fail when top-1 drops by more (percentage points)")
+    p.add_argument("--min-parity", type=float, default=99.0, help="fail when .pte vs INT8 agreement is lower (%%)")
+    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N images")
+    p.add_argument("--float-program", action=argparse.BooleanOptionalAction, default=True,
+                   help="also lower the float model for size/latency comparison")
+    p.add_argument("--latency-runs", type=int, default=20)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<model>-<timestamp>/)")
+    _add_common(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "threads", None):
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        return int(args.handler(args) or 0) if hasattr(args, "handler") else _dispatch(args)
+    except MbquantError as exc:
+        print(f"mbquant {args.command}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"mbquant {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    return {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq}[args.command](args)
+
+
+def _emit(args: argparse.Namespace, payload: dict, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(payload, indent=2))
+    elif not args.quiet:
+        print("\n".join(lines))
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data import prepare_fashion_mnist
+
+    res = prepare_fashion_mnist(args.dest, progress=not (args.quiet or args.json))
+    _emit(args, res, [f"fashion-mnist ready in {res['root']}: train {res['train']} images, val {res['val']} images, "
+                      f"{len(res['classes'])} classes ({', '.join(res['classes'])})"])
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from .config import TrainConfig
+    from .data import load_folder, make_preset
+    from .models import ModelInfo, create, save_checkpoint
+    from .train import fit
+
+    if args.width_mult <= 0:
+        raise ConfigError(f"--width-mult {args.width_mult} must be positive (e.g. 0.35, 0.5, 1.0)")
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+                      seed=args.seed, max_train_samples=args.max_train_samples)
+    preset = make_preset(args.preset, args.resolution)
+    import torch
+
+    torch.manual_seed(cfg.seed)
+    train_set = load_folder(args.data / "train", preset, train=True, cache=True)
+    val_set = load_folder(args.data / "val", preset, expected_classes=train_set.classes)
+    model = create(args.model, num_classes=len(train_set.classes), width_mult=args.width_mult)
+    rho = args.resolution / 224 if args.model == "mobilenet_v1" else 1.0
+    info = ModelInfo(args.model, len(train_set.classes), args.width_mult, preset, tuple(train_set.classes))
+    result = fit(model, info, train_set, val_set, cfg, progress=not (args.quiet or args.json))
+    out = args.out or Path("runs") / f"{args.model}_w{args.width_mult:g}_r{args.resolution}.pth"
+    command = "mbquant " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("mbquant") else None
+    recipe = {"train": cfg.to_dict(), "data": str(args.data), "train_samples": len(train_set),
+              "seconds": result.seconds, "command": command}
+    save_checkpoint(model, info, out, recipe=recipe, metrics={"history": result.history}, rho=rho)
+    _emit(args, {"checkpoint": str(out), "history": result.history},
+          [f"saved {out} (val top-1 {result.final.get('val_top1')}% after {cfg.epochs} epochs, {result.seconds:.0f} s)"])
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from .data import load_folder
+    from .models import count_macs, count_params
+    from .resolve import resolve_model
+    from .train import evaluate_float
+
+    model, info = resolve_model(args.model, args.weights)
+    ds = load_folder(args.data, info.preset, expected_classes=info.classes or None)
+    res = evaluate_float(model, ds, args.batch_size, progress=not (args.quiet or args.json))
+    if not res.labelled:
+        raise ConfigError(f"'{args.data}' has no class subfolders; eval needs a labelled ImageFolder")
+    acc = res.accuracy["model"]
+    params, macs = count_params(model), count_macs(model, info.resolution)
+    payload = {"model": info.to_dict(), "data": str(args.data), "images": res.count, "skipped": res.skipped,
+               "top1": round(acc.top1, 2), "top5": round(acc.top5, 2), "params": params, "macs": macs}
+    _emit(args, payload, [
+        f"{info.name} (width {info.width_mult:g}, {info.resolution}x{info.resolution}, {info.num_classes} classes) "
+        f"from {info.weights}",
+        f"  params {params / 1e6:.3f} M, MACs {macs / 1e6:.2f} M",
+        f"  {args.data}: {res.count} images" + (f" ({res.skipped} unreadable skipped)" if res.skipped else ""),
+        f"  top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%"])
+    return 0
+
+
+def _cmd_ptq(args: argparse.Namespace) -> int:
+    from .config import QuantConfig, RunConfig
+    from .pipeline import default_out_dir, run_ptq, summary_table
+    from .resolve import resolve_model
+
+    config = QuantConfig(observer=args.observer, granularity=args.granularity, num_calib=args.num_calib,
+                         seed=args.seed, batch_size=args.batch_size, fuse_relu6=args.fuse_relu6,
+                         percentile=args.percentile)
+    run = RunConfig(target=args.target, min_delegated=args.min_delegated, max_drop=args.max_drop,
+                    min_parity=args.min_parity, eval_limit=args.eval_limit, latency_runs=args.latency_runs,
+                    float_program=args.float_program)
+    model, info = resolve_model(args.model, args.weights)
+    out = args.out or default_out_dir(args.model)
+    quiet = args.quiet or args.json
+    if not quiet:
+        print(f"{info.name} (width {info.width_mult:g}, {info.resolution}x{info.resolution}) from {info.weights}")
+    report = run_ptq(model, info, calib=args.calib, eval_dir=args.eval, out_dir=out, config=config, run=run,
+                     progress=not quiet, command="mbquant " + " ".join(["ptq", *sys.argv[2:]]))
+    if args.json:
+        print(json.dumps(report.to_dict(), indent=2))
+    elif not args.quiet:
+        print(summary_table(report))
+        print(f"artifacts and report.json in {out}")
+    if not report.ok:
+        for f in report.failures:
+            print(f"mbquant ptq: error: {f}", file=sys.stderr)
+        return 1
+    return 0

@@ -1,0 +1,55 @@
+"""Shared fixtures. Real data only: Fashion-MNIST prepared by `make test` into ./data (or $MBQUANT_DATA)."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _threads():
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def fmnist() -> Path:
+    """The prepared Fashion-MNIST ImageFolder root (train/ and val/)."""
+    from mbquant.data import prepare_fashion_mnist
+
+    root = Path(os.environ.get("MBQUANT_DATA", REPO / "data"))
+    prepare_fashion_mnist(root, progress=False)  # idempotent: a no-op when already prepared
+    return root
+
+
+def copy_subset(src: Path, dst: Path, per_class: int, classes: list[str] | None = None) -> Path:
+    """Copy the first ``per_class`` real images of each class of ``src`` into ``dst``."""
+    for cdir in sorted(d for d in src.iterdir() if d.is_dir()):
+        if classes is not None and cdir.name not in classes:
+            continue
+        (dst / cdir.name).mkdir(parents=True, exist_ok=True)
+        for p in sorted(cdir.glob("*.png"))[:per_class]:
+            shutil.copy(p, dst / cdir.name / p.name)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def small_folder(fmnist, tmp_path_factory) -> Path:
+    """10 classes x 12 real training images."""
+    return copy_subset(fmnist / "train", tmp_path_factory.mktemp("small") / "images", 12)
+
+
+@pytest.fixture(scope="session")
+def small_val(fmnist, tmp_path_factory) -> Path:
+    """10 classes x 10 real validation images."""
+    return copy_subset(fmnist / "val", tmp_path_factory.mktemp("smallval") / "images", 10)
+
+
+@pytest.fixture(scope="session")
+def shipped_dir() -> Path:
+    return REPO / "mbquant" / "checkpoints"

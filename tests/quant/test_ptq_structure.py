@@ -1,0 +1,57 @@
+"""Structure and numerics of the PT2E INT8 graph and its XNNPACK program, for every zoo family."""
+import pytest
+import torch
+
+from mbquant.data import load_folder, make_loader, small_preset
+from mbquant.evaluate import compare
+from mbquant.mobile import PteModel
+from mbquant.quant.graph import summarize
+from tests.quant.conftest import RES, ZOO_CASES
+
+# conv(-BN)-ReLU6 units each family must fuse: V1 has 27 (first conv + 13 dw + 13 pw), V2 35
+EXPECTED_FUSED_RELU6 = {"mobilenet_v1": 27, "mobilenet_v2": 35, "mobilenet_v3_small": 0,
+                        "mobilenet_v3_large": 0, "resnet18": 0}
+
+
+@pytest.mark.parametrize("name", list(ZOO_CASES))
+def test_int8_graph_structure(zoo_case, name):
+    case = zoo_case(name)
+    s = summarize(case.int8)
+    assert s.batch_norm == 0, "BN must be folded into the convs at convert"
+    assert s.fused_conv_relu6 == EXPECTED_FUSED_RELU6[name]
+    assert s.unfused_relu6 == 0
+    assert s.float_ops == [], f"ops left in float: {s.float_ops}"
+    assert s.quantize > 0 and s.dequantize > s.quantize
+
+
+@pytest.mark.parametrize("name", list(ZOO_CASES))
+def test_program_is_one_delegate_and_matches_the_int8_module(zoo_case, small_val, name):
+    case = zoo_case(name)
+    d = case.lowered.delegation
+    assert d.subgraphs == 1, f"expected one XNNPACK delegate call, got {d.subgraphs}"
+    assert d.ratio >= 0.99 and d.outside_ops == {}
+    pte = PteModel(case.pte)
+    ds = load_folder(small_val, small_preset(RES))
+    cmp = compare({"module": case.int8, "pte": pte}, make_loader(ds, 25))
+    assert cmp.count == 100
+    # untrained weights: logits are near ties, so compare values in units of the output's INT8 step
+    assert cmp.diff("module", "pte") <= 3 * _output_scale(case.int8)
+
+
+def _output_scale(gm) -> float:
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    node = out.args[0][0] if isinstance(out.args[0], (tuple, list)) else out.args[0]
+    assert "dequantize_per_tensor" in str(node.target), "the logits leave the graph dequantized from INT8"
+    return float(node.args[1])
+
+
+def test_v3_hardswish_and_squeeze_excite_are_quantized_and_delegated(zoo_case):
+    case = zoo_case("mobilenet_v3_small")
+    counts = {}
+    for n in case.int8.graph.nodes:
+        if n.op == "call_function":
+            counts[str(n.target)] = counts.get(str(n.target), 0) + 1
+    assert counts.get("aten.hardswish_.default", 0) + counts.get("aten.hardswish.default", 0) >= 10
+    assert counts["aten.hardsigmoid.default"] == 9 and counts["aten.mul.Tensor"] == 9  # 9 SE blocks
+    assert summarize(case.int8).float_ops == []
+    assert case.lowered.delegation.ratio == 1.0
