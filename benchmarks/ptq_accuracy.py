@@ -28,11 +28,16 @@ from mbquant.resolve import resolve_model  # noqa: E402
 VARIANTS = {
     "stock": dict(fuse_relu6=False),                       # the stock XNNPACKQuantizer annotation
     "default": dict(),                                     # ReLU6 fused, histogram observer, per-channel
-    "minmax": dict(observer="minmax"),
     "percentile": dict(observer="percentile"),
+    "minmax": dict(observer="minmax"),
     "moving-average": dict(observer="moving-average"),
-    "per-tensor": dict(granularity="per-tensor"),
+    "recommended": dict(observer="percentile", float_logits=True),
+    "recommended-stock-relu6": dict(observer="percentile", float_logits=True, fuse_relu6=False),
+    "recommended+bias-corr": dict(observer="percentile", float_logits=True, bias_correction=True),
+    "histogram+float-logits": dict(float_logits=True),
+    "histogram+float-logits+bias-corr": dict(float_logits=True, bias_correction=True),
     "per-tensor-stock": dict(granularity="per-tensor", fuse_relu6=False),
+    "per-tensor": dict(granularity="per-tensor"),
 }
 
 
@@ -45,6 +50,7 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--calib", type=Path, default=None, help="calibration folder (default DATA/train)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ptq_accuracy.json")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -55,7 +61,7 @@ def main(argv=None) -> int:
         run = RunConfig(eval_limit=args.eval_limit, float_program=False, latency_runs=50)
         start = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
-            rep = run_ptq(model, info, calib=args.data / "train", eval_dir=args.data / "val", out_dir=Path(tmp),
+            rep = run_ptq(model, info, calib=args.calib or args.data / "train", eval_dir=args.data / "val", out_dir=Path(tmp),
                           config=cfg, run=run, command=f"benchmark {name}").to_dict()
         acc, par = rep["accuracy"], rep["parity"]
         results[name] = {"config": cfg.to_dict(), "accuracy": acc, "parity": par,

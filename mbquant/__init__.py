@@ -3,15 +3,17 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .config import QuantConfig, TrainConfig
+from .config import QuantConfig, RunConfig, TrainConfig
 from .errors import (ConfigError, DataError, ExportError, MbquantError, ModelError, QuantizationError,
                      VerificationError)
 from .models import ModelInfo, available_models, create, create_with_info, load_checkpoint, save_checkpoint
+from .pipeline import Quantized, quantize, run_ptq
 
 __all__ = [
     "__version__",
-    "QuantConfig", "TrainConfig",
+    "QuantConfig", "RunConfig", "TrainConfig",
     "MbquantError", "ConfigError", "DataError", "ModelError", "QuantizationError", "ExportError",
     "VerificationError",
     "ModelInfo", "available_models", "create", "create_with_info", "load_checkpoint", "save_checkpoint",
+    "Quantized", "quantize", "run_ptq",
 ]

@@ -27,7 +27,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mbquant", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="mbquant", description="INT8 quantization and verified mobile export for MobileNet-family CNNs: "
+        "prepare data, train/evaluate float models, and run post-training quantization to an ExecuTorch/XNNPACK .pte "
+        "with an accuracy-drop report.")
     parser.add_argument("--version", action="version", version=f"mbquant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -68,6 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--granularity", default="per-channel", choices=list(GRANULARITIES), help="weight granularity")
     p.add_argument("--fuse-relu6", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize conv(-BN)-ReLU6 as one unit (output range clamped to [0, 6])")
+    p.add_argument("--float-logits", action=argparse.BooleanOptionalAction, default=False,
+                   help="run the classifier layer in fp32 on INT8 features (logits not rounded to INT8)")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="correct each layer's bias for the mean shift quantization causes (calibration images)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     p.add_argument("--target", default="phone", help="deployment target (phone)")
@@ -181,7 +188,8 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
 
     config = QuantConfig(observer=args.observer, granularity=args.granularity, num_calib=args.num_calib,
                          seed=args.seed, batch_size=args.batch_size, fuse_relu6=args.fuse_relu6,
-                         percentile=args.percentile)
+                         percentile=args.percentile, float_logits=args.float_logits,
+                         bias_correction=args.bias_correction)
     run = RunConfig(target=args.target, min_delegated=args.min_delegated, max_drop=args.max_drop,
                     min_parity=args.min_parity, eval_limit=args.eval_limit, latency_runs=args.latency_runs,
                     float_program=args.float_program)

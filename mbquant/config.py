@@ -49,6 +49,8 @@ class QuantConfig(_Config):
     seed: int = 0
     batch_size: int = 32
     fuse_relu6: bool = True
+    float_logits: bool = False
+    bias_correction: bool = False
     percentile: float = 99.99
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ from torch.fx import GraphModule
 from . import calibrate
 from ._io import ensure_writable_dir, write_json
 from .calibrate import CalibrationResult, CalibrationSet
+from .calibrate.bias_correction import BiasCorrectionResult, correct_biases
 from .config import QuantConfig, RunConfig
 from .data import ImageFolderDataset, load_folder, make_loader
 from .errors import ConfigError, DataError
@@ -38,6 +39,7 @@ class Quantized:
     calibration: CalibrationResult
     graph: GraphSummary
     seconds: float
+    bias_correction: BiasCorrectionResult | None = None
 
 
 def quantize(model: nn.Module, calib: CalibrationSet, *, resolution: int, config: QuantConfig = QuantConfig(),
@@ -47,7 +49,15 @@ def quantize(model: nn.Module, calib: CalibrationSet, *, resolution: int, config
     prepared = ptq.prepare(model, resolution, config, get_target(target))
     result = calibrate.run(prepared, calib, batch_size=config.batch_size, progress=progress)
     int8 = ptq.convert(prepared)
-    return Quantized(int8, result, summarize(int8), round(time.perf_counter() - start, 2))
+    bias = None
+    if config.bias_correction:
+        batches = [b[0] for b in calib.loader(config.batch_size) if b is not None]
+        bias = correct_biases(int8, ptq.export_float(model, resolution), batches)
+    return Quantized(int8, result, summarize(int8), round(time.perf_counter() - start, 2), bias)
+
+
+def _output_layers(gm: GraphModule) -> set[str]:
+    return {src.name for n in gm.graph.nodes if n.op == "output" for src in n.all_input_nodes}
 
 
 def samples_digest(ds: ImageFolderDataset) -> str:
@@ -99,9 +109,12 @@ def run_ptq(model: nn.Module, info: ModelInfo, *, calib: Path, eval_dir: Path | 
     report.add("calibration", {**calib_set.to_dict(), **q.calibration.to_dict(), "digest": samples_digest(calib_set.dataset)})
     if q.calibration.skipped:
         report.warn(f"{q.calibration.skipped} unreadable calibration images were skipped")
-    report.add("quantization", {**q.graph.to_dict(), "seconds": q.seconds})
-    if q.graph.float_ops:
-        report.warn(f"{len(q.graph.float_ops)} ops stay in float: {', '.join(q.graph.float_ops[:5])}")
+    report.add("quantization", {**q.graph.to_dict(), "seconds": q.seconds,
+                                "bias_correction": q.bias_correction.to_dict() if q.bias_correction else None})
+    requested = _output_layers(q.int8) if config.float_logits else set()
+    unexpected = [op for op in q.graph.float_ops if op.split(" ")[0] not in requested]
+    if unexpected:
+        report.warn(f"{len(unexpected)} ops stay in float: {', '.join(unexpected[:5])}")
     export_verify_report(model, q.int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
     return report
 

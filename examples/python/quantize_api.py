@@ -15,7 +15,7 @@ from mbquant import calibrate
 from mbquant.data import make_loader
 from mbquant.evaluate import compare
 from mbquant.mobile import PteModel, lower, write_pte
-from mbquant.pipeline import load_eval_set, quantize
+from mbquant.pipeline import load_eval_set
 
 data = Path(sys.argv[1] if len(sys.argv) > 1 else "data")
 torch.set_num_threads(2)
@@ -27,7 +27,7 @@ model, info = mbquant.create_with_info("mobilenet_v2", weights="mobilenet_v2_w0.
 calib = calibrate.from_folder(data / "train", info.preset, 256, seed=0, expected_classes=info.classes)
 
 # 3. prepare -> calibrate -> convert in one call (each stage is public in mbquant.quant.ptq / mbquant.calibrate)
-q = quantize(model, calib, resolution=info.resolution, config=mbquant.QuantConfig(num_calib=256))
+q = mbquant.quantize(model, calib, resolution=info.resolution, config=mbquant.QuantConfig(num_calib=256))
 print(f"calibrated on {q.calibration.samples} images; {q.graph.fused_conv_relu6} conv-ReLU6 units fused; "
       f"{q.graph.batch_norm} batch_norm left")
 

@@ -1,8 +1,6 @@
 """Structure checks on exported / converted graphs: op counts, BN left, fused units, float ops."""
 from __future__ import annotations
 
-import operator
-from collections import Counter
 from dataclasses import dataclass, field
 
 import torch
@@ -36,11 +34,6 @@ TRANSPARENT_OPS = {_A.dropout.default, _A.dropout_.default, _A.flatten.using_int
 def op_name(node: Node) -> str:
     t = node.target
     return getattr(t, "__name__", str(t)) if not hasattr(t, "_schema") else str(t).replace("aten.", "")
-
-
-def op_counts(gm: GraphModule) -> Counter:
-    """Counts of call_function targets by exact overload name (no substring double counting)."""
-    return Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
 def count_targets(gm: GraphModule, targets: set) -> int:
@@ -126,6 +119,3 @@ def _is_quantized(node: Node) -> bool:
         writes_q = nxt is not None and nxt.op == "call_function" and nxt.target in QUANTIZE_OPS
     return reads_q and writes_q
 
-
-def getitem_free(nodes) -> list[Node]:
-    return [n for n in nodes if not (n.op == "call_function" and n.target is operator.getitem)]

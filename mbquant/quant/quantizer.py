@@ -23,6 +23,33 @@ class FusingXNNPACKQuantizer(XNNPACKQuantizer):
         return super()._annotate_all_patterns(model, quantization_config, filter_fn, operator_target)
 
 
+class _FloatLogitsMixin:
+    """Run the layer that produces the model's output (the classifier) in fp32 on the dequantized INT8
+    features, so its logits are not rounded onto a 256-step grid where near-tied classes collide.
+
+    XNNPACK runs it as an fp32 fully-connected layer inside the same delegate; the report lists it as
+    the one op left in float.
+    """
+
+    def annotate(self, model):
+        model = super().annotate(model)
+        for node in model.graph.nodes:
+            if node.op == "output":
+                for src in node.all_input_nodes:
+                    src.meta.pop("quantization_annotation", None)
+        return model
+
+
+class FloatLogitsXNNPACKQuantizer(_FloatLogitsMixin, XNNPACKQuantizer):
+    pass
+
+
+class FloatLogitsFusingXNNPACKQuantizer(_FloatLogitsMixin, FusingXNNPACKQuantizer):
+    pass
+
+
 def build_quantizer(config: QuantConfig) -> XNNPACKQuantizer:
-    quantizer = FusingXNNPACKQuantizer() if config.fuse_relu6 else XNNPACKQuantizer()
+    classes = {(True, True): FloatLogitsFusingXNNPACKQuantizer, (True, False): FusingXNNPACKQuantizer,
+               (False, True): FloatLogitsXNNPACKQuantizer, (False, False): XNNPACKQuantizer}
+    quantizer = classes[(config.fuse_relu6, config.float_logits)]()
     return quantizer.set_global(quantization_config(config))

@@ -58,3 +58,17 @@ def test_qat_graph_shape_conv_bn_relu6_matches():
     matches = [match_conv_relu6(n) for n in gm.graph.nodes]
     matches = [m for m in matches if m is not None]
     assert len(matches) == 35 and all(between for _, between in matches)  # BN sits between conv and ReLU6
+
+
+def test_float_logits_leaves_only_the_classifier_in_float():
+    model = create("mobilenet_v2", num_classes=10, width_mult=0.35)
+    prepared = ptq.prepare(model, 32, QuantConfig(float_logits=True, observer="minmax"), get_target("phone"))
+    with torch.no_grad():
+        prepared(torch.linspace(-2, 2, 2 * 3 * 32 * 32).reshape(2, 3, 32, 32))
+    q = ptq.convert(prepared)
+    s = summarize(q)
+    assert len(s.float_ops) == 1 and s.float_ops[0].startswith("linear") and "classifier.1" in s.float_ops[0]
+    out = next(n for n in q.graph.nodes if n.op == "output").args[0][0]
+    assert "linear" in str(out.target)            # logits come straight from the fp32 classifier
+    w = out.args[1]
+    assert w.op == "get_attr"                       # its weights are fp32, not dequantized INT8
