@@ -99,7 +99,7 @@ def test_phone_ptq_full_val_meets_the_issue_targets(fmnist, tmp_path):
     """512 calibration images from train, all 10,000 val images: drop <= 0.1 pp, float~.pte agreement >= 99.3%."""
     model, info = resolve_model("mobilenet_v2", None)
     rep = run_ptq(model, info, calib=fmnist / "train", eval_dir=fmnist / "val", out_dir=tmp_path,
-                  config=QuantConfig(observer="percentile", float_logits=True),
+                  config=QuantConfig(observer="percentile", float_logits=True, bias_correction=True),
                   run=RunConfig(float_program=False, latency_runs=5)).to_dict()
     assert rep["accuracy"]["images"] == 10000
     assert rep["accuracy"]["top1_drop_pp"] <= 0.1
