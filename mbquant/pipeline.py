@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,23 +132,23 @@ def export_verify_report(model: nn.Module, int8: GraphModule, info: ModelInfo, e
     write_pte(lowered, int8_path)
     programs = {"int8": {"path": str(int8_path), "bytes": int8_path.stat().st_size, "lower_seconds": lower_s,
                          "delegation": lowered.delegation.to_dict()}}
+    float_gm = ptq.export_float(model, info.resolution)  # the float numerics both programs are made from
     float_path = None
     if run.float_program:
         float_path = out_dir / f"{stem}_fp32.pte"
         t = time.perf_counter()
-        flow = lower(ptq.export_float(model, info.resolution), info.resolution)
+        flow = lower(float_gm, info.resolution)
         write_pte(flow, float_path)
         programs["fp32"] = {"path": str(float_path), "bytes": float_path.stat().st_size,
                             "lower_seconds": round(time.perf_counter() - t, 1), "delegation": flow.delegation.to_dict()}
     report.add("programs", programs)
 
     pte = PteModel(int8_path)
-    float_eval = ptq.export_float(model, info.resolution)  # same float numerics as the program was made from
-    predictors = {"float": float_eval, "int8_module": int8, "int8_pte": pte}
+    predictors = {"float": float_gm, "int8_module": int8, "int8_pte": pte}
     loader = make_loader(eval_set, run.eval_batch_size)
     cmp = compare(predictors, loader, progress=progress, desc="evaluate float/int8/.pte")
     first = next(b for b in make_loader(eval_set, 8) if b is not None)[0]
-    sqnr = layer_sqnr(float_eval, int8, first)
+    sqnr = layer_sqnr(float_gm, int8, first)
     drop = cmp.drop("float", "int8_pte")
     accuracy = {
         "eval_root": str(eval_set.samples[0].path.parent.parent),
@@ -171,7 +172,7 @@ def export_verify_report(model: nn.Module, int8: GraphModule, info: ModelInfo, e
 
     set_runtime_threads(run.latency_threads)
     x1 = first[:1]
-    lat = {"host": "x86-64 CPU (host, not a phone)", "threads": run.latency_threads,
+    lat = {"host": f"{platform.machine()} CPU of this host (not a phone)", "threads": run.latency_threads,
            "int8_pte": latency_ms(pte, x1, runs=run.latency_runs)}
     if float_path is not None:
         lat["fp32_pte"] = latency_ms(PteModel(float_path), x1, runs=run.latency_runs)

@@ -50,7 +50,7 @@ def _channel_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 class _StopAt(Exception):
-    pass
+    """Raised inside the interpreter once the layer of interest has run: the rest of the graph is not needed."""
 
 
 def _node_means(gm: GraphModule, names: set[str], batches: list[torch.Tensor], stop_after: str | None = None):

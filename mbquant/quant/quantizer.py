@@ -41,11 +41,11 @@ class _FloatLogitsMixin:
 
 
 class FloatLogitsXNNPACKQuantizer(_FloatLogitsMixin, XNNPACKQuantizer):
-    pass
+    """The stock annotation with an fp32 classifier."""
 
 
 class FloatLogitsFusingXNNPACKQuantizer(_FloatLogitsMixin, FusingXNNPACKQuantizer):
-    pass
+    """ReLU6 fusion with an fp32 classifier."""
 
 
 def build_quantizer(config: QuantConfig) -> XNNPACKQuantizer:

