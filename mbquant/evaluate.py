@@ -6,6 +6,7 @@ them, top-1 agreement between every pair, and the largest logit difference of ea
 from __future__ import annotations
 
 import math
+import operator
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -140,7 +141,7 @@ def _float_counterpart(node) -> str:
     users = list(node.users)
     if len(users) == 1 and users[0].op == "call_function" and users[0].target in BN_OPS:
         bn = users[0]
-        gets = [u for u in bn.users if u.op == "call_function" and u.target is __import__("operator").getitem]
+        gets = [u for u in bn.users if u.op == "call_function" and u.target is operator.getitem]
         return (gets[0] if gets else bn).name
     return node.name
 

@@ -29,7 +29,7 @@ from .models import ModelInfo
 from .quant import ptq
 from .quant.graph import GraphSummary, summarize
 from .quant.targets import get_target
-from .report import Report, format_table
+from .report import Report, format_table, library_versions
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def export_verify_report(model: nn.Module, int8: GraphModule, info: ModelInfo, e
     sidecar = {"artifact": int8_path.name, "model": info.to_dict(), "config": config.to_dict(), "target": run.target,
                "calibration_digest": report.sections.get("calibration", {}).get("digest"),
                "eval_digest": accuracy["digest"], "preset": info.preset.to_dict(), "classes": list(info.classes),
-               "versions": __import__("mbquant.report", fromlist=["library_versions"]).library_versions()}
+               "versions": library_versions()}
     write_json(int8_path.with_suffix(".pte.json"), sidecar)
     report.write(out_dir)
     return report

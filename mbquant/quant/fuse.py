@@ -8,6 +8,7 @@ replaced by ReLU.
 """
 from __future__ import annotations
 
+import operator
 from typing import Callable, Optional
 
 import torch
@@ -42,7 +43,7 @@ def _bn_producer(node: Node) -> Node | None:
     """For ``getitem(bn, 0)`` or ``bn`` return the BN node."""
     if node.op == "call_function" and node.target in BN_OPS:
         return node
-    if node.op == "call_function" and node.target is __import__("operator").getitem:
+    if node.op == "call_function" and node.target is operator.getitem:
         src = node.args[0]
         if isinstance(src, Node) and src.op == "call_function" and src.target in BN_OPS:
             return src

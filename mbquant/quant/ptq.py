@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 
 import torch
 from torch import nn
@@ -26,10 +27,8 @@ def export_float(model: nn.Module, resolution: int, *, dynamic_batch: bool = Tru
     """``torch.export`` the float model in eval mode (batch dimension dynamic up to MAX_BATCH)."""
     model = copy.deepcopy(model).eval()
     x = example_input(resolution, 2 if dynamic_batch else 1)
-    dyn = ({"x": {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}} if dynamic_batch else None)
-    name = next(iter(__import__("inspect").signature(model.forward).parameters))
-    if dyn is not None:
-        dyn = {name: dyn["x"]}
+    name = next(iter(inspect.signature(model.forward).parameters))
+    dyn = {name: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}} if dynamic_batch else None
     try:
         ep = torch.export.export(model, (x,), dynamic_shapes=dyn)
     except Exception as exc:
