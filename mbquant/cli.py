@@ -65,18 +65,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", type=Path, required=True, help="calibration images: ImageFolder or flat folder")
     p.add_argument("--eval", type=Path, default=None, help="labelled ImageFolder for the accuracy drop "
                    "(default: the calibration folder, with a warning)")
-    p.add_argument("--num-calib", type=int, default=512, help="calibration samples (not batches)")
     p.add_argument("--observer", default="histogram", choices=list(OBSERVERS))
     p.add_argument("--percentile", type=float, default=99.99, help="for --observer percentile")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
+                   help="correct each layer's bias for the mean shift quantization causes (calibration images)")
+    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    _add_quant_args(p)
+    _add_run_args(p)
+    _add_common(p)
+
+    p = sub.add_parser("qat", help="quantization-aware fine-tuning -> verified ExecuTorch/XNNPACK .pte + report "
+                       "(resumable; scale out with torchrun --nproc_per_node=N -m mbquant qat ...)")
+    _add_model_args(p)
+    p.add_argument("--data", type=Path, required=True, help="folder with train/ and val/ ImageFolders")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=0.005, help="SGD learning rate (cosine decay)")
+    p.add_argument("--batch-size", type=int, default=64, help="training batch size per process")
+    p.add_argument("--momentum", type=float, default=0.9)
+    p.add_argument("--weight-decay", type=float, default=1e-5)
+    p.add_argument("--freeze-bn-after", type=_epochs_or_never, default=1, metavar="N|never",
+                   help="use BN running statistics after N epochs (default 1)")
+    p.add_argument("--freeze-observers-after", type=_epochs_or_never, default=2, metavar="N|never",
+                   help="keep every quantization range fixed after N epochs (default 2)")
+    p.add_argument("--init-ranges", action=argparse.BooleanOptionalAction, default=True,
+                   help="start from ranges calibrated on --num-calib training images (as PTQ)")
+    p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of N images")
+    p.add_argument("--resume", type=Path, default=None, help="qat_last.pt (or the --out folder) of a run to continue")
+    _add_quant_args(p)
+    _add_run_args(p)
+    _add_common(p)
+    return parser
+
+
+def _epochs_or_never(value: str) -> int | None:
+    if value == "never":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number of epochs; pass N >= 0 or 'never'") from None
+
+
+def _add_quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--num-calib", type=int, default=512, help="calibration samples (not batches)")
     p.add_argument("--granularity", default="per-channel", choices=list(GRANULARITIES), help="weight granularity")
     p.add_argument("--fuse-relu6", action=argparse.BooleanOptionalAction, default=True,
                    help="quantize conv(-BN)-ReLU6 as one unit (output range clamped to [0, 6])")
     p.add_argument("--float-logits", action=argparse.BooleanOptionalAction, default=False,
                    help="run the classifier layer in fp32 on INT8 features (logits not rounded to INT8)")
-    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
-                   help="correct each layer's bias for the mean shift quantization causes (calibration images)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset")
-    p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset (and of training)")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default="phone", help="deployment target (phone)")
     p.add_argument("--min-delegated", type=float, default=0.99, help="fail below this delegated-op ratio")
     p.add_argument("--max-drop", type=float, default=None, help="fail when top-1 drops by more (percentage points)")
@@ -86,8 +126,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also lower the float model for size/latency comparison")
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<model>-<timestamp>/)")
-    _add_common(p)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -108,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    return {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq}[args.command](args)
+    return {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq, "qat": _cmd_qat}[args.command](args)
 
 
 def _emit(args: argparse.Namespace, payload: dict, lines: list[str]) -> None:
@@ -181,25 +219,17 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_ptq(args: argparse.Namespace) -> int:
-    from .config import QuantConfig, RunConfig
-    from .pipeline import default_out_dir, run_ptq, summary_table
-    from .resolve import resolve_model
+def _run_config(args: argparse.Namespace):
+    from .config import RunConfig
 
-    config = QuantConfig(observer=args.observer, granularity=args.granularity, num_calib=args.num_calib,
-                         seed=args.seed, batch_size=args.batch_size, fuse_relu6=args.fuse_relu6,
-                         percentile=args.percentile, float_logits=args.float_logits,
-                         bias_correction=args.bias_correction)
-    run = RunConfig(target=args.target, min_delegated=args.min_delegated, max_drop=args.max_drop,
-                    min_parity=args.min_parity, eval_limit=args.eval_limit, latency_runs=args.latency_runs,
-                    float_program=args.float_program)
-    model, info = resolve_model(args.model, args.weights)
-    out = args.out or default_out_dir(args.model)
-    quiet = args.quiet or args.json
-    if not quiet:
-        print(f"{info.name} (width {info.width_mult:g}, {info.resolution}x{info.resolution}) from {info.weights}")
-    report = run_ptq(model, info, calib=args.calib, eval_dir=args.eval, out_dir=out, config=config, run=run,
-                     progress=not quiet, command="mbquant " + " ".join(["ptq", *sys.argv[2:]]))
+    return RunConfig(target=args.target, min_delegated=args.min_delegated, max_drop=args.max_drop,
+                     min_parity=args.min_parity, eval_limit=args.eval_limit, latency_runs=args.latency_runs,
+                     float_program=args.float_program)
+
+
+def _finish(args: argparse.Namespace, report, out: Path) -> int:
+    from .pipeline import summary_table
+
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     elif not args.quiet:
@@ -207,6 +237,57 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
         print(f"artifacts and report.json in {out}")
     if not report.ok:
         for f in report.failures:
-            print(f"mbquant ptq: error: {f}", file=sys.stderr)
+            print(f"mbquant {args.command}: error: {f}", file=sys.stderr)
         return 1
     return 0
+
+
+def _announce(args: argparse.Namespace, info) -> None:
+    if not (args.quiet or args.json):
+        print(f"{info.name} (width {info.width_mult:g}, {info.resolution}x{info.resolution}) from {info.weights}")
+
+
+def _cmd_ptq(args: argparse.Namespace) -> int:
+    from .config import QuantConfig
+    from .pipeline import default_out_dir, run_ptq
+    from .resolve import resolve_model
+
+    config = QuantConfig(observer=args.observer, granularity=args.granularity, num_calib=args.num_calib,
+                         seed=args.seed, batch_size=args.batch_size, fuse_relu6=args.fuse_relu6,
+                         percentile=args.percentile, float_logits=args.float_logits,
+                         bias_correction=args.bias_correction)
+    run = _run_config(args)
+    model, info = resolve_model(args.model, args.weights)
+    out = args.out or default_out_dir(args.model)
+    _announce(args, info)
+    report = run_ptq(model, info, calib=args.calib, eval_dir=args.eval, out_dir=out, config=config, run=run,
+                     progress=not (args.quiet or args.json), command="mbquant " + " ".join(["ptq", *sys.argv[2:]]))
+    return _finish(args, report, out)
+
+
+def _cmd_qat(args: argparse.Namespace) -> int:
+    from .checkpoints import shipped_names
+    from .config import QATConfig, QuantConfig
+    from .pipeline import default_out_dir, run_qat
+    from .resolve import resolve_model
+
+    if args.weights is None:
+        raise ConfigError(f"qat fine-tunes a trained float model: pass --weights (a checkpoint path or a shipped "
+                          f"name: {', '.join(shipped_names())}); train one with `mbquant train`")
+    config = QuantConfig(observer="moving-average", granularity=args.granularity, num_calib=args.num_calib,
+                         seed=args.seed, fuse_relu6=args.fuse_relu6, float_logits=args.float_logits)
+    qat = QATConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
+                    weight_decay=args.weight_decay, freeze_bn_after=args.freeze_bn_after,
+                    freeze_observers_after=args.freeze_observers_after, init_ranges=args.init_ranges,
+                    seed=args.seed, max_train_samples=args.max_train_samples)
+    run = _run_config(args)
+    model, info = resolve_model(args.model, args.weights)
+    out = args.out or (Path(args.resume).parent if args.resume and Path(args.resume).is_file() else args.resume) \
+        or default_out_dir(args.model)
+    _announce(args, info)
+    report = run_qat(model, info, data=args.data, out_dir=Path(out), config=config, qat=qat, run=run,
+                     resume=args.resume, progress=not (args.quiet or args.json),
+                     command="mbquant " + " ".join(["qat", *sys.argv[2:]]))
+    if report is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
+    return _finish(args, report, Path(out))

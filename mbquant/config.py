@@ -90,6 +90,50 @@ class TrainConfig(_Config):
 
 
 @dataclass(frozen=True)
+class QATConfig(_Config):
+    """Quantization-aware fine-tuning schedule (after torchvision's QAT recipe, shortened).
+
+    ``batch_size`` is per process (the global batch is ``batch_size * world_size`` under torchrun).
+    ``freeze_bn_after``: after this many epochs BN uses (and stops updating) its running statistics;
+    ``freeze_observers_after``: after this many epochs every range (scale/zero-point) is kept fixed.
+    ``None`` never freezes. ``init_ranges``: start from ranges calibrated on the seeded calibration subset
+    (as PTQ does) instead of the first training batch. ``max_train_samples``: a seeded subset per run.
+    """
+
+    epochs: int = 3
+    batch_size: int = 64
+    lr: float = 0.005
+    momentum: float = 0.9
+    weight_decay: float = 1e-5
+    warmup_frac: float = 0.0
+    freeze_bn_after: int | None = 1
+    freeze_observers_after: int | None = 2
+    init_ranges: bool = True
+    seed: int = 0
+    max_train_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}; pass --epochs 1 or more "
+                              f"(QAT needs at least one epoch of training)")
+        _positive(self.batch_size, "batch_size", "--batch-size")
+        _positive(self.lr, "learning rate", "--lr")
+        if not 0 <= self.momentum < 1:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.warmup_frac < 1:
+            raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        for name, flag in (("freeze_bn_after", "--freeze-bn-after"), ("freeze_observers_after", "--freeze-observers-after")):
+            v = getattr(self, name)
+            if v is not None and (not isinstance(v, int) or v < 0):
+                raise ConfigError(f"{name} must be a number of epochs >= 0 (or unset to never freeze), got {v}; "
+                                  f"e.g. {flag} 2")
+        if self.max_train_samples is not None and self.max_train_samples < 1:
+            raise ConfigError(f"max_train_samples must be positive, got {self.max_train_samples}")
+
+
+@dataclass(frozen=True)
 class RunConfig(_Config):
     """What a quantize-and-export run checks and measures beyond how it quantizes.
 

@@ -20,7 +20,7 @@ from . import calibrate
 from ._io import ensure_writable_dir, write_json
 from .calibrate import CalibrationResult, CalibrationSet
 from .calibrate.bias_correction import BiasCorrectionResult, correct_biases
-from .config import QuantConfig, RunConfig
+from .config import QATConfig, QuantConfig, RunConfig
 from .data import ImageFolderDataset, load_folder, make_loader
 from .errors import ConfigError, DataError
 from .evaluate import compare, layer_sqnr
@@ -117,6 +117,60 @@ def run_ptq(model: nn.Module, info: ModelInfo, *, calib: Path, eval_dir: Path | 
     if unexpected:
         report.warn(f"{len(unexpected)} ops stay in float: {', '.join(unexpected[:5])}")
     export_verify_report(model, q.int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
+    return report
+
+
+def run_qat(model: nn.Module, info: ModelInfo, *, data: Path, out_dir: Path, config: QuantConfig = QuantConfig(),
+            qat: QATConfig = QATConfig(), run: RunConfig = RunConfig(), resume: Path | None = None,
+            progress: bool = False, command: str = "qat", on_step=None) -> Report | None:
+    """The whole `mbquant qat` job: prepare_qat -> range init -> fine-tune (resumable, DDP under torchrun) ->
+    convert -> the same export, verification and report as PTQ. Returns None on ranks other than 0."""
+    from . import distributed, finetune
+    from .quant import qat as qat_stages
+
+    if config.bias_correction:
+        raise ConfigError("--bias-correction is a post-training fix; QAT learns the correction itself: drop the flag")
+    target = get_target(run.target)
+    target.check(config, "pte")
+    data = Path(data)
+    classes = list(info.classes) or None
+    train_set = load_folder(data / "train", info.preset, train=True, expected_classes=classes)
+    eval_set = load_eval_set(data / "val", info, run.eval_limit, seed=config.seed)
+    calib_set = calibrate.from_folder(data / "train", info.preset, config.num_calib, seed=config.seed,
+                                      expected_classes=classes)
+    float_digest = finetune.state_digest(model)
+    checkpoint = None
+    if resume is not None:  # checked before any work: another model, other weights or flags fail here
+        checkpoint = finetune.load_qat_checkpoint(resume, info=info, float_digest=float_digest, quant=config, config=qat)
+    dist = distributed.from_env()
+    try:
+        if dist.is_main:
+            ensure_writable_dir(out_dir)
+        report = Report(command)
+        for name, section in (("model", info.to_dict()), ("config", config.to_dict()), ("qat_config", qat.to_dict()),
+                              ("run", run.to_dict())):
+            report.add(name, section)
+        qg = qat_stages.prepare_qat(model, info.resolution, config, target)
+        qg.module.to(dist.device)
+        if qat.init_ranges and resume is None:
+            seen = qg.init_ranges(b[0].to(dist.device) for b in calib_set.loader(config.batch_size) if b is not None)
+            report.add("calibration", {**calib_set.to_dict(), "samples": seen, "digest": samples_digest(calib_set.dataset),
+                                       "use": "initial fake-quantize ranges"})
+        result, warnings = finetune.fit_qat(
+            qg, info, train_set, eval_set, config=qat, quant=config, float_digest=float_digest,
+            dist=dist, out_dir=out_dir if dist.is_main else None, resume=checkpoint,
+            eval_batch_size=run.eval_batch_size, progress=progress, on_step=on_step)
+    finally:
+        distributed.shutdown(dist)
+    if not dist.is_main:
+        return None
+    for w in warnings:
+        report.warn(w)
+    qg.module.to("cpu")
+    int8 = qg.convert()
+    report.add("qat", {**result.to_dict(), "train_images_available": len(train_set)})
+    report.add("quantization", summarize(int8).to_dict())
+    export_verify_report(model, int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
     return report
 
 

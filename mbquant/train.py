@@ -24,7 +24,7 @@ class TrainResult:
         return self.history[-1] if self.history else {}
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
@@ -56,7 +56,7 @@ def fit(model: nn.Module, info: ModelInfo, train_set: ImageFolderDataset, val_se
         sampler = torch.utils.data.SubsetRandomSampler(idx, generator=torch.Generator().manual_seed(config.seed + 1))
     loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, sampler=sampler, drop_last=True)
     model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(_param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=True)
+    opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=True)
     sched = warmup_cosine(opt, config.epochs * len(loader), config.warmup_frac)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     result = TrainResult()

@@ -53,3 +53,18 @@ def small_val(fmnist, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def shipped_dir() -> Path:
     return REPO / "mbquant" / "checkpoints"
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(small_folder, small_val, tmp_path_factory):
+    """A MobileNetV1 0.25 at 32x32 trained one epoch by `mbquant train` on 120 real images: (data root, .pth)."""
+    from mbquant.cli import main
+
+    root = tmp_path_factory.mktemp("tiny")
+    shutil.copytree(small_folder, root / "train")
+    shutil.copytree(small_val, root / "val")
+    ck = root / "v1.pth"
+    rc = main(["train", "mobilenet_v1", "--data", str(root), "--width-mult", "0.25", "--resolution", "32",
+               "--epochs", "1", "--batch-size", "16", "--out", str(ck), "--quiet"])
+    assert rc == 0 and ck.exists()
+    return root, ck

@@ -1,7 +1,6 @@
 """The command line: usage errors, bad input (clear message, non-zero exit, no .pte left), train/eval round trip."""
 import json
 import re
-import shutil
 from pathlib import Path
 
 import pytest
@@ -24,18 +23,6 @@ def test_help_and_version(capsys):
         main(["ptq", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--num-calib" in out and "--max-drop" in out and "--no-fuse-relu6" in out
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(small_folder, small_val, tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny")
-    shutil.copytree(small_folder, root / "train")
-    shutil.copytree(small_val, root / "val")
-    ck = root / "v1.pth"
-    rc = main(["train", "mobilenet_v1", "--data", str(root), "--width-mult", "0.25", "--resolution", "32",
-               "--epochs", "1", "--batch-size", "16", "--out", str(ck), "--quiet"])
-    assert rc == 0 and ck.exists()
-    return root, ck
 
 
 def test_train_then_eval_reproduces_the_checkpoint_accuracy(tiny_ckpt, capsys):

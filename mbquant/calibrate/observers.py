@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import torch
-from torchao.quantization.pt2e import (HistogramObserver, MinMaxObserver, MovingAverageMinMaxObserver,
+from torchao.quantization.pt2e import (FusedMovingAvgObsFakeQuantize, HistogramObserver, MinMaxObserver,
+                                       MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
                                        PerChannelMinMaxObserver)
 from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
@@ -50,14 +51,24 @@ def activation_observer(config: QuantConfig):
     return PercentileObserver.with_args(eps=EPS, percentile=config.percentile)
 
 
-def quantization_config(config: QuantConfig) -> QuantizationConfig:
-    """INT8 spec for XNNPACK: per-tensor affine activations, symmetric weights (per-channel by default)."""
-    act = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
-                           is_dynamic=False, observer_or_fake_quant_ctr=activation_observer(config))
+def quantization_config(config: QuantConfig, *, qat: bool = False) -> QuantizationConfig:
+    """INT8 spec for XNNPACK: per-tensor affine activations, symmetric weights (per-channel by default).
+
+    With ``qat`` every observer becomes a fused moving-average fake-quantize (as ExecuTorch's QAT config),
+    keeping the weight granularity: per-channel weights get a per-channel moving-average observer.
+    """
     per_channel = config.granularity == "per-channel"
+    if qat:
+        act_ctr = FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=EPS)
+        w_obs = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
+        w_ctr = FusedMovingAvgObsFakeQuantize.with_args(observer=w_obs, eps=EPS)
+    else:
+        act_ctr = activation_observer(config)
+        w_ctr = (PerChannelMinMaxObserver if per_channel else MinMaxObserver).with_args(eps=EPS)
+    act = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
+                           is_dynamic=False, observer_or_fake_quant_ctr=act_ctr)
     weight = QuantizationSpec(
         dtype=torch.int8, quant_min=-127, quant_max=127,
         qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric, ch_axis=0,
-        is_dynamic=False,
-        observer_or_fake_quant_ctr=(PerChannelMinMaxObserver if per_channel else MinMaxObserver).with_args(eps=EPS))
-    return QuantizationConfig(act, act, weight, None, False)
+        is_dynamic=False, observer_or_fake_quant_ctr=w_ctr)
+    return QuantizationConfig(act, act, weight, None, qat)

@@ -23,9 +23,10 @@ def example_input(resolution: int, batch: int = 2) -> torch.Tensor:
     return torch.zeros(batch, 3, resolution, resolution)
 
 
-def export_float(model: nn.Module, resolution: int, *, dynamic_batch: bool = True) -> GraphModule:
-    """``torch.export`` the float model in eval mode (batch dimension dynamic up to MAX_BATCH)."""
-    model = copy.deepcopy(model).eval()
+def export_float(model: nn.Module, resolution: int, *, dynamic_batch: bool = True, train: bool = False) -> GraphModule:
+    """``torch.export`` the float model in eval mode (``train``: train mode, for QAT), batch dimension dynamic
+    up to MAX_BATCH."""
+    model = copy.deepcopy(model).train(train)
     x = example_input(resolution, 2 if dynamic_batch else 1)
     name = next(iter(inspect.signature(model.forward).parameters))
     dyn = {name: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}} if dynamic_batch else None

@@ -48,8 +48,8 @@ class FloatLogitsFusingXNNPACKQuantizer(_FloatLogitsMixin, FusingXNNPACKQuantize
     """ReLU6 fusion with an fp32 classifier."""
 
 
-def build_quantizer(config: QuantConfig) -> XNNPACKQuantizer:
+def build_quantizer(config: QuantConfig, *, qat: bool = False) -> XNNPACKQuantizer:
     classes = {(True, True): FloatLogitsFusingXNNPACKQuantizer, (True, False): FusingXNNPACKQuantizer,
                (False, True): FloatLogitsXNNPACKQuantizer, (False, False): XNNPACKQuantizer}
     quantizer = classes[(config.fuse_relu6, config.float_logits)]()
-    return quantizer.set_global(quantization_config(config))
+    return quantizer.set_global(quantization_config(config, qat=qat))

@@ -1,0 +1,257 @@
+"""The QAT fine-tuning loop: schedule (BN and observer freezing), validation each epoch in eval mode,
+an atomic resumable checkpoint each epoch, DistributedDataParallel under torchrun.
+
+A run killed mid-epoch and resumed from its last checkpoint repeats that epoch from the saved model,
+optimizer, scheduler and RNG states with the same data order (a seeded ``DistributedSampler``), so it
+ends where an uninterrupted run with the same seed ends.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ._io import write_bytes
+from .config import QATConfig, QuantConfig
+from .data import ImageFolderDataset, make_loader
+from .distributed import Dist
+from .errors import ConfigError, DataError
+from .models import ModelInfo
+from .quant.qat import QatGraph
+from .train import param_groups, warmup_cosine
+
+CHECKPOINT_FORMAT = "mbquant-qat-checkpoint/1"
+CHECKPOINT_NAME = "qat_last.pt"
+StepHook = Callable[[int, int], None]
+
+
+@dataclass
+class QatResult:
+    history: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+    resumed_from_epoch: int | None = None
+    world_size: int = 1
+    backend: str | None = None
+    checkpoint: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def state_digest(model: nn.Module) -> str:
+    """A short hash of a model's parameters and buffers (names which float weights a QAT run started from)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def apply_schedule(qg: QatGraph, epoch: int, config: QATConfig) -> None:
+    """Freeze BN statistics / observers once ``epoch`` (0-based, about to start) reaches their setting."""
+    if config.freeze_bn_after is not None and epoch >= config.freeze_bn_after and not qg.bn_frozen:
+        qg.freeze_bn()
+    if config.freeze_observers_after is not None and epoch >= config.freeze_observers_after and not qg.observers_frozen:
+        qg.freeze_observers()
+
+
+def _train_subset(train_set: ImageFolderDataset, config: QATConfig):
+    if config.max_train_samples is None or config.max_train_samples >= len(train_set):
+        return train_set
+    g = torch.Generator().manual_seed(config.seed)
+    idx = torch.randperm(len(train_set), generator=g)[: config.max_train_samples].tolist()
+    return torch.utils.data.Subset(train_set, idx)
+
+
+def _train_loader(dataset, config: QATConfig, dist: Dist, epoch: int):
+    from torch.utils.data.distributed import DistributedSampler
+
+    sampler = DistributedSampler(dataset, num_replicas=dist.world, rank=dist.rank, shuffle=True,
+                                 seed=config.seed, drop_last=True)
+    sampler.set_epoch(epoch)
+    loader = make_loader(dataset, config.batch_size, sampler=sampler, drop_last=True)
+    if len(loader) == 0:
+        raise DataError(f"{len(dataset)} training images give no full batch of {config.batch_size} per process "
+                        f"on {dist.world} process(es); pass a smaller --batch-size or more images")
+    return loader
+
+
+def _train_epoch(qg: QatGraph, net: nn.Module, loader, opt, sched, dist: Dist, *, desc: str, progress: bool,
+                 epoch: int, on_step: StepHook | None) -> dict:
+    from tqdm import tqdm
+
+    qg.set_mode(True)
+    loss_fn = nn.CrossEntropyLoss()
+    sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
+    bar = tqdm(loader, disable=not (progress and dist.is_main), desc=desc, unit="batch", leave=False)
+    for step, batch in enumerate(bar):
+        if batch is None:
+            if dist.active:
+                raise DataError("a whole training batch was unreadable; under torchrun every process must take "
+                                "the same number of steps: remove the unreadable images from the training folder")
+            continue
+        x, y = batch[0].to(dist.device), batch[1].to(dist.device)
+        out = net(x)
+        loss = loss_fn(out, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        sums[0] += float(loss.detach()) * len(y)
+        sums[1] += int((out.argmax(1) == y).sum())
+        sums[2] += len(y)
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
+        if on_step is not None:
+            on_step(epoch, step)
+    loss_sum, correct, n = dist.all_sum(sums)
+    return {"train_loss": round(loss_sum / max(1, n), 4), "train_top1": round(100 * correct / max(1, n), 2),
+            "train_images": int(n)}
+
+
+def validate(qg: QatGraph, val_set: ImageFolderDataset, batch_size: int, dist: Dist) -> dict:
+    """Top-1 and loss of the fake-quantized model in eval mode (each rank a shard, reduced over ranks)."""
+    qg.set_mode(False)
+    shard = torch.utils.data.Subset(val_set, dist.shard(len(val_set)))
+    sums = [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        for batch in make_loader(shard, batch_size):
+            if batch is None:
+                continue
+            x, y = batch[0].to(dist.device), batch[1].to(dist.device)
+            out = qg.module(x)
+            sums[0] += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            sums[1] += int((out.argmax(1) == y).sum())
+            sums[2] += len(y)
+    loss_sum, correct, n = dist.all_sum(sums)
+    return {"val_loss": round(loss_sum / max(1, n), 4), "val_top1": round(100 * correct / max(1, n), 2),
+            "val_images": int(n)}
+
+
+def _identity(info: ModelInfo) -> dict:
+    return {"name": info.name, "width_mult": info.width_mult, "resolution": info.resolution,
+            "num_classes": info.num_classes, "classes": list(info.classes)}
+
+
+def save_qat_checkpoint(path: Path, qg: QatGraph, opt, sched, *, epoch: int, info: ModelInfo, float_digest: str,
+                        quant: QuantConfig, config: QATConfig, history: list[dict], rng: list[torch.Tensor],
+                        world: int) -> Path:
+    """Everything a resume needs, written atomically (a killed write never leaves a half checkpoint)."""
+    payload = {"format": CHECKPOINT_FORMAT, "model": _identity(info), "float_digest": float_digest,
+               "quant_config": quant.to_dict(), "qat_config": config.to_dict(), "epoch": epoch,
+               "state_dict": qg.module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+               "rng": rng, "world_size": world, "history": history}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    return write_bytes(path, buf.getvalue())
+
+
+def _describe(model: dict) -> str:
+    return (f"{model['name']} (width {model['width_mult']:g}, {model['resolution']}x{model['resolution']}, "
+            f"{model['num_classes']} classes)")
+
+
+def load_qat_checkpoint(path: Path, *, info: ModelInfo, float_digest: str, quant: QuantConfig,
+                        config: QATConfig) -> dict:
+    """Read a QAT checkpoint (``weights_only``) and check it belongs to this model, weights and configs."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_NAME
+    if not path.is_file():
+        raise ConfigError(f"--resume '{path}' does not exist; pass the {CHECKPOINT_NAME} a QAT run wrote "
+                          f"into its --out folder (or that folder)")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"--resume '{path}' is not a readable checkpoint ({type(exc).__name__}: {str(exc)[:160]}); "
+                          f"pass the {CHECKPOINT_NAME} a QAT run wrote") from exc
+    if not isinstance(ck, dict) or ck.get("format") != CHECKPOINT_FORMAT:
+        raise ConfigError(f"--resume '{path}' is not an mbquant QAT checkpoint (format "
+                          f"{ck.get('format') if isinstance(ck, dict) else type(ck).__name__!r}, expected "
+                          f"{CHECKPOINT_FORMAT}); a float checkpoint goes to --weights")
+    if ck["model"] != _identity(info):
+        raise ConfigError(f"--resume '{path}' is a QAT checkpoint of {_describe(ck['model'])} but this run is "
+                          f"{_describe(_identity(info))}; resume with the same model and --weights, or drop --resume")
+    if ck["float_digest"] != float_digest:
+        raise ConfigError(f"--resume '{path}' was fine-tuned from other float weights (digest {ck['float_digest']}, "
+                          f"these: {float_digest}); pass the --weights that run started from")
+    if ck["quant_config"] != quant.to_dict():
+        diff = {k: (v, quant.to_dict()[k]) for k, v in ck["quant_config"].items() if quant.to_dict()[k] != v}
+        raise ConfigError(f"--resume '{path}' was quantized with other settings {diff} (checkpoint, now); "
+                          f"resume with the same flags")
+    theirs, ours = dict(ck["qat_config"]), config.to_dict()
+    diff = {k: (theirs[k], ours[k]) for k in ours if k != "epochs" and theirs.get(k) != ours[k]}
+    if diff:
+        raise ConfigError(f"--resume '{path}' was trained with other QAT settings {diff} (checkpoint, now); "
+                          f"resume with the same flags (only --epochs may change)")
+    if ck["epoch"] > config.epochs:
+        raise ConfigError(f"--resume '{path}' has already trained {ck['epoch']} epochs, more than --epochs "
+                          f"{config.epochs}; pass --epochs {ck['epoch']} or more")
+    return ck
+
+
+def _restore(qg: QatGraph, opt, sched, ck: dict, config: QATConfig, dist: Dist) -> list[str]:
+    warnings = []
+    qg.module.load_state_dict(ck["state_dict"])
+    opt.load_state_dict(ck["optimizer"])
+    sched.load_state_dict(ck["scheduler"])
+    if ck["world_size"] == dist.world:
+        torch.set_rng_state(ck["rng"][dist.rank])
+    else:
+        torch.manual_seed(config.seed + dist.rank + 1000 * ck["epoch"])
+        warnings.append(f"resumed on {dist.world} process(es) from a checkpoint of {ck['world_size']}: data order "
+                        f"and dropout differ from an uninterrupted run")
+    return warnings
+
+
+def fit_qat(qg: QatGraph, info: ModelInfo, train_set: ImageFolderDataset, val_set: ImageFolderDataset, *,
+            config: QATConfig, quant: QuantConfig, float_digest: str, dist: Dist = Dist(),
+            out_dir: Path | None = None, resume: dict | None = None, eval_batch_size: int = 100,
+            progress: bool = False, on_step: StepHook | None = None) -> tuple[QatResult, list[str]]:
+    """Train ``qg`` in place for ``config.epochs`` epochs (minus those a resumed checkpoint already did).
+
+    ``resume`` is a checkpoint read (and checked) by :func:`load_qat_checkpoint`. Rank 0 writes
+    ``out_dir/qat_last.pt`` after every epoch. Returns the result and any warnings.
+    """
+    torch.manual_seed(config.seed + dist.rank)
+    dataset = _train_subset(train_set, config)
+    net: nn.Module = qg.module
+    if dist.active:
+        from torch.nn.parallel import DistributedDataParallel
+
+        net = DistributedDataParallel(qg.module, device_ids=[dist.device] if dist.device.type == "cuda" else None)
+    opt = torch.optim.SGD(param_groups(qg.module, config.weight_decay), lr=config.lr, momentum=config.momentum)
+    sched = warmup_cosine(opt, config.epochs * len(_train_loader(dataset, config, dist, 0)), config.warmup_frac)
+    result = QatResult(world_size=dist.world, backend=dist.backend)
+    warnings: list[str] = []
+    start_epoch = 0
+    if resume is not None:
+        warnings += _restore(qg, opt, sched, resume, config, dist)
+        start_epoch, result.history, result.resumed_from_epoch = resume["epoch"], list(resume["history"]), resume["epoch"]
+    ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    t0 = time.perf_counter()
+    for epoch in range(start_epoch, config.epochs):
+        apply_schedule(qg, epoch, config)
+        te = time.perf_counter()
+        row = {"epoch": epoch + 1, "lr": round(opt.param_groups[0]["lr"], 6), "bn_frozen": qg.bn_frozen,
+               "observers_frozen": qg.observers_frozen}
+        row.update(_train_epoch(qg, net, _train_loader(dataset, config, dist, epoch), opt, sched, dist,
+                                desc=f"qat epoch {epoch + 1}/{config.epochs}", progress=progress, epoch=epoch,
+                                on_step=on_step))
+        row.update(validate(qg, val_set, eval_batch_size, dist))
+        row["seconds"] = round(time.perf_counter() - te, 1)
+        result.history.append(row)
+        rng = dist.gather_rng()
+        if dist.is_main and ckpt_path is not None:
+            save_qat_checkpoint(ckpt_path, qg, opt, sched, epoch=epoch + 1, info=info, float_digest=float_digest,
+                                quant=quant, config=config, history=result.history, rng=rng, world=dist.world)
+            result.checkpoint = str(ckpt_path)
+        if progress and dist.is_main:
+            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    result.seconds = round(time.perf_counter() - t0, 1)
+    return result, warnings

@@ -1,0 +1,389 @@
+"""The legacy eager engine (``torch.ao.quantization``), used only to make TorchScript artifacts.
+
+Stages as in the PT2E road: ``prepare`` (fuse with :func:`mbquant.quant.fuse`, wrap in
+QuantStub/DeQuantStub, attach a qconfig, insert observers or fake-quants), ``calibrate`` (real images,
+eval, no_grad, every observer must see data), ``convert`` (INT8 eager modules; BN folded) and the
+``quantize_eager`` shortcut. :class:`EagerQat` is the QAT adapter the trainer drives.
+
+The quantized engine (``torch.backends.quantized.engine``) is process-global and decides how weights are
+packed and which kernels run, so every stage that packs weights or runs quantized kernels runs inside
+:func:`quantized_engine`, which restores the previous engine afterwards (also on errors). A converted model
+records its engine in ``mbquant_engine``.
+
+Weights are per-channel by default. Measured on this torch 2.14.1 build (single conv/linear layers,
+depthwise included, against a float reference on the dequantized operands): qnnpack runs per-channel
+quantized conv and linear exactly (max error 0.5 output LSB, i.e. rounding), so the phone engine gets
+per-channel weights; the legacy ``get_default_qconfig("qnnpack")`` observes weights per tensor, which is what
+collapses depthwise-heavy models. Weights use [-127, 127] (symmetric, XNNPACK-compatible). The x86 engine
+needs 7-bit activations (``reduce_range``) on CPUs without VNNI: with full 8-bit activations its kernels
+saturated by up to 34 output LSBs on this host's AVX2 CPU; with ``reduce_range`` they are exact.
+
+ReLU6 (``relu6=``), measured with ``benchmarks/torchscript_relu6.py`` on the shipped MobileNetV2 w0.5 @64
+(Fashion-MNIST, float 90.74% top-1 on 10,000 val images, 512 calibration images, qnnpack, histogram):
+``"clamp"`` quantizes conv-BN-ReLU6 as one unit after the clamp (all 256 codes cover [0, m], m <= 6);
+``"separate"`` quantizes the conv output over its whole signed range and clamps on that grid. See
+``benchmarks/results/torchscript_relu6.json`` for the numbers.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.ao.nn.intrinsic.qat as nniqat
+import torch.ao.nn.quantized as nnq
+import torch.ao.quantization as tq
+import torch.nn.functional as F
+from torch import nn
+
+from ..calibrate.loop import CalibrationResult, check_observers
+from ..calibrate.subset import CalibrationSet
+from ..config import GRANULARITIES, OBSERVERS, QuantConfig
+from ..errors import ConfigError, DataError, QuantizationError
+from .fuse import RELU6_MODES, ConvBnReLU62d, ConvReLU62d, fuse
+
+log = logging.getLogger(__name__)
+
+ENGINES = {"phone": "qnnpack", "x86": "x86"}
+# weight granularities whose quantized conv/linear kernels were checked on this build (see module doc)
+ENGINE_GRANULARITIES = {"qnnpack": ("per-channel", "per-tensor"), "x86": ("per-channel", "per-tensor"),
+                        "fbgemm": ("per-channel", "per-tensor"), "onednn": ("per-channel", "per-tensor")}
+REDUCE_RANGE_ENGINES = ("x86", "fbgemm")  # 7-bit activations: the kernels overflow without VNNI
+EPS = 2 ** -12
+
+
+@contextlib.contextmanager
+def quantized_engine(name: str) -> Iterator[str]:
+    """Set ``torch.backends.quantized.engine`` to ``name`` inside the block; restore the previous one after."""
+    supported = list(torch.backends.quantized.supported_engines)
+    if name not in supported or name == "none":
+        raise ConfigError(f"quantized engine '{name}' is not available in this PyTorch build; "
+                          f"supported: {', '.join(e for e in supported if e != 'none')}")
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = name
+    try:
+        yield name
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def engine_for(target: str) -> str:
+    """The eager quantized engine that runs a target's TorchScript artifact."""
+    if target not in ENGINES:
+        raise ConfigError(f"target '{target}' has no TorchScript engine; supported: "
+                          f"{', '.join(f'{t} ({e})' for t, e in ENGINES.items())}")
+    return ENGINES[target]
+
+
+@contextlib.contextmanager
+def _legacy_api() -> Iterator[None]:
+    """torch.ao.quantization warns on every call that it is deprecated; this module exists because of that."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated.*")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*are deprecated.*")
+        yield
+
+
+# --------------------------------------------------------------------------- qconfig
+
+class EagerPercentileObserver(tq.HistogramObserver):
+    """``--observer percentile`` for the eager engine: the same range rule as the PT2E PercentileObserver."""
+
+    def __init__(self, percentile: float = 99.99, **kwargs):
+        super().__init__(**kwargs)
+        self.percentile = float(percentile)
+
+    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
+        from ..calibrate.observers import PercentileObserver
+
+        return PercentileObserver._non_linear_param_search(self)
+
+
+def _activation_observer(observer: str, percentile: float):
+    if observer not in OBSERVERS:
+        raise ConfigError(f"observer '{observer}' is not supported; choose one of: {', '.join(OBSERVERS)}")
+    if observer == "histogram":
+        return tq.HistogramObserver
+    if observer == "minmax":
+        return tq.MinMaxObserver
+    if observer == "moving-average":
+        return tq.MovingAverageMinMaxObserver.with_args(averaging_constant=0.01)
+    return EagerPercentileObserver.with_args(percentile=percentile)
+
+
+def qconfig(engine: str, granularity: str, *, qat: bool = False, observer: str = "histogram",
+            percentile: float = 99.99) -> tq.QConfig:
+    """Activations uint8 per-tensor affine (7-bit on x86), weights int8 symmetric in [-127, 127],
+    per-channel or per-tensor. QAT uses moving-average fake-quants (``observer`` applies to PTQ only)."""
+    from torch.ao.quantization import fake_quantize as fq
+    from torch.ao.quantization import observer as ob
+
+    if engine not in ENGINE_GRANULARITIES:
+        raise ConfigError(f"quantized engine '{engine}' is not supported by mbquant's eager path; "
+                          f"supported: {', '.join(ENGINE_GRANULARITIES)}")
+    if granularity not in GRANULARITIES or granularity not in ENGINE_GRANULARITIES[engine]:
+        raise ConfigError(f"weight granularity '{granularity}' is not supported on engine '{engine}'; "
+                          f"supported: {', '.join(ENGINE_GRANULARITIES[engine])}")
+    per_channel = granularity == "per-channel"
+    act_kwargs = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
+                      quant_max=127 if engine in REDUCE_RANGE_ENGINES else 255, eps=EPS)
+    if qat:
+        act = tq.FusedMovingAvgObsFakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, **act_kwargs)
+        weight = (fq.fused_per_channel_wt_fake_quant_range_neg_127_to_127 if per_channel
+                  else fq.fused_wt_fake_quant_range_neg_127_to_127)
+        return tq.QConfig(activation=act, weight=weight)
+    act = _activation_observer(observer, percentile).with_args(**act_kwargs)
+    weight = ob.per_channel_weight_observer_range_neg_127_to_127 if per_channel else ob.weight_observer_range_neg_127_to_127
+    return tq.QConfig(activation=act, weight=weight)
+
+
+# --------------------------------------------------------------------------- ReLU6 units (QAT and INT8)
+
+class QatConvBnReLU62d(nniqat.ConvBn2d):
+    """QAT Conv2d-BN-ReLU6: fake-quantized weights, trainable BN, ReLU6 before the output fake-quant."""
+
+    _FLOAT_MODULE = ConvBnReLU62d
+    _FLOAT_RELU_MODULE = nn.ReLU6
+    _FUSED_FLOAT_MODULE = ConvReLU62d
+
+    def forward(self, input):
+        return F.relu6(self._forward(input))
+
+
+class QatConvReLU62d(nniqat.ConvReLU2d):
+    """QAT Conv2d-ReLU6 (no BN)."""
+
+    _FLOAT_MODULE = ConvReLU62d
+    _FLOAT_RELU_MODULE = nn.ReLU6
+
+    def forward(self, input):
+        return F.relu6(self._conv_forward(input, self.weight_fake_quant(self.weight), self.bias))
+
+
+def relu6_any_layout(x: torch.Tensor) -> torch.Tensor:
+    """Quantized ReLU6 that is right for channels-last inputs on every engine.
+
+    On this build the qnnpack clamp kernel behind quantized relu6/hardtanh/clamp writes NHWC data into an
+    output it allocates NCHW-strided, so a ReLU6 after a qnnpack conv (whose outputs are channels-last)
+    scrambles the tensor (pytorch#46077 fixed the same bug for the other qnnpack activations). An elementwise
+    clamp does not care about layout: run it on the NHWC buffer viewed as a contiguous (N, H, W, C) tensor.
+    """
+    if x.dim() != 4:
+        return torch.ops.quantized.relu6(x, False)
+    nhwc = x.contiguous(memory_format=torch.channels_last).permute(0, 2, 3, 1)
+    return torch.ops.quantized.relu6(nhwc, False).permute(0, 3, 1, 2)
+
+
+class QuantizedReLU6(nnq.ReLU6):
+    """``relu6="separate"``: ReLU6 on its input's grid (as torch.ao.nn.quantized.ReLU6), right on every layout."""
+
+    def forward(self, input):
+        return relu6_any_layout(input)
+
+    def _get_name(self):
+        return "QuantizedReLU6"
+
+    @staticmethod
+    def from_float(mod, use_precomputed_fake_quant=False):
+        return QuantizedReLU6()
+
+
+# the output grid's top may pass 6 by float rounding of scale = max / 255
+_SIX = 6.0 + 1e-4
+
+
+class QuantizedConvReLU62d(nnq.Conv2d):
+    """INT8 Conv2d-ReLU6 (``relu6="clamp"``): the conv (with its ReLU) requantizes onto the grid observed after
+    ReLU6, [0, m] with m <= 6, so the requantization is the clamp at 6. A unit whose grid reaches past 6
+    (7-bit ``reduce_range`` grids on x86) becomes :class:`QuantizedConvReLU62dWide`, which clamps explicitly."""
+
+    _FLOAT_MODULE = ConvReLU62d
+    _NNIQAT_CONV_BN_MODULE = QatConvBnReLU62d
+    _NNI_CONV_RELU_MODULE = ConvReLU62d
+
+    def forward(self, input):
+        if len(input.shape) != 4:
+            raise ValueError("Input shape must be `(N, C, H, W)`!")
+        return torch.ops.quantized.conv2d_relu(input, self._packed_params, self.scale, self.zero_point)
+
+    def _get_name(self):
+        return "QuantizedConvReLU62d"
+
+    @classmethod
+    def from_float(cls, mod, use_precomputed_fake_quant=False):
+        from torch.ao.nn.quantized.modules.conv import _ConvNd
+
+        conv = mod if hasattr(mod, "weight_fake_quant") else mod[0]
+        if conv.padding_mode != "zeros":
+            raise QuantizationError(f"conv padding_mode '{conv.padding_mode}' is not supported in a fused "
+                                    f"conv-ReLU6 unit; use padding_mode='zeros'")
+        scale, zero_point = mod.activation_post_process.calculate_qparams()
+        top = float(scale.reshape(-1)[0]) * (255 - int(zero_point.reshape(-1)[0]))
+        target = QuantizedConvReLU62d if top <= _SIX else QuantizedConvReLU62dWide
+        return _ConvNd.from_float(target, mod, use_precomputed_fake_quant=use_precomputed_fake_quant)
+
+
+class QuantizedConvReLU62dWide(QuantizedConvReLU62d):
+    """INT8 Conv2d-ReLU6 whose output grid reaches past 6: an explicit quantized ReLU6 follows the conv."""
+
+    def forward(self, input):
+        if len(input.shape) != 4:
+            raise ValueError("Input shape must be `(N, C, H, W)`!")
+        out = torch.ops.quantized.conv2d_relu(input, self._packed_params, self.scale, self.zero_point)
+        return relu6_any_layout(out)
+
+    def _get_name(self):
+        return "QuantizedConvReLU62dWide"
+
+
+def static_mappings() -> dict:
+    return {**tq.get_default_static_quant_module_mappings(), nn.ReLU6: QuantizedReLU6, ConvReLU62d: QuantizedConvReLU62d,
+            QatConvBnReLU62d: QuantizedConvReLU62d, QatConvReLU62d: QuantizedConvReLU62d}
+
+
+def qat_mappings() -> dict:
+    return {**tq.get_default_qat_module_mappings(), ConvBnReLU62d: QatConvBnReLU62d, ConvReLU62d: QatConvReLU62d}
+
+
+def _allow_list() -> set:
+    # ReLU6 outside a fused unit keeps its input's qparams when quantized (torch.ao.nn.quantized.ReLU6): an
+    # observer after it would be measured and never used, and in QAT it would fake-quantize what INT8 does not.
+    return tq.get_default_qconfig_propagation_list() - {nn.ReLU6}
+
+
+# --------------------------------------------------------------------------- stages
+
+def engine_of(model: nn.Module) -> str:
+    """The engine a prepared/converted model was made for (recorded by :func:`prepare`)."""
+    engine = getattr(model, "mbquant_engine", None)
+    if not isinstance(engine, str):
+        raise QuantizationError(f"{type(model).__name__} was not prepared by mbquant.quant.eager.prepare (no engine "
+                                f"recorded); pass engine= explicitly or prepare it with mbquant")
+    return engine
+
+
+def prepare(model: nn.Module, config: QuantConfig, engine: str, *, qat: bool = False,
+            relu6: str = "clamp") -> nn.Module:
+    """Fuse a copy of ``model``, wrap it in QuantStub/DeQuantStub, attach the qconfig and insert observers
+    (PTQ, eval mode) or fake-quants (``qat``, train mode). ``model`` itself is untouched."""
+    if relu6 not in RELU6_MODES:
+        raise ConfigError(f"relu6 handling '{relu6}' is not supported; choose one of: {', '.join(RELU6_MODES)}")
+    qc = qconfig(engine, config.granularity, qat=qat, observer=config.observer, percentile=config.percentile)
+    wrapped = tq.QuantWrapper(fuse(model, is_qat=qat, relu6=relu6)).train(qat)
+    wrapped.qconfig = qc
+    with quantized_engine(engine), _legacy_api():
+        if qat:
+            tq.propagate_qconfig_(wrapped)
+            tq.convert(wrapped, mapping=qat_mappings(), inplace=True, remove_qconfig=False)
+            tq.prepare(wrapped, inplace=True, allow_list=_allow_list(),
+                       observer_non_leaf_module_list=set(qat_mappings().values()))
+        else:
+            tq.prepare(wrapped, inplace=True, allow_list=_allow_list())
+    wrapped.mbquant_engine, wrapped.mbquant_relu6, wrapped.mbquant_granularity = engine, relu6, config.granularity
+    return wrapped
+
+
+def calibrate(prepared: nn.Module, calib: CalibrationSet, batch_size: int = 32, *,
+              progress: bool = False) -> CalibrationResult:
+    """Feed the real calibration images through ``prepared`` (eval, no_grad); fail if an observer saw nothing."""
+    from tqdm import tqdm
+
+    prepared.eval()
+    samples = batches = 0
+    skipped0 = len(calib.dataset.skipped)
+    with quantized_engine(engine_of(prepared)), torch.no_grad():
+        for batch in tqdm(calib.loader(batch_size), disable=not progress, desc="calibrate", unit="batch", leave=False):
+            if batch is None:
+                continue
+            prepared(batch[0])
+            samples += len(batch[0])
+            batches += 1
+    skipped = len(calib.dataset.skipped) - skipped0
+    if samples == 0:
+        raise DataError(f"no readable calibration images in '{calib.root}' ({skipped} unreadable); "
+                        f"pass a folder of valid images (.jpg .jpeg .png .bmp .webp)")
+    obs = check_observers(prepared, samples)
+    log.info("eager calibration: %d samples (%d unreadable skipped), %d observers", samples, skipped, len(obs))
+    return CalibrationResult(samples, skipped, len(obs), batches)
+
+
+def convert(prepared: nn.Module) -> nn.Module:
+    """The INT8 eager model (eval mode) of a calibrated or QAT-trained ``prepared`` model (left untouched)."""
+    engine = engine_of(prepared)
+    model = copy.deepcopy(prepared).eval()
+    with quantized_engine(engine), _legacy_api():
+        qmodel = tq.convert(model, mapping=static_mappings(), inplace=True)
+    floats = [n for n, m in qmodel.named_modules() if type(m) in (nn.Conv2d, nn.Linear) or isinstance(m, nn.BatchNorm2d)]
+    if floats:
+        raise QuantizationError(f"{len(floats)} conv/linear/BN modules stayed in float after eager convert "
+                                f"(first: '{floats[0]}'); their qconfig or fusion is missing")
+    return qmodel
+
+
+def quantize_eager(model: nn.Module, calib: CalibrationSet, config: QuantConfig = QuantConfig(), *, engine: str,
+                   relu6: str = "clamp", progress: bool = False) -> nn.Module:
+    """Float model + real calibration images -> INT8 eager model for ``engine`` (prepare, calibrate, convert)."""
+    prepared = prepare(model, config, engine, relu6=relu6)
+    calibrate(prepared, calib, config.batch_size, progress=progress)
+    return convert(prepared)
+
+
+@dataclass(frozen=True)
+class WeightGranularity:
+    """What the INT8 model's weights really are (read from the quantized weights, not from the config)."""
+
+    granularity: str          # "per-channel", "per-tensor", "mixed" or "none"
+    per_channel_layers: int
+    per_tensor_layers: int
+
+    def to_dict(self) -> dict:
+        return {"granularity": self.granularity, "per_channel_layers": self.per_channel_layers,
+                "per_tensor_layers": self.per_tensor_layers}
+
+
+def weight_granularity(qmodel: nn.Module) -> WeightGranularity:
+    from torch.ao.nn.quantized.modules.conv import _ConvNd
+
+    schemes = [m.weight().qscheme() for m in qmodel.modules() if isinstance(m, (_ConvNd, nnq.Linear))]
+    pc = sum(s in (torch.per_channel_affine, torch.per_channel_symmetric) for s in schemes)
+    pt = len(schemes) - pc
+    kind = "none" if not schemes else "per-channel" if pt == 0 else "per-tensor" if pc == 0 else "mixed"
+    return WeightGranularity(kind, pc, pt)
+
+
+# --------------------------------------------------------------------------- QAT adapter
+
+class EagerQat:
+    """Eager QAT driven by the same calls as the PT2E trainer: ``module`` trains; ``convert()`` gives INT8."""
+
+    def __init__(self, model: nn.Module, config: QuantConfig, engine: str, *, relu6: str = "clamp"):
+        self.engine, self.relu6 = engine, relu6
+        self.module = prepare(model, config, engine, qat=True, relu6=relu6)
+
+    def set_mode(self, train: bool) -> None:
+        """Train/eval mode; BN stays frozen after :meth:`freeze_bn` (the fused QAT modules respect it)."""
+        self.module.train(train)
+
+    def freeze_bn(self) -> None:
+        """Stop updating BN running statistics (the stock types via torch's freeze_bn_stats, ours directly)."""
+        from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+
+        self.module.apply(nniqat.freeze_bn_stats)
+        for m in self.module.modules():
+            if isinstance(m, _ConvBnNd) and not m.freeze_bn:
+                m.freeze_bn_stats()
+
+    def freeze_observers(self) -> None:
+        """Keep every activation/weight range where it is now (fake-quant continues with frozen qparams)."""
+        self.module.apply(tq.disable_observer)
+
+    def enable_fake_quant(self, on: bool) -> None:
+        self.module.apply(tq.enable_fake_quant if on else tq.disable_fake_quant)
+
+    def convert(self) -> nn.Module:
+        """The INT8 eager model (eval mode); the trainable module is left as it is."""
+        return convert(self.module)

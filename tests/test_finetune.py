@@ -1,0 +1,115 @@
+"""The QAT loop: resume equivalence after a kill mid-epoch, checkpoint checks, schedule, CLI errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbquant.cli import main
+from mbquant.config import QATConfig, QuantConfig
+from mbquant.data import load_folder
+from mbquant.errors import ConfigError
+from mbquant.finetune import CHECKPOINT_NAME, fit_qat, load_qat_checkpoint, state_digest
+from mbquant.models import ModelInfo, load_checkpoint
+from mbquant.quant.qat import prepare_qat
+from mbquant.quant.targets import get_target
+
+QUANT = QuantConfig(observer="moving-average", num_calib=32)
+CFG = QATConfig(epochs=2, batch_size=16, freeze_bn_after=1, freeze_observers_after=1, seed=3)
+
+
+class Killed(Exception):
+    pass
+
+
+def _run(tiny_ckpt, out: Path, *, kill_at=None, resume: bool = False):
+    root, ck = tiny_ckpt
+    model, info = load_checkpoint(ck)
+    qg = prepare_qat(model, info.resolution, QUANT, get_target("phone"))
+    ds = load_folder(root / "train", info.preset, train=True)
+    val = load_folder(root / "val", info.preset)
+    checkpoint = None
+    if resume:
+        checkpoint = load_qat_checkpoint(out, info=info, float_digest=state_digest(model), quant=QUANT, config=CFG)
+    else:
+        qg.init_ranges(torch.stack([load_folder(root / "train", info.preset)[i][0] for i in range(32)]).split(16))
+
+    def on_step(epoch: int, step: int) -> None:
+        if (epoch, step) == kill_at:
+            raise Killed
+
+    result, warnings = fit_qat(qg, info, ds, val, config=CFG, quant=QUANT, float_digest=state_digest(model),
+                               out_dir=out, resume=checkpoint, on_step=on_step)
+    return result, warnings, qg
+
+
+@pytest.fixture(scope="module")
+def straight(tiny_ckpt, tmp_path_factory):
+    return _run(tiny_ckpt, tmp_path_factory.mktemp("straight"))
+
+
+def _strip(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
+def test_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(tiny_ckpt, straight, tmp_path):
+    with pytest.raises(Killed):
+        _run(tiny_ckpt, tmp_path, kill_at=(1, 1))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [CHECKPOINT_NAME]  # atomic: no temp file left
+    assert torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)["epoch"] == 1
+    resumed, warnings, qg = _run(tiny_ckpt, tmp_path, resume=True)
+    ref, _, ref_qg = straight
+    assert resumed.resumed_from_epoch == 1 and warnings == []
+    assert _strip(resumed.history) == _strip(ref.history)
+    ours, theirs = qg.module.state_dict(), ref_qg.module.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    final = torch.load(tmp_path / CHECKPOINT_NAME, weights_only=True)
+    assert final["epoch"] == 2 and final["history"][-1]["val_top1"] == ref.history[-1]["val_top1"]
+
+
+def test_history_records_the_schedule_and_reduced_metrics(straight):
+    result, _, qg = straight
+    h = result.history
+    assert [r["epoch"] for r in h] == [1, 2]
+    assert [r["bn_frozen"] for r in h] == [False, True] and [r["observers_frozen"] for r in h] == [False, True]
+    assert h[0]["train_images"] == 112 and h[0]["val_images"] == 100  # 120 images, whole batches of 16
+    assert qg.bn_frozen and qg.observers_frozen and h[1]["lr"] < h[0]["lr"]
+
+
+def test_resume_rejects_another_model_other_weights_and_other_flags(tiny_ckpt, straight):
+    ck_dir = Path(straight[0].checkpoint).parent
+    model, info = load_checkpoint(tiny_ckpt[1])
+    digest = state_digest(model)
+    other = ModelInfo("mobilenet_v2", info.num_classes, 0.35, info.preset, info.classes)
+    with pytest.raises(ConfigError, match=r"QAT checkpoint of mobilenet_v1 \(width 0.25, 32x32.*this run is mobilenet_v2"):
+        load_qat_checkpoint(ck_dir, info=other, float_digest=digest, quant=QUANT, config=CFG)
+    with pytest.raises(ConfigError, match="other float weights"):
+        load_qat_checkpoint(ck_dir, info=info, float_digest="0" * 16, quant=QUANT, config=CFG)
+    with pytest.raises(ConfigError, match="granularity"):
+        load_qat_checkpoint(ck_dir, info=info, float_digest=digest,
+                            quant=QuantConfig(observer="moving-average", num_calib=32, granularity="per-tensor"), config=CFG)
+    with pytest.raises(ConfigError, match="already trained 2 epochs"):
+        load_qat_checkpoint(ck_dir, info=info, float_digest=digest, quant=QUANT, config=QATConfig(**{**CFG.to_dict(), "epochs": 1}))
+    with pytest.raises(ConfigError, match="not an mbquant QAT checkpoint"):
+        load_qat_checkpoint(tiny_ckpt[1], info=info, float_digest=digest, quant=QUANT, config=CFG)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_qat_checkpoint(ck_dir / "nope.pt", info=info, float_digest=digest, quant=QUANT, config=CFG)
+
+
+def test_cli_bad_input_fails_clearly_before_any_work(tiny_ckpt, straight, tmp_path, capsys):
+    root, ck = tiny_ckpt
+    base = ["qat", "mobilenet_v1", "--data", str(root), "--out", str(tmp_path / "o"), "--quiet"]
+    assert main(base) == 2
+    assert "pass --weights" in capsys.readouterr().err
+    assert main([*base, "--weights", str(ck), "--epochs", "0"]) == 2
+    assert "epochs must be at least 1, got 0" in capsys.readouterr().err
+    assert main([*base, "--weights", str(tmp_path / "missing.pth")]) == 2
+    assert "missing.pth" in capsys.readouterr().err
+    v2 = ["qat", "mobilenet_v2", "--weights", "mobilenet_v2_w0.35_r64_fmnist", "--data", str(root), "--quiet"]
+    assert main([*v2, "--out", str(tmp_path / "o"), "--resume", straight[0].checkpoint]) == 2
+    assert "QAT checkpoint of mobilenet_v1" in capsys.readouterr().err
+    assert main([*base, "--weights", str(ck), "--freeze-bn-after", "-1"]) == 2
+    assert "freeze_bn_after must be" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
