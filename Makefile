@@ -26,7 +26,7 @@ $(DATA)/train/.complete $(DATA)/val/.complete: | $(STAMP)
 # The main job on the shipped phone checkpoint: 512 calibration images from data/train,
 # accuracy drop on all 10,000 data/val images, verified INT8 .pte + report in $(OUT).
 # The flags are the measured best choices (README, "PTQ choices"); the defaults follow XNNPACK's quantizer.
-DEMO_FLAGS ?= --observer percentile --float-logits --bias-correction
+DEMO_FLAGS ?= --observer percentile --float-logits --bias-correction --format pte,torchscript
 demo: $(STAMP) data
 	$(BIN)/mbquant ptq mobilenet_v2 --calib $(DATA)/train --eval $(DATA)/val $(DEMO_FLAGS) --out $(OUT)
 

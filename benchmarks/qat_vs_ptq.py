@@ -44,18 +44,22 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=QATConfig().lr)
     ap.add_argument("--max-train-samples", type=int, default=20000)
+    ap.add_argument("--distill", type=float, default=0.0, help="QAT distillation weight (0: labels only)")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "qat_vs_ptq.json")
+    ap.add_argument("--append", action="store_true", help="add these rows to the results already in --out")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, info = resolve_model(args.model, args.weights)
     run = RunConfig(eval_limit=args.eval_limit, float_program=False, latency_runs=5)
-    qat = QATConfig(epochs=args.epochs, lr=args.lr, max_train_samples=args.max_train_samples)
+    qat = QATConfig(epochs=args.epochs, lr=args.lr, max_train_samples=args.max_train_samples, distill=args.distill)
     rows, results = [], {}
+    if args.append and args.out.exists():
+        results = json.loads(args.out.read_text())["results"]
     for gran in args.granularities.split(","):
         for method in args.methods.split(","):
-            name = f"{method} {gran}"
+            name = f"{method} {gran}" + (f" distill {args.distill:g}" if method == "qat" and args.distill else "")
             start = time.perf_counter()
             with tempfile.TemporaryDirectory() as tmp:
                 if method == "ptq":
@@ -72,7 +76,7 @@ def main(argv=None) -> int:
                          f"{r['delegated']:.0%}", f"{r['seconds']:.0f}"))
             print(f"[{name}] {rows[-1]}", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"model": info.to_dict(), "qat": qat.to_dict(), "results": results,
+            args.out.write_text(json.dumps({"model": info.to_dict(), "results": results,
                                             "versions": library_versions(), "threads": args.threads}, indent=2))
     header = ("run", "float top-1", "int8 .pte top-1", "drop pp", "agree float~pte %", "agree pte~module %",
               "delegated", "seconds")

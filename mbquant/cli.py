@@ -90,6 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init-ranges", action=argparse.BooleanOptionalAction, default=True,
                    help="start from ranges calibrated on --num-calib training images (as PTQ)")
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of N images")
+    p.add_argument("--distill", type=float, default=0.0, metavar="A",
+                   help="weight of distillation from the float model (0: labels only, 1: match the float model)")
+    p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--resume", type=Path, default=None, help="qat_last.pt (or the --out folder) of a run to continue")
     _add_quant_args(p)
     _add_run_args(p)
@@ -116,8 +119,21 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset (and of training)")
 
 
+def _formats(value: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--target", default="phone", help="deployment target (phone)")
+    from .config import RELU6_MODES
+    from .quant.targets import TARGETS
+
+    p.add_argument("--target", default="phone", help=f"deployment target: {', '.join(TARGETS)}")
+    p.add_argument("--format", type=_formats, default=("pte",), metavar="pte|torchscript|pte,torchscript",
+                   help="artifacts: ExecuTorch .pte (XNNPACK) and/or TorchScript .pt + .ptl (legacy eager engine: "
+                        "qnnpack for phone, x86 for x86)")
+    p.add_argument("--relu6", default="clamp", choices=list(RELU6_MODES),
+                   help="TorchScript only: fuse conv-BN-ReLU6 with the clamp in the quantized output (clamp) or "
+                        "keep ReLU6 as its own quantized op (separate)")
     p.add_argument("--min-delegated", type=float, default=0.99, help="fail below this delegated-op ratio")
     p.add_argument("--max-drop", type=float, default=None, help="fail when top-1 drops by more (percentage points)")
     p.add_argument("--min-parity", type=float, default=99.0, help="fail when .pte vs INT8 agreement is lower (%%)")
@@ -222,7 +238,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _run_config(args: argparse.Namespace):
     from .config import RunConfig
 
-    return RunConfig(target=args.target, min_delegated=args.min_delegated, max_drop=args.max_drop,
+    return RunConfig(target=args.target, formats=args.format, relu6=args.relu6, min_delegated=args.min_delegated,
+                     max_drop=args.max_drop,
                      min_parity=args.min_parity, eval_limit=args.eval_limit, latency_runs=args.latency_runs,
                      float_program=args.float_program)
 
@@ -279,7 +296,8 @@ def _cmd_qat(args: argparse.Namespace) -> int:
     qat = QATConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, freeze_bn_after=args.freeze_bn_after,
                     freeze_observers_after=args.freeze_observers_after, init_ranges=args.init_ranges,
-                    seed=args.seed, max_train_samples=args.max_train_samples)
+                    seed=args.seed, max_train_samples=args.max_train_samples, distill=args.distill,
+                    distill_temperature=args.distill_temperature)
     run = _run_config(args)
     model, info = resolve_model(args.model, args.weights)
     out = args.out or (Path(args.resume).parent if args.resume and Path(args.resume).is_file() else args.resume) \

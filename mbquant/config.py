@@ -8,6 +8,8 @@ from .errors import ConfigError
 
 OBSERVERS = ("histogram", "minmax", "percentile", "moving-average")
 GRANULARITIES = ("per-channel", "per-tensor")
+FORMATS = ("pte", "torchscript")
+RELU6_MODES = ("clamp", "separate")  # TorchScript (eager engine) handling of ReLU6, see mbquant/quant/fuse.py
 
 T = TypeVar("T", bound="_Config")
 
@@ -98,6 +100,8 @@ class QATConfig(_Config):
     ``freeze_observers_after``: after this many epochs every range (scale/zero-point) is kept fixed.
     ``None`` never freezes. ``init_ranges``: start from ranges calibrated on the seeded calibration subset
     (as PTQ does) instead of the first training batch. ``max_train_samples``: a seeded subset per run.
+    ``distill``: weight of the distillation term (KL divergence to the float model's softened outputs at
+    ``distill_temperature``); 0 trains on the labels only, 1 only to match the float model.
     """
 
     epochs: int = 3
@@ -111,8 +115,13 @@ class QATConfig(_Config):
     init_ranges: bool = True
     seed: int = 0
     max_train_samples: int | None = None
+    distill: float = 0.0
+    distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.distill <= 1.0:
+            raise ConfigError(f"distill weight {self.distill} must be in [0, 1]; e.g. --distill 1.0 to match the float model")
+        _positive(self.distill_temperature, "distillation temperature", "--distill-temperature")
         if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}; pass --epochs 1 or more "
                               f"(QAT needs at least one epoch of training)")
@@ -141,9 +150,13 @@ class RunConfig(_Config):
     ``max_drop``: largest top-1 drop (percentage points, float -> INT8 program) before the run fails.
     ``min_parity``: smallest top-1 agreement (%) between the reloaded program and the in-process INT8 model.
     ``eval_limit``: evaluate on at most this many images (None: all).
+    ``formats``: artifacts to build and verify: ``pte`` (ExecuTorch/XNNPACK) and/or ``torchscript`` (.pt + .ptl
+    through the legacy eager engine); ``relu6`` is how that engine quantizes ReLU6 (``clamp`` or ``separate``).
     """
 
     target: str = "phone"
+    formats: tuple[str, ...] = ("pte",)
+    relu6: str = "clamp"
     min_delegated: float = 0.99
     max_drop: float | None = None
     min_parity: float = 99.0
@@ -154,6 +167,12 @@ class RunConfig(_Config):
     float_program: bool = True
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "formats", tuple(self.formats))
+        if not self.formats or len(set(self.formats)) != len(self.formats):
+            raise ConfigError(f"formats {list(self.formats)} must name each artifact format once; e.g. --format pte,torchscript")
+        for fmt in self.formats:
+            _choice(fmt, FORMATS, "format")
+        _choice(self.relu6, RELU6_MODES, "ReLU6 handling")
         if not 0.0 <= self.min_delegated <= 1.0:
             raise ConfigError(f"min_delegated {self.min_delegated} must be a ratio in [0, 1]; e.g. --min-delegated 0.99")
         if self.max_drop is not None and self.max_drop < 0:

@@ -23,7 +23,7 @@ from .data import ImageFolderDataset, make_loader
 from .distributed import Dist
 from .errors import ConfigError, DataError
 from .models import ModelInfo
-from .quant.qat import QatGraph
+from .quant.qat import QatModel
 from .train import param_groups, warmup_cosine
 
 CHECKPOINT_FORMAT = "mbquant-qat-checkpoint/1"
@@ -53,7 +53,7 @@ def state_digest(model: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def apply_schedule(qg: QatGraph, epoch: int, config: QATConfig) -> None:
+def apply_schedule(qg: QatModel, epoch: int, config: QATConfig) -> None:
     """Freeze BN statistics / observers once ``epoch`` (0-based, about to start) reaches their setting."""
     if config.freeze_bn_after is not None and epoch >= config.freeze_bn_after and not qg.bn_frozen:
         qg.freeze_bn()
@@ -82,12 +82,30 @@ def _train_loader(dataset, config: QATConfig, dist: Dist, epoch: int):
     return loader
 
 
-def _train_epoch(qg: QatGraph, net: nn.Module, loader, opt, sched, dist: Dist, *, desc: str, progress: bool,
-                 epoch: int, on_step: StepHook | None) -> dict:
+class QatLoss(nn.Module):
+    """Cross-entropy on the labels, optionally mixed with distillation from the float model (teacher):
+    ``(1 - a) * CE(student, y) + a * T^2 * KL(softmax(teacher / T) || softmax(student / T))``."""
+
+    def __init__(self, teacher: nn.Module | None, weight: float, temperature: float):
+        super().__init__()
+        self.teacher = teacher.eval() if teacher is not None and weight > 0 else None
+        self.weight, self.t = weight, temperature
+
+    def forward(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(out, y)
+        if self.teacher is None:
+            return ce
+        with torch.no_grad():
+            soft = nn.functional.softmax(self.teacher(x) / self.t, dim=1)
+        kd = nn.functional.kl_div(nn.functional.log_softmax(out / self.t, dim=1), soft, reduction="batchmean")
+        return (1 - self.weight) * ce + self.weight * self.t ** 2 * kd
+
+
+def _train_epoch(qg: QatModel, net: nn.Module, loader, opt, sched, dist: Dist, *, loss_fn: QatLoss, desc: str,
+                 progress: bool, epoch: int, on_step: StepHook | None) -> dict:
     from tqdm import tqdm
 
     qg.set_mode(True)
-    loss_fn = nn.CrossEntropyLoss()
     sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
     bar = tqdm(loader, disable=not (progress and dist.is_main), desc=desc, unit="batch", leave=False)
     for step, batch in enumerate(bar):
@@ -98,7 +116,7 @@ def _train_epoch(qg: QatGraph, net: nn.Module, loader, opt, sched, dist: Dist, *
             continue
         x, y = batch[0].to(dist.device), batch[1].to(dist.device)
         out = net(x)
-        loss = loss_fn(out, y)
+        loss = loss_fn(out, x, y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -114,7 +132,7 @@ def _train_epoch(qg: QatGraph, net: nn.Module, loader, opt, sched, dist: Dist, *
             "train_images": int(n)}
 
 
-def validate(qg: QatGraph, val_set: ImageFolderDataset, batch_size: int, dist: Dist) -> dict:
+def validate(qg: QatModel, val_set: ImageFolderDataset, batch_size: int, dist: Dist) -> dict:
     """Top-1 and loss of the fake-quantized model in eval mode (each rank a shard, reduced over ranks)."""
     qg.set_mode(False)
     shard = torch.utils.data.Subset(val_set, dist.shard(len(val_set)))
@@ -138,7 +156,7 @@ def _identity(info: ModelInfo) -> dict:
             "num_classes": info.num_classes, "classes": list(info.classes)}
 
 
-def save_qat_checkpoint(path: Path, qg: QatGraph, opt, sched, *, epoch: int, info: ModelInfo, float_digest: str,
+def save_qat_checkpoint(path: Path, qg: QatModel, opt, sched, *, epoch: int, info: ModelInfo, float_digest: str,
                         quant: QuantConfig, config: QATConfig, history: list[dict], rng: list[torch.Tensor],
                         world: int) -> Path:
     """Everything a resume needs, written atomically (a killed write never leaves a half checkpoint)."""
@@ -195,7 +213,7 @@ def load_qat_checkpoint(path: Path, *, info: ModelInfo, float_digest: str, quant
     return ck
 
 
-def _restore(qg: QatGraph, opt, sched, ck: dict, config: QATConfig, dist: Dist) -> list[str]:
+def _restore(qg: QatModel, opt, sched, ck: dict, config: QATConfig, dist: Dist) -> list[str]:
     warnings = []
     qg.module.load_state_dict(ck["state_dict"])
     opt.load_state_dict(ck["optimizer"])
@@ -209,13 +227,14 @@ def _restore(qg: QatGraph, opt, sched, ck: dict, config: QATConfig, dist: Dist) 
     return warnings
 
 
-def fit_qat(qg: QatGraph, info: ModelInfo, train_set: ImageFolderDataset, val_set: ImageFolderDataset, *,
+def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_set: ImageFolderDataset, *,
             config: QATConfig, quant: QuantConfig, float_digest: str, dist: Dist = Dist(),
             out_dir: Path | None = None, resume: dict | None = None, eval_batch_size: int = 100,
-            progress: bool = False, on_step: StepHook | None = None) -> tuple[QatResult, list[str]]:
+            progress: bool = False, on_step: StepHook | None = None,
+            teacher: nn.Module | None = None) -> tuple[QatResult, list[str]]:
     """Train ``qg`` in place for ``config.epochs`` epochs (minus those a resumed checkpoint already did).
 
-    ``resume`` is a checkpoint read (and checked) by :func:`load_qat_checkpoint`. Rank 0 writes
+    ``teacher``: the float model, for ``config.distill > 0``. ``resume`` is a checkpoint read (and checked) by :func:`load_qat_checkpoint`. Rank 0 writes
     ``out_dir/qat_last.pt`` after every epoch. Returns the result and any warnings.
     """
     torch.manual_seed(config.seed + dist.rank)
@@ -227,6 +246,10 @@ def fit_qat(qg: QatGraph, info: ModelInfo, train_set: ImageFolderDataset, val_se
         net = DistributedDataParallel(qg.module, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     opt = torch.optim.SGD(param_groups(qg.module, config.weight_decay), lr=config.lr, momentum=config.momentum)
     sched = warmup_cosine(opt, config.epochs * len(_train_loader(dataset, config, dist, 0)), config.warmup_frac)
+    if config.distill > 0 and teacher is None:
+        raise ConfigError(f"distill {config.distill} needs the float model as teacher; pass teacher=")
+    loss_fn = QatLoss(teacher.to(dist.device) if teacher is not None else None, config.distill,
+                      config.distill_temperature)
     result = QatResult(world_size=dist.world, backend=dist.backend)
     warnings: list[str] = []
     start_epoch = 0
@@ -241,7 +264,7 @@ def fit_qat(qg: QatGraph, info: ModelInfo, train_set: ImageFolderDataset, val_se
         row = {"epoch": epoch + 1, "lr": round(opt.param_groups[0]["lr"], 6), "bn_frozen": qg.bn_frozen,
                "observers_frozen": qg.observers_frozen}
         row.update(_train_epoch(qg, net, _train_loader(dataset, config, dist, epoch), opt, sched, dist,
-                                desc=f"qat epoch {epoch + 1}/{config.epochs}", progress=progress, epoch=epoch,
+                                loss_fn=loss_fn, desc=f"qat epoch {epoch + 1}/{config.epochs}", progress=progress, epoch=epoch,
                                 on_step=on_step))
         row.update(validate(qg, val_set, eval_batch_size, dist))
         row["seconds"] = round(time.perf_counter() - te, 1)

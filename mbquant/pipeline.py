@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import platform
@@ -90,7 +91,8 @@ def run_ptq(model: nn.Module, info: ModelInfo, *, calib: Path, eval_dir: Path | 
     """The whole `mbquant ptq` job. Input problems raise before any artifact is written."""
     report = Report(command)
     target = get_target(run.target)
-    target.check(config, "pte")
+    for fmt in run.formats:
+        target.check(config, fmt)
     ensure_writable_dir(out_dir)
     classes = list(info.classes) or None
     calib_set = calibrate.from_folder(calib, info.preset, config.num_calib, seed=config.seed, expected_classes=classes)
@@ -105,19 +107,51 @@ def run_ptq(model: nn.Module, info: ModelInfo, *, calib: Path, eval_dir: Path | 
     report.add("model", info.to_dict())
     report.add("config", config.to_dict())
     report.add("run", run.to_dict())
-
-    q = quantize(model, calib_set, resolution=info.resolution, config=config, target=run.target, progress=progress)
-    report.add("calibration", {**calib_set.to_dict(), **q.calibration.to_dict(), "digest": samples_digest(calib_set.dataset)})
-    if q.calibration.skipped:
-        report.warn(f"{q.calibration.skipped} unreadable calibration images were skipped")
-    report.add("quantization", {**q.graph.to_dict(), "seconds": q.seconds,
-                                "bias_correction": q.bias_correction.to_dict() if q.bias_correction else None})
-    requested = _output_layers(q.int8) if config.float_logits else set()
-    unexpected = [op for op in q.graph.float_ops if op.split(" ")[0] not in requested]
-    if unexpected:
-        report.warn(f"{len(unexpected)} ops stay in float: {', '.join(unexpected[:5])}")
-    export_verify_report(model, q.int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
+    if "pte" in run.formats:
+        q = quantize(model, calib_set, resolution=info.resolution, config=config, target=run.target, progress=progress)
+        report.add("calibration", {**calib_set.to_dict(), **q.calibration.to_dict(),
+                                   "digest": samples_digest(calib_set.dataset)})
+        if q.calibration.skipped:
+            report.warn(f"{q.calibration.skipped} unreadable calibration images were skipped")
+        report.add("quantization", {**q.graph.to_dict(), "seconds": q.seconds,
+                                    "bias_correction": q.bias_correction.to_dict() if q.bias_correction else None})
+        requested = _output_layers(q.int8) if config.float_logits else set()
+        unexpected = [op for op in q.graph.float_ops if op.split(" ")[0] not in requested]
+        if unexpected:
+            report.warn(f"{len(unexpected)} ops stay in float: {', '.join(unexpected[:5])}")
+        export_verify_report(model, q.int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
+    if "torchscript" in run.formats:
+        torchscript_report(model, info, eval_set, out_dir, report, config=config, run=run, calib_set=calib_set,
+                           progress=progress)
+    report.write(out_dir)
     return report
+
+
+def torchscript_report(model: nn.Module, info: ModelInfo, eval_set: ImageFolderDataset, out_dir: Path,
+                       report: Report, *, config: QuantConfig, run: RunConfig, calib_set: CalibrationSet | None = None,
+                       qmodel: nn.Module | None = None, progress: bool = False) -> None:
+    """Build (or take ``qmodel``), write, reload in fresh processes and measure the TorchScript artifacts;
+    add them to ``report`` with their gates (parity of .pt and .ptl, and the drop when asked)."""
+    from .mobile.torchscript import export_torchscript
+
+    ts = export_torchscript(model, info, calib_set, eval_set, out_dir, config=config, target=run.target, relu6=run.relu6,
+                            eval_batch_size=run.eval_batch_size, latency_runs=run.latency_runs, progress=progress,
+                            qmodel=qmodel)
+    report.add("torchscript", ts)
+    unused = [flag for flag, on in (("--float-logits", config.float_logits),
+                                    ("--bias-correction", config.bias_correction)) if on]
+    if unused:
+        ts["warnings"].append(f"{' and '.join(unused)} apply to the .pte only; the eager engine's TorchScript "
+                              f"artifact is quantized without them")
+    for w in ts["warnings"]:
+        report.warn(f"torchscript: {w}")
+    for kind, par in ts["parity"].items():
+        if par["agreement"] < run.min_parity:
+            report.fail(f"the reloaded .{kind} agrees with the in-process INT8 model on only {par['agreement']}% of "
+                        f"images (< --min-parity {run.min_parity}%)")
+    drop = ts["accuracy"]["top1_drop_pp"]
+    if run.max_drop is not None and drop > run.max_drop:
+        report.fail(f"TorchScript top-1 drop {drop:.3f} pp is larger than --max-drop {run.max_drop}")
 
 
 def run_qat(model: nn.Module, info: ModelInfo, *, data: Path, out_dir: Path, config: QuantConfig = QuantConfig(),
@@ -126,12 +160,14 @@ def run_qat(model: nn.Module, info: ModelInfo, *, data: Path, out_dir: Path, con
     """The whole `mbquant qat` job: prepare_qat -> range init -> fine-tune (resumable, DDP under torchrun) ->
     convert -> the same export, verification and report as PTQ. Returns None on ranks other than 0."""
     from . import distributed, finetune
-    from .quant import qat as qat_stages
 
     if config.bias_correction:
         raise ConfigError("--bias-correction is a post-training fix; QAT learns the correction itself: drop the flag")
-    target = get_target(run.target)
-    target.check(config, "pte")
+    if len(run.formats) != 1:
+        raise ConfigError(f"QAT trains one model for one engine, got formats {list(run.formats)}; run `mbquant qat` "
+                          f"once with --format pte and once with --format torchscript")
+    fmt = run.formats[0]
+    get_target(run.target).check(config, fmt)
     data = Path(data)
     classes = list(info.classes) or None
     train_set = load_folder(data / "train", info.preset, train=True, expected_classes=classes)
@@ -150,7 +186,7 @@ def run_qat(model: nn.Module, info: ModelInfo, *, data: Path, out_dir: Path, con
         for name, section in (("model", info.to_dict()), ("config", config.to_dict()), ("qat_config", qat.to_dict()),
                               ("run", run.to_dict())):
             report.add(name, section)
-        qg = qat_stages.prepare_qat(model, info.resolution, config, target)
+        qg = _qat_model(model, info, config, run)
         qg.module.to(dist.device)
         if qat.init_ranges and resume is None:
             seen = qg.init_ranges(b[0].to(dist.device) for b in calib_set.loader(config.batch_size) if b is not None)
@@ -159,7 +195,8 @@ def run_qat(model: nn.Module, info: ModelInfo, *, data: Path, out_dir: Path, con
         result, warnings = finetune.fit_qat(
             qg, info, train_set, eval_set, config=qat, quant=config, float_digest=float_digest,
             dist=dist, out_dir=out_dir if dist.is_main else None, resume=checkpoint,
-            eval_batch_size=run.eval_batch_size, progress=progress, on_step=on_step)
+            eval_batch_size=run.eval_batch_size, progress=progress, on_step=on_step,
+            teacher=copy.deepcopy(model).eval() if qat.distill > 0 else None)
     finally:
         distributed.shutdown(dist)
     if not dist.is_main:
@@ -167,11 +204,27 @@ def run_qat(model: nn.Module, info: ModelInfo, *, data: Path, out_dir: Path, con
     for w in warnings:
         report.warn(w)
     qg.module.to("cpu")
-    int8 = qg.convert()
     report.add("qat", {**result.to_dict(), "train_images_available": len(train_set)})
-    report.add("quantization", summarize(int8).to_dict())
-    export_verify_report(model, int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
+    if fmt == "pte":
+        int8 = qg.convert()
+        report.add("quantization", summarize(int8).to_dict())
+        export_verify_report(model, int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
+    else:
+        torchscript_report(model, info, eval_set, out_dir, report, config=config, run=run, qmodel=qg.convert(),
+                           progress=progress)
+    report.write(out_dir)
     return report
+
+
+def _qat_model(model: nn.Module, info: ModelInfo, config: QuantConfig, run: RunConfig):
+    """The fake-quantized model QAT trains: a PT2E graph for .pte, the eager engine's modules for TorchScript."""
+    if run.formats == ("pte",):
+        from .quant.qat import prepare_qat
+
+        return prepare_qat(model, info.resolution, config, get_target(run.target))
+    from .quant.eager import EagerQat, engine_for
+
+    return EagerQat(model, config, engine_for(run.target), relu6=run.relu6)
 
 
 def export_verify_report(model: nn.Module, int8: GraphModule, info: ModelInfo, eval_set: ImageFolderDataset,
@@ -237,7 +290,6 @@ def export_verify_report(model: nn.Module, int8: GraphModule, info: ModelInfo, e
                "eval_digest": accuracy["digest"], "preset": info.preset.to_dict(), "classes": list(info.classes),
                "versions": library_versions()}
     write_json(int8_path.with_suffix(".pte.json"), sidecar)
-    report.write(out_dir)
     return report
 
 
@@ -255,22 +307,47 @@ def gate_failures(run: RunConfig, *, delegated: float, parity: float, drop: floa
     return failures
 
 
+def _na(value, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
 def summary_table(report: Report) -> str:
-    """The human table printed at the end of a run."""
+    """The human table printed at the end of a run: one row per artifact, then parity, QAT history, warnings."""
     s = report.sections
-    acc, par, prog, lat = s["accuracy"], s["parity"], s["programs"], s["latency"]
-    rows = [("float (fp32 graph)", f"{acc['float_top1']:.2f}", "", f"{prog.get('fp32', {}).get('bytes', 0) / 1024:,.0f}",
-             f"{lat.get('fp32_pte', {}).get('median_ms', float('nan')):.2f}", ""),
-            ("int8 .pte (XNNPACK)", f"{acc['int8_pte_top1']:.2f}", f"{acc['top1_drop_pp']:.2f}",
-             f"{prog['int8']['bytes'] / 1024:,.0f}", f"{lat['int8_pte']['median_ms']:.2f}",
-             f"{prog['int8']['delegation']['ratio']:.2%}")]
+    rows, lines = [], []
+    acc, prog, lat, par = s.get("accuracy"), s.get("programs"), s.get("latency", {}), s.get("parity")
+    ts = s.get("torchscript")
+    float_top1 = acc["float_top1"] if acc else ts["accuracy"]["float_top1"]
+    rows.append(("float (fp32)", f"{float_top1:.2f}", "", _na(prog and prog.get("fp32", {}).get("bytes", None) and
+                 prog["fp32"]["bytes"] / 1024, ",.0f"), _na(lat.get("fp32_pte", {}).get("median_ms"), ".2f"), ""))
+    if acc:
+        rows.append(("int8 .pte (XNNPACK)", f"{acc['int8_pte_top1']:.2f}", f"{acc['top1_drop_pp']:.2f}",
+                     f"{prog['int8']['bytes'] / 1024:,.0f}", f"{lat['int8_pte']['median_ms']:.2f}",
+                     f"{prog['int8']['delegation']['ratio']:.2%}"))
+        lines.append(f".pte: {acc['images']} images; float vs INT8 .pte agreement {acc['agreement_float_vs_int8_pte']:.2f}%; "
+                     f".pte vs INT8 module {par['agreement_pte_vs_module']:.2f}% (max |logit diff| "
+                     f"{par['max_abs_logit_diff']:.2g}); latency batch 1, {lat['threads']} thread(s), {lat['host']}")
+        worst = ", ".join(f"{r['module'] or r['node']} {r['sqnr_db']:.1f} dB" for r in s.get("layer_sqnr_worst5", [])[:3])
+        lines.append(f"worst layers (SQNR): {worst}")
+    if ts:
+        a, p = ts["accuracy"], ts["parity"]
+        for kind in ("pt", "ptl"):
+            rows.append((f"int8 .{kind} (TorchScript, {ts['engine']})", f"{a['int8_top1']:.2f}", f"{a['top1_drop_pp']:.2f}",
+                         f"{ts['artifacts'][kind]['bytes'] / 1024:,.0f}",
+                         f"{ts['latency']['median_ms']:.2f}" if kind == "pt" else "", ""))
+        lines.append(f"torchscript: {a['images']} images; float vs INT8 agreement {a['agreement_float_vs_int8']:.2f}%; "
+                     f"reloaded in a fresh process: .pt {p['pt']['agreement']:.2f}%, .ptl {p['ptl']['agreement']:.2f}% "
+                     f"agreement with the in-process INT8 model; weights {ts['granularity']}, ReLU6 {ts['relu6']}")
     table = format_table(rows, ("artifact", "top-1 %", "drop pp", "size KiB", "latency ms", "delegated"))
-    worst = ", ".join(f"{r['module'] or r['node']} {r['sqnr_db']:.1f} dB" for r in s.get("layer_sqnr_worst5", [])[:3])
-    lines = [table,
-             f"eval: {acc['images']} images; float vs INT8 .pte top-1 agreement {acc['agreement_float_vs_int8_pte']:.2f}%; "
-             f".pte vs INT8 module agreement {par['agreement_pte_vs_module']:.2f}% (max |logit diff| {par['max_abs_logit_diff']:.2g})",
-             f"latency: batch 1, {lat['threads']} thread(s), {lat['host']}",
-             f"worst layers (SQNR): {worst}"]
+    qat = s.get("qat")
+    if qat:
+        hist = [(str(r["epoch"]), f"{r['lr']:.5f}", f"{r['train_loss']:.4f}", f"{r['train_top1']:.2f}",
+                 f"{r['val_top1']:.2f}", "yes" if r["bn_frozen"] else "", "yes" if r["observers_frozen"] else "")
+                for r in qat["history"]]
+        lines.append(f"QAT on {qat['world_size']} process(es), {qat['seconds']:.0f} s"
+                     + (f", resumed after epoch {qat['resumed_from_epoch']}" if qat["resumed_from_epoch"] else "") + ":\n"
+                     + format_table(hist, ("epoch", "lr", "train loss", "train top-1", "val top-1 (fake-quant)",
+                                           "BN frozen", "observers frozen")))
     lines += [f"warning: {w}" for w in report.warnings]
     lines += [f"FAILED: {f}" for f in report.failures]
-    return "\n".join(lines)
+    return "\n".join([table, *lines])

@@ -53,6 +53,10 @@ def test_ptq_bad_inputs_fail_cleanly(tiny_ckpt, tmp_path, capsys):
         ([str(tmp_path / "empty")], 1, "has no images"),
         ([str(root / "train"), "--num-calib", "0"], 2, "num_calib must be a positive number of samples, got 0"),
         ([str(root / "train"), "--observer", "kl"], 2, "invalid choice"),
+        ([str(root / "train"), "--format", "pte,onnx"], 2, "format 'onnx' is not supported; choose one of: pte, torchscript"),
+        ([str(root / "train"), "--format", "pte,pte"], 2, r"must name each artifact format once"),
+        ([str(root / "train"), "--target", "x86"], 2, "format 'pte' is not supported on target 'x86'; supported: torchscript"),
+        ([str(root / "train"), "--target", "mcu9"], 2, "target 'mcu9' is not supported; supported: phone, x86"),
     ]
     for args, code, pattern in cases:
         calib, *extra = args
@@ -108,3 +112,22 @@ def test_gates():
     assert "only 90.00% of INT8 ops are delegated" in fails[0] and "aten.view_copy" in fails[0]
     assert "--min-parity 99.0" in fails[1] and "larger than --max-drop 0.5" in fails[2]
     assert gate_failures(RunConfig(), delegated=1.0, parity=100.0, drop=5.0, outside={}) == []  # no --max-drop
+
+
+def test_ptq_writes_and_verifies_both_formats_in_one_run(tiny_ckpt, tmp_path, capsys):
+    root, ck = tiny_ckpt
+    out = tmp_path / "out"
+    rc = main(["ptq", "mobilenet_v1", "--weights", str(ck), "--calib", str(root / "train"), "--eval", str(root / "val"),
+               "--num-calib", "32", "--format", "pte,torchscript", "--no-float-program", "--latency-runs", "2",
+               "--min-parity", "0", "--out", str(out), "--json"])
+    assert rc == 0, capsys.readouterr().err
+    names = sorted(p.name for p in out.iterdir())
+    stem = "mobilenet_v1_w0.25_r32_int8"
+    assert names == sorted([f"{stem}.pte", f"{stem}.pte.json", f"{stem}.pt", f"{stem}.pt.json", f"{stem}.ptl",
+                            f"{stem}.ptl.json", "report.json"])
+    rep = json.loads((out / "report.json").read_text())
+    ts = rep["torchscript"]
+    assert ts["engine"] == "qnnpack" and ts["granularity"] == "per-channel" and ts["relu6"] == "clamp"
+    assert ts["accuracy"]["images"] == rep["accuracy"]["images"] == 100
+    assert ts["parity"]["pt"]["agreement"] >= 99 and ts["parity"]["ptl"]["agreement"] >= 99
+    assert any("optimize_for_mobile" in w for w in rep["warnings"])  # said, not silently skipped

@@ -110,6 +110,40 @@ def test_cli_bad_input_fails_clearly_before_any_work(tiny_ckpt, straight, tmp_pa
     v2 = ["qat", "mobilenet_v2", "--weights", "mobilenet_v2_w0.35_r64_fmnist", "--data", str(root), "--quiet"]
     assert main([*v2, "--out", str(tmp_path / "o"), "--resume", straight[0].checkpoint]) == 2
     assert "QAT checkpoint of mobilenet_v1" in capsys.readouterr().err
+    assert main([*base, "--weights", str(ck), "--format", "pte,torchscript"]) == 2
+    assert "QAT trains one model for one engine" in capsys.readouterr().err
     assert main([*base, "--weights", str(ck), "--freeze-bn-after", "-1"]) == 2
     assert "freeze_bn_after must be" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+
+def test_distillation_loss_mixes_labels_and_the_float_teacher():
+    from mbquant.finetune import QatLoss
+
+    teacher = torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    same = teacher(x).detach()
+    ce = torch.nn.functional.cross_entropy(same, y)
+    assert torch.isclose(QatLoss(None, 0.0, 1.0)(same, x, y), ce)
+    assert float(QatLoss(teacher, 1.0, 2.0)(same, x, y)) == pytest.approx(0.0, abs=1e-6)  # matches the teacher
+    assert torch.isclose(QatLoss(teacher, 0.5, 1.0)(same, x, y), 0.5 * ce, atol=1e-6)
+    far = torch.zeros(8, 3, requires_grad=True)
+    QatLoss(teacher, 1.0, 1.0)(far, x, y).backward()
+    assert torch.equal(far.grad.argmin(1), same.argmax(1))  # the step moves toward the teacher's top class
+    with pytest.raises(ConfigError, match="distill weight 1.5 must be in"):
+        QATConfig(distill=1.5)
+
+
+def test_qat_torchscript_trains_the_eager_engine_and_verifies_pt_ptl(tiny_ckpt, tmp_path, capsys):
+    import json
+
+    root, ck = tiny_ckpt
+    out = tmp_path / "ts"
+    rc = main(["qat", "mobilenet_v1", "--weights", str(ck), "--data", str(root), "--epochs", "1", "--batch-size", "16",
+               "--num-calib", "32", "--format", "torchscript", "--latency-runs", "2", "--out", str(out), "--quiet"])
+    assert rc == 0, capsys.readouterr().err
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["qat"]["history"][0]["train_images"] == 112 and "programs" not in rep
+    ts = rep["torchscript"]
+    assert ts["engine"] == "qnnpack" and ts["parity"]["pt"]["agreement"] >= 99 and ts["parity"]["ptl"]["agreement"] >= 99
+    assert (out / "mobilenet_v1_w0.25_r32_int8.ptl").stat().st_size > 0 and (out / CHECKPOINT_NAME).exists()

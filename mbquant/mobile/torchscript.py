@@ -7,6 +7,10 @@ process (the lite interpreter for .ptl) against the in-process INT8 model, sizes
 
 ``torch.utils.mobile_optimizer.optimize_for_mobile`` needs a PyTorch build with XNNPACK; where it fails
 (this build: "XNNPACK is not enabled") the .ptl is the plain scripted model and a warning says so.
+
+Quantized weights are re-packed for the quantized engine that is current when a file is loaded: set the
+engine (qnnpack for the phone target) before ``torch.jit.load`` / ``_load_for_lite_interpreter``, as
+:func:`reload_outputs` does in its fresh process; loaded under x86 the same file computes different logits.
 """
 from __future__ import annotations
 

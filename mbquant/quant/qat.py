@@ -7,6 +7,7 @@ statistics used and left untouched) while the rest of the graph trains.
 """
 from __future__ import annotations
 
+import abc
 from typing import Iterable
 
 import torch
@@ -22,27 +23,84 @@ from .ptq import export_float
 from .quantizer import build_quantizer
 from .targets import Target
 
-MOVING_AVERAGE = 0.01  # the fused fake-quantize's averaging constant while training
-
-
-def fake_quants(gm: nn.Module) -> dict[str, nn.Module]:
-    """The fake-quantize modules ``prepare_qat_pt2e`` inserted (activations and weights)."""
-    from torchao.quantization.pt2e import FakeQuantizeBase
-
-    return {name: m for name, m in gm.named_modules() if isinstance(m, FakeQuantizeBase)}
+def fake_quants(module: nn.Module) -> dict[str, nn.Module]:
+    """The fake-quantize modules of a QAT model (activations and weights; PT2E's or the eager engine's)."""
+    return {name: m for name, m in module.named_modules()
+            if hasattr(m, "activation_post_process") and hasattr(m, "fake_quant_enabled") and hasattr(m, "scale")}
 
 
 def _bn_nodes(gm: GraphModule) -> list[torch.fx.Node]:
     return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in BN_OPS]
 
 
-class QatGraph:
-    """A fake-quantized PT2E graph plus its schedule switches (mode, BN freeze, observer freeze)."""
+class QatModel(abc.ABC):
+    """A fake-quantized model plus the switches a QAT schedule needs (mode, BN freeze, observer freeze,
+    range init). :class:`QatGraph` is the PT2E one; the eager engine's (TorchScript path) lives in eager.py."""
+
+    module: nn.Module
+    bn_frozen: bool = False
+    observers_frozen: bool = False
+
+    @abc.abstractmethod
+    def set_mode(self, train: bool) -> None:
+        """Train or eval mode (BN stays frozen after :meth:`freeze_bn`)."""
+
+    @abc.abstractmethod
+    def _freeze_bn(self) -> None:
+        """Make BN use (and stop updating) its running statistics."""
+
+    @abc.abstractmethod
+    def convert(self) -> nn.Module:
+        """The INT8 model (BN folded)."""
+
+    def freeze_bn(self) -> None:
+        """Use (and stop updating) BN running statistics from now on, in train mode too."""
+        self._freeze_bn()
+        self.bn_frozen = True
+
+    def freeze_observers(self) -> None:
+        """Keep every activation and weight range (scale/zero-point) as it is now."""
+        for fq in fake_quants(self.module).values():
+            fq.disable_observer()
+        self.observers_frozen = True
+
+    def enable_fake_quant(self, on: bool = True) -> None:
+        for fq in fake_quants(self.module).values():
+            fq.enable_fake_quant(on)
+
+    def init_ranges(self, batches: Iterable[torch.Tensor]) -> int:
+        """Set every range from real images before training: eval mode, fake-quant off, each observer's
+        range the mean of the per-batch min/max (the moving-average observer with weights 1/k).
+
+        Returns the number of samples seen."""
+        self.set_mode(False)
+        self.enable_fake_quant(False)
+        observers = [fq.activation_post_process for fq in fake_quants(self.module).values()
+                     if hasattr(fq.activation_post_process, "averaging_constant")]  # not fixed-qparams ones
+        constants = [obs.averaging_constant for obs in observers]
+        seen = 0
+        with torch.no_grad():
+            for k, x in enumerate(batches):
+                for obs in observers:
+                    obs.averaging_constant = 1.0 / (k + 1)
+                self.module(x)
+                seen += len(x)
+        for obs, c in zip(observers, constants):
+            obs.averaging_constant = c
+        if seen == 0:
+            raise QuantizationError("no calibration images reached the model; QAT ranges cannot be initialised")
+        for fq in fake_quants(self.module).values():
+            _sync_qparams(fq)
+        self.enable_fake_quant(True)
+        return seen
+
+
+class QatGraph(QatModel):
+    """A fake-quantized PT2E graph. Modes are graph rewrites; freezing BN rewrites the training-mode
+    ``batch_norm`` ops to their eval form while the rest of the graph trains."""
 
     def __init__(self, module: GraphModule):
         self.module = module
-        self.bn_frozen = False
-        self.observers_frozen = False
 
     def set_mode(self, train: bool) -> None:
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
@@ -61,21 +119,9 @@ class QatGraph:
         with _keep_rng():
             _replace_batchnorm(self.module, train_to_eval=True)
 
-    def freeze_bn(self) -> None:
-        """Use (and stop updating) BN running statistics from now on, in train mode too."""
-        self.bn_frozen = True
+    def _freeze_bn(self) -> None:
         if self.training:
             self._bn_to_eval()
-
-    def freeze_observers(self) -> None:
-        """Keep every activation and weight range (scale/zero-point) as it is now."""
-        for fq in fake_quants(self.module).values():
-            fq.disable_observer()
-        self.observers_frozen = True
-
-    def enable_fake_quant(self, on: bool = True) -> None:
-        for fq in fake_quants(self.module).values():
-            fq.enable_fake_quant(on)
 
     @property
     def training(self) -> bool:
@@ -86,28 +132,6 @@ class QatGraph:
     def bn_training_ops(self) -> int:
         """How many batch_norm ops compute batch statistics (0 when BN is frozen or in eval mode)."""
         return sum(1 for n in _bn_nodes(self.module) if _bn_is_training(n))
-
-    def init_ranges(self, batches: Iterable[torch.Tensor]) -> int:
-        """Set every range from real images before training: eval mode, fake-quant off, each observer's
-        range the mean of the per-batch min/max (the moving-average observer with weights 1/k).
-
-        Returns the number of samples seen."""
-        self.set_mode(False)
-        self.enable_fake_quant(False)
-        observers = [fq.activation_post_process for fq in fake_quants(self.module).values()]
-        seen = 0
-        with torch.no_grad():
-            for k, x in enumerate(batches):
-                for obs in observers:
-                    obs.averaging_constant = 1.0 / (k + 1)
-                self.module(x)
-                seen += len(x)
-        for obs in observers:
-            obs.averaging_constant = MOVING_AVERAGE
-        for fq in fake_quants(self.module).values():
-            _sync_qparams(fq)
-        self.enable_fake_quant(True)
-        return seen
 
     def convert(self) -> GraphModule:
         """Fold BN into the convs and emit quantize/dequantize pairs (checks no batch_norm is left)."""

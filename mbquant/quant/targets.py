@@ -25,8 +25,11 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
-    "phone": Target("phone", "ARM phones: ExecuTorch with the XNNPACK delegate", "XnnpackBackend", ("pte",),
-                    ("per-channel", "per-tensor"), True),
+    "phone": Target("phone", "ARM phones: ExecuTorch with the XNNPACK delegate (.pte), or TorchScript on the "
+                    "qnnpack engine (.pt/.ptl)", "XnnpackBackend", ("pte", "torchscript"), ("per-channel", "per-tensor"),
+                    True),
+    "x86": Target("x86", "x86 servers: TorchScript on the x86 (fbgemm/onednn) quantized engine", "x86 engine",
+                  ("torchscript",), ("per-channel", "per-tensor"), True),
 }
 
 

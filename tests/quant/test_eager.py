@@ -209,10 +209,13 @@ def test_eager_qat_freezes_bn_and_observers_and_converts(v2, calib, images):
     labels = torch.arange(len(images)) % 10
     qat = eager.EagerQat(v2, CFG, "qnnpack")
     assert qat.module.training and any(type(m) is eager.QatConvBnReLU62d for m in qat.module.modules())
+    assert qat.init_ranges([images]) == len(images)  # QatModel's range init works on the eager fake-quants
+    assert all(float(s.min()) != 1.0 for s in _act_scales(qat.module))
     means0 = _bn_means(qat.module)
     _train_step(qat, images, labels)
     assert any(not torch.equal(a, b) for a, b in zip(means0, _bn_means(qat.module)))  # BN statistics move
     qat.freeze_bn()
+    assert qat.bn_frozen
     means1, scales1 = _bn_means(qat.module), _act_scales(qat.module)
     _train_step(qat, images.flip(0), labels)
     assert all(torch.equal(a, b) for a, b in zip(means1, _bn_means(qat.module)))  # ours and torch's ConvBn frozen
