@@ -8,16 +8,23 @@ replaced by ReLU.
 """
 from __future__ import annotations
 
+import copy as _copy
 import operator
 from typing import Callable, Optional
 
 import torch
+import torch.ao.nn.intrinsic as _nni
+from torch import nn
+from torch.ao.nn.quantized import FloatFunctional
 from torch.fx import GraphModule, Node
 
 from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import (
     _is_annotated, _mark_nodes_as_annotated, get_bias_qspec, get_input_act_qspec, get_output_act_qspec,
     get_weight_qspec)
 from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationConfig
+
+from ..config import RELU6_MODES
+from ..errors import ConfigError, QuantizationError
 
 Q_ANNOTATION_KEY = "quantization_annotation"
 CONV_OPS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default, torch.ops.aten.convolution.default}
@@ -117,15 +124,6 @@ def annotate_conv_relu6(gm: GraphModule, config: Optional[QuantizationConfig],
 # Accuracy of the two ReLU6 handlings (measured, MobileNetV2 w0.5/w0.35 on Fashion-MNIST, qnnpack, per-channel):
 # top-1 drop 0.22/0.07 pp with "clamp", 0.20/-0.05 pp with "separate" (within noise; "clamp" agrees with float
 # slightly more often); the table is in mbquant.quant.eager's docstring and benchmarks/results/torchscript_relu6.json.
-import copy as _copy  # noqa: E402
-
-import torch.ao.nn.intrinsic as _nni  # noqa: E402
-from torch import nn  # noqa: E402
-from torch.ao.nn.quantized import FloatFunctional  # noqa: E402
-
-from ..errors import ConfigError, QuantizationError  # noqa: E402
-
-RELU6_MODES = ("clamp", "separate")
 
 
 class ConvReLU62d(_nni._FusedModule):
