@@ -17,6 +17,15 @@ def _threads():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and far faster when other jobs share the cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def fmnist() -> Path:
     """The prepared Fashion-MNIST ImageFolder root (train/ and val/)."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
@@ -48,12 +49,16 @@ def check_observers(prepared: nn.Module, samples: int) -> dict[str, nn.Module]:
     return obs
 
 
-def run(prepared: nn.Module, calib: CalibrationSet, *, batch_size: int = 32, progress: bool = False) -> CalibrationResult:
-    """Feed ``calib`` through ``prepared`` under ``torch.no_grad()`` in eval mode; return what was used."""
+def run(prepared: nn.Module, calib: CalibrationSet, *, batch_size: int = 32, progress: bool = False,
+        to_eval: Callable[[nn.Module], object] | None = None) -> CalibrationResult:
+    """Feed ``calib`` through ``prepared`` under ``torch.no_grad()`` in eval mode; return what was used.
+
+    ``to_eval`` switches the model to eval mode (default: ``move_exported_model_to_eval``, as an exported
+    graph ignores ``.eval()``; the eager engine passes ``nn.Module.eval``)."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from tqdm import tqdm
 
-    move_exported_model_to_eval(prepared)
+    (to_eval or move_exported_model_to_eval)(prepared)
     samples = batches = 0
     skipped0 = len(calib.dataset.skipped)
     with torch.no_grad():

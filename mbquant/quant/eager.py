@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import warnings
 from dataclasses import dataclass
 from typing import Iterator
@@ -53,14 +52,14 @@ import torch.ao.quantization as tq
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate.loop import CalibrationResult, check_observers
+from ..calibrate import loop as calibration_loop
+from ..calibrate.loop import CalibrationResult
 from ..calibrate.subset import CalibrationSet
 from ..config import GRANULARITIES, OBSERVERS, QuantConfig
-from ..errors import ConfigError, DataError, QuantizationError
+from ..errors import ConfigError, QuantizationError
 from .fuse import RELU6_MODES, ConvBnReLU62d, ConvReLU62d, fuse
 from .qat import QatModel
 
-log = logging.getLogger(__name__)
 
 ENGINES = {"phone": "qnnpack", "x86": "x86"}
 # weight granularities whose quantized conv/linear kernels were checked on this build (see module doc)
@@ -303,26 +302,10 @@ def prepare(model: nn.Module, config: QuantConfig, engine: str, *, qat: bool = F
 
 def calibrate(prepared: nn.Module, calib: CalibrationSet, batch_size: int = 32, *,
               progress: bool = False) -> CalibrationResult:
-    """Feed the real calibration images through ``prepared`` (eval, no_grad); fail if an observer saw nothing."""
-    from tqdm import tqdm
-
-    prepared.eval()
-    samples = batches = 0
-    skipped0 = len(calib.dataset.skipped)
-    with quantized_engine(engine_of(prepared)), torch.no_grad():
-        for batch in tqdm(calib.loader(batch_size), disable=not progress, desc="calibrate", unit="batch", leave=False):
-            if batch is None:
-                continue
-            prepared(batch[0])
-            samples += len(batch[0])
-            batches += 1
-    skipped = len(calib.dataset.skipped) - skipped0
-    if samples == 0:
-        raise DataError(f"no readable calibration images in '{calib.root}' ({skipped} unreadable); "
-                        f"pass a folder of valid images (.jpg .jpeg .png .bmp .webp)")
-    obs = check_observers(prepared, samples)
-    log.info("eager calibration: %d samples (%d unreadable skipped), %d observers", samples, skipped, len(obs))
-    return CalibrationResult(samples, skipped, len(obs), batches)
+    """Feed the real calibration images through ``prepared`` (eval, no_grad) under its engine; fail if an
+    observer saw nothing (the shared calibration loop)."""
+    with quantized_engine(engine_of(prepared)):
+        return calibration_loop.run(prepared, calib, batch_size=batch_size, progress=progress, to_eval=nn.Module.eval)
 
 
 def convert(prepared: nn.Module) -> nn.Module:
