@@ -1,7 +1,7 @@
-"""PTQ variants on a shipped checkpoint, measured on real data: prints a table and writes JSON.
+"""PTQ recipes and single choices on a shipped checkpoint, measured on real data: prints a table, writes JSON.
 
     python benchmarks/ptq_accuracy.py [--weights mobilenet_v2_w0.5_r64_fmnist] [--num-calib 512]
-                                      [--eval-limit N] [--variants default,stock,...]
+                                      [--eval-limit N] [--variants best,stock,...]
 
 Each variant calibrates on a seeded stratified subset of data/train and is evaluated (float, the INT8
 PT2E module and the reloaded INT8 .pte) on data/val. All variants run in one process on one machine.
@@ -11,33 +11,28 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, job, summary
+from mbquant.config import QuantConfig, RunConfig
+from mbquant.report import format_table, host, library_versions
+from mbquant.resolve import resolve_model
 
-from mbquant.config import QuantConfig, RunConfig  # noqa: E402
-from mbquant.pipeline import run_ptq  # noqa: E402
-from mbquant.report import format_table, library_versions  # noqa: E402
-from mbquant.resolve import resolve_model  # noqa: E402
-
-VARIANTS = {
-    "stock": dict(fuse_relu6=False),                       # the stock XNNPACKQuantizer annotation
-    "default": dict(),                                     # ReLU6 fused, histogram observer, per-channel
-    "percentile": dict(observer="percentile"),
-    "minmax": dict(observer="minmax"),
-    "moving-average": dict(observer="moving-average"),
-    "recommended": dict(observer="percentile", float_logits=True),
-    "recommended-stock-relu6": dict(observer="percentile", float_logits=True, fuse_relu6=False),
-    "recommended+bias-corr": dict(observer="percentile", float_logits=True, bias_correction=True),
-    "histogram+float-logits": dict(float_logits=True),
-    "histogram+float-logits+bias-corr": dict(float_logits=True, bias_correction=True),
-    "per-tensor-stock": dict(granularity="per-tensor", fuse_relu6=False),
-    "per-tensor": dict(granularity="per-tensor"),
+STOCK = dict(recipe="stock")
+VARIANTS = {  # name: QuantConfig fields (recipe + overrides)
+    "stock": STOCK,                                                              # XNNPACKQuantizer as shipped
+    "relu6": {**STOCK, "fuse_relu6": True},
+    "relu6+percentile": {**STOCK, "fuse_relu6": True, "observer": "percentile"},
+    "percentile+fp32-logits": dict(fuse_relu6=False, bias_correction=False),
+    "relu6+percentile+fp32-logits": dict(bias_correction=False),
+    "best": dict(),                                                              # the default recipe
+    "best-histogram": dict(observer="histogram"),
+    "relu6+minmax": {**STOCK, "fuse_relu6": True, "observer": "minmax"},
+    "per-tensor-stock": {**STOCK, "granularity": "per-tensor"},
+    "per-tensor-relu6": {**STOCK, "fuse_relu6": True, "granularity": "per-tensor"},
+    "per-tensor-best": dict(granularity="per-tensor"),
 }
 
 
@@ -50,37 +45,33 @@ def main(argv=None) -> int:
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--calib", type=Path, default=None, help="calibration folder (default DATA/train)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ptq_accuracy.json")
     args = ap.parse_args(argv)
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     model, info = resolve_model(args.model, args.weights)
     rows, results = [], {}
-    for name in args.variants.split(","):
+    run = RunConfig(eval_limit=args.eval_limit, float_program=False, latency_runs=20)
+    for name in names:
         cfg = QuantConfig(num_calib=args.num_calib, **VARIANTS[name])
-        run = RunConfig(eval_limit=args.eval_limit, float_program=False, latency_runs=50)
-        start = time.perf_counter()
-        with tempfile.TemporaryDirectory() as tmp:
-            rep = run_ptq(model, info, calib=args.calib or args.data / "train", eval_dir=args.data / "val", out_dir=Path(tmp),
-                          config=cfg, run=run, command=f"benchmark {name}").to_dict()
-        acc, par = rep["accuracy"], rep["parity"]
-        results[name] = {"config": cfg.to_dict(), "accuracy": acc, "parity": par,
-                         "quantize": rep["quantization"], "bytes": rep["programs"]["int8"]["bytes"],
-                         "latency_ms": rep["latency"]["int8_pte"]["median_ms"], "status": rep["status"],
-                         "worst_layers": rep["layer_sqnr_worst5"], "seconds": round(time.perf_counter() - start, 1)}
-        rows.append((name, f"{acc['float_top1']:.2f}", f"{acc['int8_pte_top1']:.2f}", f"{acc['top1_drop_pp']:.2f}",
-                     f"{acc['agreement_float_vs_int8_pte']:.2f}", f"{par['agreement_pte_vs_module']:.2f}",
-                     str(rep["quantization"]["quantize"]), f"{results[name]['bytes'] / 1024:,.0f}"))
-        print(f"[{name}] done in {results[name]['seconds']} s", flush=True)
-    header = ("variant", "float top-1", "int8 .pte top-1", "drop pp", "agree float~pte %", "agree pte~module %",
-              "quantize ops", ".pte KiB")
-    print(f"\n{info.name} w{info.width_mult:g} {info.resolution}x{info.resolution} ({info.weights}); "
-          f"{args.num_calib} calibration images from data/train; eval on data/val "
-          f"({results[next(iter(results))]['accuracy']['images']} images)\n")
+        r = results[name] = summary(job(model, info, args.data, config=cfg, run=run, command=f"benchmark {name}"))
+        c = r["config"]
+        rows.append((name, "yes" if c["fuse_relu6"] else "no", c["observer"], ",".join(c["keep_float"]) or "-",
+                     "yes" if c["bias_correction"] else "no", c["granularity"], f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}",
+                     f"{r['agreement_float']:.2f}", f"{r['parity']:.2f}", str(r["quantize_ops"])))
+        print(f"[{name}] done in {r['wall_seconds']} s: {rows[-1]}", flush=True)
+    header = ("variant", "ReLU6 fused", "observer", "fp32", "bias corr.", "weights", "INT8 .pte top-1", "drop pp",
+              "agree float~pte %", "agree pte~module %", "quantize ops")
+    print(f"\n{info.name} w{info.width_mult:g} {info.resolution}x{info.resolution} ({info.weights}); float top-1 "
+          f"{results[names[0]]['float_top1']:.2f} %; {args.num_calib} calibration images from data/train; eval on "
+          f"data/val ({results[names[0]]['images']} images); host {host()['cpu']} {host()['isa']}\n")
     print(format_table(rows, header))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"model": info.to_dict(), "num_calib": args.num_calib, "results": results,
-                                    "versions": library_versions(), "host": "x86-64 CPU"}, indent=2))
+                                    "versions": library_versions(), "host": host()}, indent=2) + "\n")
     print(f"\nwrote {args.out}")
     return 0
 

@@ -3,35 +3,27 @@
     python benchmarks/qat_vs_ptq.py [--weights mobilenet_v2_w0.35_r64_fmnist] [--epochs 3]
                                     [--max-train-samples 20000] [--granularities per-tensor,per-channel]
 
-PTQ calibrates on 512 seeded stratified images of data/train (histogram observer, the `mbquant ptq`
-defaults); QAT starts from ranges calibrated on the same images and fine-tunes with the `mbquant qat`
-defaults. Every row is measured on data/val (float, INT8 PT2E module, reloaded INT8 .pte) in one process.
+PTQ calibrates on 512 seeded stratified images of data/train (ReLU6 fused, histogram observer, INT8 logits:
+``--ptq-recipe`` picks another); QAT starts from ranges calibrated on the same images and fine-tunes with the
+`mbquant qat` defaults. Every row is measured on data/val (float, INT8 PT2E module, reloaded INT8 .pte).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from _common import REPO, job, summary
+from mbquant.config import QATConfig, QuantConfig, RunConfig
+from mbquant.data import load_folder
+from mbquant.pipeline import Finetune
+from mbquant.report import format_table, host, library_versions
+from mbquant.resolve import resolve_model
 
-from mbquant.config import QATConfig, QuantConfig, RunConfig  # noqa: E402
-from mbquant.pipeline import run_ptq, run_qat  # noqa: E402
-from mbquant.report import format_table, library_versions  # noqa: E402
-from mbquant.resolve import resolve_model  # noqa: E402
-
-
-def _record(rep: dict, seconds: float) -> dict:
-    return {"config": rep["config"], "qat_config": rep.get("qat_config"), "accuracy": rep["accuracy"],
-            "parity": rep["parity"], "delegated": rep["programs"]["int8"]["delegation"]["ratio"],
-            "bytes": rep["programs"]["int8"]["bytes"], "status": rep["status"], "failures": rep.get("failures"),
-            "history": rep.get("qat", {}).get("history"), "seconds": round(seconds, 1)}
+PTQ_RECIPES = {"relu6": dict(recipe="stock", fuse_relu6=True), "best": dict(), "stock": dict(recipe="stock")}
 
 
 def main(argv=None) -> int:
@@ -41,6 +33,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data", type=Path, default=REPO / "data")
     ap.add_argument("--granularities", default="per-tensor,per-channel")
     ap.add_argument("--methods", default="ptq,qat")
+    ap.add_argument("--ptq-recipe", choices=list(PTQ_RECIPES), default="relu6")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=QATConfig().lr)
     ap.add_argument("--max-train-samples", type=int, default=20000)
@@ -60,28 +53,25 @@ def main(argv=None) -> int:
     for gran in args.granularities.split(","):
         for method in args.methods.split(","):
             name = f"{method} {gran}" + (f" distill {args.distill:g}" if method == "qat" and args.distill else "")
-            start = time.perf_counter()
-            with tempfile.TemporaryDirectory() as tmp:
-                if method == "ptq":
-                    rep = run_ptq(model, info, calib=args.data / "train", eval_dir=args.data / "val", out_dir=Path(tmp),
-                                  config=QuantConfig(granularity=gran), run=run, command=name).to_dict()
-                else:
-                    rep = run_qat(model, info, data=args.data, out_dir=Path(tmp), run=run, qat=qat, progress=True,
-                                  config=QuantConfig(granularity=gran, observer="moving-average"),
-                                  command=name).to_dict()
-            results[name] = r = _record(rep, time.perf_counter() - start)
-            acc = r["accuracy"]
-            rows.append((name, f"{acc['float_top1']:.2f}", f"{acc['int8_pte_top1']:.2f}", f"{acc['top1_drop_pp']:.2f}",
-                         f"{acc['agreement_float_vs_int8_pte']:.2f}", f"{r['parity']['agreement_pte_vs_module']:.2f}",
-                         f"{r['delegated']:.0%}", f"{r['seconds']:.0f}"))
+            if method == "ptq":
+                rep = job(model, info, args.data, config=QuantConfig(granularity=gran, **PTQ_RECIPES[args.ptq_recipe]),
+                          run=run, command=name)
+            else:
+                train = load_folder(args.data / "train", info.preset, train=True, expected_classes=list(info.classes))
+                rep = job(model, info, args.data, config=QuantConfig(recipe="qat", granularity=gran), run=run,
+                          finetune=Finetune(qat, train), command=name, progress=True)
+            results[name] = r = {**summary(rep), "history": rep.get("qat", {}).get("history")}
+            rows.append((name, f"{r['float_top1']:.2f}", f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}",
+                         f"{r['agreement_float']:.2f}", f"{r['parity']:.2f}", f"{r['delegated']:.0%}",
+                         f"{r['wall_seconds']:.0f}"))
             print(f"[{name}] {rows[-1]}", flush=True)
             args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps({"model": info.to_dict(), "results": results,
-                                            "versions": library_versions(), "threads": args.threads}, indent=2))
+            args.out.write_text(json.dumps({"model": info.to_dict(), "results": results, "host": host(),
+                                            "versions": library_versions(), "threads": args.threads}, indent=2) + "\n")
     header = ("run", "float top-1", "int8 .pte top-1", "drop pp", "agree float~pte %", "agree pte~module %",
               "delegated", "seconds")
     print(f"\n{info.name} w{info.width_mult:g} {info.resolution}x{info.resolution} ({info.weights}); eval on data/val "
-          f"({results[next(iter(results))]['accuracy']['images']} images); QAT {qat.epochs} epochs on "
+          f"({results[next(iter(results))]['images']} images); QAT {qat.epochs} epochs on "
           f"{qat.max_train_samples or 'all'} training images\n")
     print(format_table(rows, header))
     print(f"\nwrote {args.out}")

@@ -1,23 +1,26 @@
-"""The `mbquant` command line: a thin layer over the Python API. ``main(argv) -> int``."""
+"""The `mbquant` command line: a thin layer over the Python API. ``build_parser()``, ``main(argv) -> int``.
+
+Building the parser imports nothing heavy (no torch); each subcommand imports what it needs when it runs.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from . import __version__
-from .config import GRANULARITIES, OBSERVERS
+from .config import GRANULARITIES, LOGITS, MODEL_NAMES, OBSERVERS
 from .errors import ConfigError, MbquantError
 
 
-def _add_model_args(p: argparse.ArgumentParser, weights_required: bool = False) -> None:
-    from .models import available_models
-
-    p.add_argument("model", help=f"zoo model: {', '.join(available_models())}")
-    p.add_argument("--weights", required=weights_required,
-                   help="checkpoint path, shipped checkpoint name, or torchvision weights name (IMAGENET1K_V1, DEFAULT)")
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help=f"zoo model: {', '.join(MODEL_NAMES)}")
+    p.add_argument("--weights", help="checkpoint path, shipped checkpoint name, or torchvision weights name "
+                                     "(IMAGENET1K_V1, DEFAULT)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -26,11 +29,26 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
 
 
+def _epochs_or_never(value: str) -> int | None:
+    if value == "never":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a number of epochs; pass N >= 0 or 'never'") from None
+
+
+def _names(value: str) -> tuple[str, ...]:
+    if value.strip() in ("", "none"):
+        return ()
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mbquant", description="INT8 quantization and verified mobile export for MobileNet-family CNNs: "
-        "prepare data, train/evaluate float models, and run post-training quantization to an ExecuTorch/XNNPACK .pte "
-        "with an accuracy-drop report.")
+        "prepare data, train/evaluate float models, quantize (PTQ or QAT) to ExecuTorch/XNNPACK .pte or TorchScript "
+        "artifacts with an accuracy-drop report.")
     parser.add_argument("--version", action="version", version=f"mbquant {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -60,21 +78,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     _add_common(p)
 
-    p = sub.add_parser("ptq", help="post-training static INT8 -> verified ExecuTorch/XNNPACK .pte + report")
+    p = sub.add_parser("ptq", help="post-training static INT8 -> verified .pte (and/or TorchScript) + report")
     _add_model_args(p)
     p.add_argument("--calib", type=Path, required=True, help="calibration images: ImageFolder or flat folder")
     p.add_argument("--eval", type=Path, default=None, help="labelled ImageFolder for the accuracy drop "
                    "(default: the calibration folder, with a warning)")
-    p.add_argument("--observer", default="histogram", choices=list(OBSERVERS))
+    p.add_argument("--recipe", choices=["best", "stock"], default="best",
+                   help="best: the best measured choices for each backend (default); stock: the stock PT2E flow. "
+                        "The options below override single choices")
+    p.add_argument("--observer", default=None, choices=list(OBSERVERS), help="activation observer (recipe: percentile "
+                   "on pte, histogram on torchscript)")
     p.add_argument("--percentile", type=float, default=99.99, help="for --observer percentile")
-    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=False,
-                   help="correct each layer's bias for the mean shift quantization causes (calibration images)")
+    p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
+                   help="correct each layer's bias for the mean shift quantization causes (recipe: on for pte)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     _add_quant_args(p)
     _add_run_args(p)
     _add_common(p)
 
-    p = sub.add_parser("qat", help="quantization-aware fine-tuning -> verified ExecuTorch/XNNPACK .pte + report "
+    p = sub.add_parser("qat", help="quantization-aware fine-tuning -> verified .pte (or TorchScript) + report "
                        "(resumable; scale out with torchrun --nproc_per_node=N -m mbquant qat ...)")
     _add_model_args(p)
     p.add_argument("--data", type=Path, required=True, help="folder with train/ and val/ ImageFolders")
@@ -100,22 +122,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _epochs_or_never(value: str) -> int | None:
-    if value == "never":
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a number of epochs; pass N >= 0 or 'never'") from None
-
-
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-calib", type=int, default=512, help="calibration samples (not batches)")
     p.add_argument("--granularity", default="per-channel", choices=list(GRANULARITIES), help="weight granularity")
-    p.add_argument("--fuse-relu6", action=argparse.BooleanOptionalAction, default=True,
-                   help="quantize conv(-BN)-ReLU6 as one unit (output range clamped to [0, 6])")
-    p.add_argument("--float-logits", action=argparse.BooleanOptionalAction, default=False,
-                   help="run the classifier layer in fp32 on INT8 features (logits not rounded to INT8)")
+    p.add_argument("--fuse-relu6", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize conv(-BN)-ReLU6 as one unit, after the clamp (recipe: on); off = the stock annotation")
+    p.add_argument("--keep-float", type=_names, default=None, metavar="NAME[,NAME]|none",
+                   help=f"layers that run in fp32 on their INT8 inputs: module names, or '{LOGITS}' for the layer "
+                        f"producing the output (recipe: {LOGITS} on pte)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset (and of training)")
 
 
@@ -124,35 +138,46 @@ def _formats(value: str) -> tuple[str, ...]:
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
-    from .config import RELU6_MODES
-    from .quant.targets import TARGETS
+    from .mobile.table import BACKENDS, targets
 
-    p.add_argument("--target", default="phone", help=f"deployment target: {', '.join(TARGETS)}")
+    p.add_argument("--target", default="phone", help=f"deployment target: {', '.join(targets())}")
     p.add_argument("--format", type=_formats, default=("pte",), metavar="pte|torchscript|pte,torchscript",
-                   help="artifacts: ExecuTorch .pte (XNNPACK) and/or TorchScript .pt + .ptl (legacy eager engine: "
-                        "qnnpack for phone, x86 for x86)")
-    p.add_argument("--relu6", default="clamp", choices=list(RELU6_MODES),
-                   help="TorchScript only: fuse conv-BN-ReLU6 with the clamp in the quantized output (clamp) or "
-                        "keep ReLU6 as its own quantized op (separate)")
+                   help="artifacts; with --target they pick the backends: "
+                        + ", ".join(f"{s.target}+{s.format}={s.name}" for s in BACKENDS.values()))
     p.add_argument("--min-delegated", type=float, default=0.99, help="fail below this delegated-op ratio")
     p.add_argument("--max-drop", type=float, default=None, help="fail when top-1 drops by more (percentage points)")
-    p.add_argument("--min-parity", type=float, default=99.0, help="fail when .pte vs INT8 agreement is lower (%%)")
+    p.add_argument("--min-parity", type=float, default=None,
+                   help="also fail when an artifact agrees with its INT8 model on fewer than P %% of images")
+    p.add_argument("--parity-z", type=float, default=3.0,
+                   help="fail when an artifact is worse than its INT8 model by more than Z standard errors")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on at most N images")
     p.add_argument("--float-program", action=argparse.BooleanOptionalAction, default=True,
-                   help="also lower the float model for size/latency comparison")
+                   help="also write the float program for size/latency comparison")
     p.add_argument("--latency-runs", type=int, default=20)
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<model>-<timestamp>/)")
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if getattr(args, "threads", None):
-        import torch
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """``--threads``: torch's intra-op threads for this command, restored after it."""
+    if n is None:
+        yield
+        return
+    if n < 1:
+        raise ConfigError(f"--threads {n} is invalid; pass a number of threads >= 1 (or leave it out)")
+    from .mobile.backend import torch_threads
 
-        torch.set_num_threads(args.threads)
+    with torch_threads(n):
+        yield
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    args.argv = argv
     try:
-        return int(args.handler(args) or 0) if hasattr(args, "handler") else _dispatch(args)
+        with _threads(args.threads):
+            return COMMANDS[args.command](args)
     except MbquantError as exc:
         print(f"mbquant {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -161,8 +186,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace) -> int:
-    return {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq, "qat": _cmd_qat}[args.command](args)
+def _command(args: argparse.Namespace) -> str:
+    return "mbquant " + shlex.join(args.argv)
 
 
 def _emit(args: argparse.Namespace, payload: dict, lines: list[str]) -> None:
@@ -173,7 +198,7 @@ def _emit(args: argparse.Namespace, payload: dict, lines: list[str]) -> None:
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from .data import prepare_fashion_mnist
+    from .fashion_mnist import prepare_fashion_mnist
 
     res = prepare_fashion_mnist(args.dest, progress=not (args.quiet or args.json))
     _emit(args, res, [f"fashion-mnist ready in {res['root']}: train {res['train']} images, val {res['val']} images, "
@@ -182,29 +207,29 @@ def _cmd_data(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
     from .config import TrainConfig
     from .data import load_folder, make_preset
     from .models import ModelInfo, create, save_checkpoint
     from .train import fit
 
-    if args.width_mult <= 0:
+    if not args.width_mult > 0:
         raise ConfigError(f"--width-mult {args.width_mult} must be positive (e.g. 0.35, 0.5, 1.0)")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       seed=args.seed, max_train_samples=args.max_train_samples)
     preset = make_preset(args.preset, args.resolution)
-    import torch
-
-    torch.manual_seed(cfg.seed)
     train_set = load_folder(args.data / "train", preset, train=True, cache=True)
     val_set = load_folder(args.data / "val", preset, expected_classes=train_set.classes)
-    model = create(args.model, num_classes=len(train_set.classes), width_mult=args.width_mult)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the initial weights
+        model = create(args.model, num_classes=len(train_set.classes), width_mult=args.width_mult)
     rho = args.resolution / 224 if args.model == "mobilenet_v1" else 1.0
     info = ModelInfo(args.model, len(train_set.classes), args.width_mult, preset, tuple(train_set.classes))
-    result = fit(model, info, train_set, val_set, cfg, progress=not (args.quiet or args.json))
+    result = fit(model, train_set, val_set, cfg, progress=not (args.quiet or args.json))
     out = args.out or Path("runs") / f"{args.model}_w{args.width_mult:g}_r{args.resolution}.pth"
-    command = "mbquant " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("mbquant") else None
     recipe = {"train": cfg.to_dict(), "data": str(args.data), "train_samples": len(train_set),
-              "seconds": result.seconds, "command": command}
+              "seconds": result.seconds, "command": _command(args)}
     save_checkpoint(model, info, out, recipe=recipe, metrics={"history": result.history}, rho=rho)
     _emit(args, {"checkpoint": str(out), "history": result.history},
           [f"saved {out} (val top-1 {result.final.get('val_top1')}% after {cfg.epochs} epochs, {result.seconds:.0f} s)"])
@@ -222,41 +247,38 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate_float(model, ds, args.batch_size, progress=not (args.quiet or args.json))
     if not res.labelled:
         raise ConfigError(f"'{args.data}' has no class subfolders; eval needs a labelled ImageFolder")
-    acc = res.accuracy["model"]
     params, macs = count_params(model), count_macs(model, info.resolution)
     payload = {"model": info.to_dict(), "data": str(args.data), "images": res.count, "skipped": res.skipped,
-               "top1": round(acc.top1, 2), "top5": round(acc.top5, 2), "params": params, "macs": macs}
+               "top1": round(res.top1("model"), 2), "top5": round(res.top5("model"), 2), "params": params, "macs": macs}
     _emit(args, payload, [
         f"{info.name} (width {info.width_mult:g}, {info.resolution}x{info.resolution}, {info.num_classes} classes) "
         f"from {info.weights}",
         f"  params {params / 1e6:.3f} M, MACs {macs / 1e6:.2f} M",
         f"  {args.data}: {res.count} images" + (f" ({res.skipped} unreadable skipped)" if res.skipped else ""),
-        f"  top-1 {acc.top1:.2f}%  top-5 {acc.top5:.2f}%"])
+        f"  top-1 {payload['top1']:.2f}%  top-5 {payload['top5']:.2f}%"])
     return 0
 
 
 def _run_config(args: argparse.Namespace):
     from .config import RunConfig
 
-    return RunConfig(target=args.target, formats=args.format, relu6=args.relu6, min_delegated=args.min_delegated,
-                     max_drop=args.max_drop,
-                     min_parity=args.min_parity, eval_limit=args.eval_limit, latency_runs=args.latency_runs,
-                     float_program=args.float_program)
+    return RunConfig(target=args.target, formats=args.format, min_delegated=args.min_delegated, max_drop=args.max_drop,
+                     min_parity=args.min_parity, parity_z=args.parity_z, eval_limit=args.eval_limit,
+                     latency_runs=args.latency_runs, float_program=args.float_program)
 
 
 def _finish(args: argparse.Namespace, report, out: Path) -> int:
-    from .pipeline import summary_table
+    from .report import summary_table
 
+    rep = report.to_dict()
     if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print(json.dumps(rep, indent=2))
     elif not args.quiet:
-        print(summary_table(report))
+        print(summary_table(rep))
         print(f"artifacts and report.json in {out}")
-    if not report.ok:
-        for f in report.failures:
-            print(f"mbquant {args.command}: error: {f}", file=sys.stderr)
-        return 1
-    return 0
+    for f in report.failures:
+        print(f"mbquant {args.command}: error: {f}", file=sys.stderr)
+    return 0 if report.ok else 1
 
 
 def _announce(args: argparse.Namespace, info) -> None:
@@ -265,47 +287,79 @@ def _announce(args: argparse.Namespace, info) -> None:
 
 
 def _cmd_ptq(args: argparse.Namespace) -> int:
+    from ._io import ensure_writable_dir
     from .config import QuantConfig
-    from .pipeline import default_out_dir, run_ptq
+    from .pipeline import calibration_set, default_out_dir, load_eval_set, run_job
     from .resolve import resolve_model
 
-    config = QuantConfig(observer=args.observer, granularity=args.granularity, num_calib=args.num_calib,
-                         seed=args.seed, batch_size=args.batch_size, fuse_relu6=args.fuse_relu6,
-                         percentile=args.percentile, float_logits=args.float_logits,
+    config = QuantConfig(recipe=args.recipe, observer=args.observer, granularity=args.granularity,
+                         num_calib=args.num_calib, seed=args.seed, batch_size=args.batch_size,
+                         fuse_relu6=args.fuse_relu6, keep_float=args.keep_float, percentile=args.percentile,
                          bias_correction=args.bias_correction)
     run = _run_config(args)
     model, info = resolve_model(args.model, args.weights)
     out = args.out or default_out_dir(args.model)
+    calib = calibration_set(args.calib, info, config)
+    warnings = []
+    if args.eval is None:
+        if not calib.dataset.labelled:
+            raise ConfigError(f"calibration folder '{args.calib}' has no labels, so it cannot measure accuracy; "
+                              f"pass --eval with a labelled folder (one subfolder per class)")
+        warnings.append(f"evaluating on the calibration folder '{args.calib}'; pass --eval with held-out images "
+                        f"for an unbiased accuracy drop")
+    eval_set = load_eval_set(args.eval or args.calib, info, run.eval_limit, seed=config.seed)
     _announce(args, info)
-    report = run_ptq(model, info, calib=args.calib, eval_dir=args.eval, out_dir=out, config=config, run=run,
-                     progress=not (args.quiet or args.json), command="mbquant " + " ".join(["ptq", *sys.argv[2:]]))
+    ensure_writable_dir(out)
+    report = run_job(model, info, calib=calib, eval_set=eval_set, out_dir=out, config=config, run=run,
+                     progress=not (args.quiet or args.json), command=_command(args), warnings=tuple(warnings))
     return _finish(args, report, out)
 
 
 def _cmd_qat(args: argparse.Namespace) -> int:
+    from ._io import ensure_writable_dir
     from .checkpoints import shipped_names
     from .config import QATConfig, QuantConfig
-    from .pipeline import default_out_dir, run_qat
+    from .data import load_folder
+    from .finetune import load_qat_checkpoint, state_digest
+    from .mobile import table
+    from .pipeline import Finetune, calibration_set, default_out_dir, load_eval_set, run_job
     from .resolve import resolve_model
 
     if args.weights is None:
         raise ConfigError(f"qat fine-tunes a trained float model: pass --weights (a checkpoint path or a shipped "
                           f"name: {', '.join(shipped_names())}); train one with `mbquant train`")
-    config = QuantConfig(observer="moving-average", granularity=args.granularity, num_calib=args.num_calib,
-                         seed=args.seed, fuse_relu6=args.fuse_relu6, float_logits=args.float_logits)
+    config = QuantConfig(recipe="qat", granularity=args.granularity, num_calib=args.num_calib, seed=args.seed,
+                         fuse_relu6=args.fuse_relu6, keep_float=args.keep_float)
     qat = QATConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, freeze_bn_after=args.freeze_bn_after,
                     freeze_observers_after=args.freeze_observers_after, init_ranges=args.init_ranges,
                     seed=args.seed, max_train_samples=args.max_train_samples, distill=args.distill,
                     distill_temperature=args.distill_temperature)
     run = _run_config(args)
+    specs = table.select(run.target, run.formats)
+    if len(specs) != 1:
+        raise ConfigError(f"QAT trains one model for one engine, got formats {list(run.formats)}; run `mbquant qat` "
+                          f"once with --format pte and once with --format torchscript")
+    resolved = table.resolve(config, specs[0], qat=True)
     model, info = resolve_model(args.model, args.weights)
+    resume = None
+    if args.resume is not None:  # checked before any work: another model, other weights or flags fail here
+        resume = load_qat_checkpoint(args.resume, info=info, float_digest=state_digest(model), quant=resolved,
+                                     config=qat)
     out = args.out or (Path(args.resume).parent if args.resume and Path(args.resume).is_file() else args.resume) \
         or default_out_dir(args.model)
+    classes = list(info.classes) or None
+    train_set = load_folder(args.data / "train", info.preset, train=True, expected_classes=classes)
+    eval_set = load_eval_set(args.data / "val", info, run.eval_limit, seed=config.seed)
+    calib = calibration_set(args.data / "train", info, config)
     _announce(args, info)
-    report = run_qat(model, info, data=args.data, out_dir=Path(out), config=config, qat=qat, run=run,
-                     resume=args.resume, progress=not (args.quiet or args.json),
-                     command="mbquant " + " ".join(["qat", *sys.argv[2:]]))
+    ensure_writable_dir(Path(out))
+    report = run_job(model, info, calib=calib, eval_set=eval_set, out_dir=Path(out), config=config, run=run,
+                     finetune=Finetune(qat, train_set, resume), progress=not (args.quiet or args.json),
+                     command=_command(args))
     if report is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
     return _finish(args, report, Path(out))
+
+
+COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq, "qat": _cmd_qat}

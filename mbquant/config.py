@@ -1,22 +1,28 @@
-"""Frozen, validated, JSON-serialisable configs. Every report records the config that made its artifact."""
+"""Frozen, validated, JSON-serialisable configs. Every report records the config that made its artifact.
+
+This module imports nothing heavy (no torch): the CLI builds its parser from these names.
+"""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, TypeVar
 
 from .errors import ConfigError
 
+MODEL_NAMES = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet50")
 OBSERVERS = ("histogram", "minmax", "percentile", "moving-average")
 GRANULARITIES = ("per-channel", "per-tensor")
 FORMATS = ("pte", "torchscript")
-RELU6_MODES = ("clamp", "separate")  # TorchScript (eager engine) handling of ReLU6, see mbquant/quant/fuse.py
+RECIPES = ("best", "stock", "qat")
+LOGITS = "logits"  # --keep-float alias: the layer(s) whose output is the model's output (the classifier)
 
 T = TypeVar("T", bound="_Config")
 
 
 class _Config:
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)  # type: ignore[call-overload]
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}  # type: ignore[call-overload]
 
     @classmethod
     def from_dict(cls: type[T], d: dict[str, Any]) -> T:
@@ -26,44 +32,76 @@ class _Config:
             raise ConfigError(f"unknown {cls.__name__} keys {unknown}; known: {sorted(known)}")
         return cls(**d)
 
+    def replace(self: T, **changes: Any) -> T:
+        return type(self)(**{**{f.name: getattr(self, f.name) for f in fields(self)}, **changes})  # type: ignore[arg-type]
+
 
 def _choice(value: str, allowed: tuple[str, ...], what: str) -> None:
     if value not in allowed:
         raise ConfigError(f"{what} '{value}' is not supported; choose one of: {', '.join(allowed)}")
 
 
-def _positive(value: float, what: str, flag: str) -> None:
-    if not value > 0:
-        raise ConfigError(f"{what} must be positive, got {value}; pass {flag} with a value > 0")
+def _number(value: Any, what: str, flag: str, *, lo: float | None = None, hi: float | None = None,
+            lo_open: bool = False, integer: bool = False) -> None:
+    """A finite number (an int when ``integer``) inside [lo, hi] (``lo`` excluded when ``lo_open``)."""
+    kind = "an integer" if integer else "a number"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not math.isfinite(value):
+        raise ConfigError(f"{what} must be {kind}, got {value!r}; pass {flag} with a finite value")
+    below = value <= lo if (lo is not None and lo_open) else (lo is not None and value < lo)
+    if below or (hi is not None and value > hi):
+        rng = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+        raise ConfigError(f"{what} {value!r} is out of range {rng}; pass {flag} with a value in that range")
+
+
+def _positive_int(value: Any, what: str, flag: str) -> None:
+    _number(value, what, flag, lo=1, integer=True)
 
 
 @dataclass(frozen=True)
 class QuantConfig(_Config):
-    """How a float model becomes INT8 (post-training; QAT adds :class:`QATConfig`).
+    """How a float model becomes INT8. Fields left ``None`` take the value of ``recipe`` for the backend.
 
-    ``num_calib`` counts samples, not batches. ``fuse_relu6`` makes conv(-BN)-ReLU6 one quantized unit
-    (output range clamped to [0, 6]); turning it off gives the stock XNNPACK quantizer's annotation.
+    Recipes (each backend's values are in :mod:`mbquant.mobile.table`):
+    ``best`` (default) is the best combination measured for the backend (on the phone: conv-ReLU6 fusion,
+    percentile observer, fp32 classifier, bias correction); ``stock`` is the stock PT2E flow (XNNPACK's
+    quantizer as shipped: histogram observer, ReLU6 not fused, everything INT8); ``qat`` is the starting
+    point of quantization-aware training (ReLU6 fused, everything INT8).
+
+    ``fuse_relu6``: quantize conv(-BN)-ReLU6 as one unit, after the clamp (ReLU6 is never replaced by ReLU).
+    ``keep_float``: layers (module names, or ``"logits"`` for the layer producing the model output) that run
+    in fp32 on their dequantized INT8 inputs. ``num_calib`` counts samples, not batches.
     """
 
-    observer: str = "histogram"
+    recipe: str = "best"
+    observer: str | None = None
     granularity: str = "per-channel"
+    fuse_relu6: bool | None = None
+    keep_float: tuple[str, ...] | None = None
+    bias_correction: bool | None = None
+    percentile: float = 99.99
     num_calib: int = 512
     seed: int = 0
     batch_size: int = 32
-    fuse_relu6: bool = True
-    float_logits: bool = False
-    bias_correction: bool = False
-    percentile: float = 99.99
 
     def __post_init__(self) -> None:
-        _choice(self.observer, OBSERVERS, "observer")
+        _choice(self.recipe, RECIPES, "recipe")
+        if self.observer is not None:
+            _choice(self.observer, OBSERVERS, "observer")
         _choice(self.granularity, GRANULARITIES, "weight granularity")
-        if not isinstance(self.num_calib, int) or self.num_calib < 1:
-            raise ConfigError(f"num_calib must be a positive number of samples, got {self.num_calib}; "
-                              f"pass --num-calib 512 (or at least 1)")
-        _positive(self.batch_size, "batch_size", "--batch-size")
-        if not 50.0 < self.percentile <= 100.0:
-            raise ConfigError(f"percentile {self.percentile} is out of range; use 50 < p <= 100 (e.g. 99.99)")
+        for name in ("fuse_relu6", "bias_correction"):
+            v = getattr(self, name)
+            if v is not None and not isinstance(v, bool):
+                raise ConfigError(f"{name} must be true, false or unset (the recipe decides), got {v!r}")
+        if self.keep_float is not None:
+            if isinstance(self.keep_float, str) or not all(isinstance(n, str) and n for n in self.keep_float):
+                raise ConfigError(f"keep_float must be a list of layer names, got {self.keep_float!r}; "
+                                  f"e.g. --keep-float logits or --keep-float classifier.1,features.0")
+            object.__setattr__(self, "keep_float", tuple(self.keep_float))
+        _positive_int(self.num_calib, "num_calib (calibration samples)", "--num-calib")
+        _number(self.seed, "seed", "--seed", lo=0, integer=True)
+        _positive_int(self.batch_size, "calibration batch size", "--batch-size")
+        _number(self.percentile, "percentile", "--percentile", lo=50.0, hi=100.0, lo_open=True)
 
 
 @dataclass(frozen=True)
@@ -81,14 +119,8 @@ class TrainConfig(_Config):
     max_train_samples: int | None = None
 
     def __post_init__(self) -> None:
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}; pass --epochs 1 or more")
-        _positive(self.batch_size, "batch_size", "--batch-size")
-        _positive(self.lr, "learning rate", "--lr")
-        if not 0 <= self.warmup_frac < 1:
-            raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ConfigError(f"max_train_samples must be positive, got {self.max_train_samples}")
+        _check_training(self)
+        _number(self.label_smoothing, "label_smoothing", "--label-smoothing", lo=0.0, hi=1.0)
 
 
 @dataclass(frozen=True)
@@ -119,47 +151,49 @@ class QATConfig(_Config):
     distill_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.distill <= 1.0:
-            raise ConfigError(f"distill weight {self.distill} must be in [0, 1]; e.g. --distill 1.0 to match the float model")
-        _positive(self.distill_temperature, "distillation temperature", "--distill-temperature")
-        if not isinstance(self.epochs, int) or isinstance(self.epochs, bool) or self.epochs < 1:
-            raise ConfigError(f"epochs must be at least 1, got {self.epochs}; pass --epochs 1 or more "
-                              f"(QAT needs at least one epoch of training)")
-        _positive(self.batch_size, "batch_size", "--batch-size")
-        _positive(self.lr, "learning rate", "--lr")
-        if not 0 <= self.momentum < 1:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0 <= self.warmup_frac < 1:
-            raise ConfigError(f"warmup_frac must be in [0, 1), got {self.warmup_frac}")
+        _check_training(self)
+        _number(self.distill, "distill weight", "--distill (e.g. --distill 1.0 to match the float model)", lo=0.0,
+                hi=1.0)
+        _number(self.distill_temperature, "distillation temperature", "--distill-temperature", lo=0.0, lo_open=True)
         for name, flag in (("freeze_bn_after", "--freeze-bn-after"), ("freeze_observers_after", "--freeze-observers-after")):
             v = getattr(self, name)
-            if v is not None and (not isinstance(v, int) or v < 0):
-                raise ConfigError(f"{name} must be a number of epochs >= 0 (or unset to never freeze), got {v}; "
-                                  f"e.g. {flag} 2")
-        if self.max_train_samples is not None and self.max_train_samples < 1:
-            raise ConfigError(f"max_train_samples must be positive, got {self.max_train_samples}")
+            if v is not None:
+                _number(v, f"{name} (a number of epochs, or never)", f"{flag} N (N >= 0) or {flag} never", lo=0,
+                        integer=True)
+
+
+def _check_training(cfg: TrainConfig | QATConfig) -> None:
+    _positive_int(cfg.epochs, "epochs", "--epochs 1 or more")
+    _positive_int(cfg.batch_size, "training batch size", "--batch-size")
+    _number(cfg.lr, "learning rate", "--lr", lo=0.0, lo_open=True)
+    _number(cfg.momentum, "momentum", "--momentum", lo=0.0, hi=0.999)
+    _number(cfg.weight_decay, "weight_decay", "--weight-decay", lo=0.0, hi=1.0)
+    _number(cfg.warmup_frac, "warmup_frac", "--warmup-frac", lo=0.0, hi=0.99)
+    _number(cfg.seed, "seed", "--seed", lo=0, integer=True)
+    if cfg.max_train_samples is not None:
+        _positive_int(cfg.max_train_samples, "max_train_samples", "--max-train-samples")
 
 
 @dataclass(frozen=True)
 class RunConfig(_Config):
-    """What a quantize-and-export run checks and measures beyond how it quantizes.
+    """What a quantize-and-export run builds, checks and measures beyond how it quantizes.
 
-    ``min_delegated``: smallest share of ops inside the XNNPACK delegate (0..1) before the run fails.
-    ``max_drop``: largest top-1 drop (percentage points, float -> INT8 program) before the run fails.
-    ``min_parity``: smallest top-1 agreement (%) between the reloaded program and the in-process INT8 model.
-    ``eval_limit``: evaluate on at most this many images (None: all).
-    ``formats``: artifacts to build and verify: ``pte`` (ExecuTorch/XNNPACK) and/or ``torchscript`` (.pt + .ptl
-    through the legacy eager engine); ``relu6`` is how that engine quantizes ReLU6 (``clamp`` or ``separate``).
+    ``target`` and ``formats`` pick the backends (rows of :mod:`mbquant.mobile.table`).
+    Gates, applied to every artifact in one place (:func:`mbquant.pipeline.gate_failures`):
+    ``min_delegated``: smallest share of ops inside the delegate (0..1; backends with a delegate);
+    ``max_drop``: largest top-1 drop in percentage points, float model -> the artifact itself;
+    the artifact may not be significantly worse than the in-process INT8 model it was written from
+    (top-1 and agreement with the float model; paired test, ``parity_z`` standard errors);
+    ``min_parity``: an optional floor on top-1 agreement (%) between the artifact and that INT8 model.
+    ``eval_limit``: evaluate on a seeded, class-stratified subset of this many images (None: all).
     """
 
     target: str = "phone"
     formats: tuple[str, ...] = ("pte",)
-    relu6: str = "clamp"
     min_delegated: float = 0.99
     max_drop: float | None = None
-    min_parity: float = 99.0
+    min_parity: float | None = None
+    parity_z: float = 3.0
     eval_limit: int | None = None
     eval_batch_size: int = 100
     latency_runs: int = 20
@@ -172,15 +206,14 @@ class RunConfig(_Config):
             raise ConfigError(f"formats {list(self.formats)} must name each artifact format once; e.g. --format pte,torchscript")
         for fmt in self.formats:
             _choice(fmt, FORMATS, "format")
-        _choice(self.relu6, RELU6_MODES, "ReLU6 handling")
-        if not 0.0 <= self.min_delegated <= 1.0:
-            raise ConfigError(f"min_delegated {self.min_delegated} must be a ratio in [0, 1]; e.g. --min-delegated 0.99")
-        if self.max_drop is not None and self.max_drop < 0:
-            raise ConfigError(f"max_drop {self.max_drop} must be >= 0 percentage points; e.g. --max-drop 0.5")
-        if not 0.0 <= self.min_parity <= 100.0:
-            raise ConfigError(f"min_parity {self.min_parity} must be a percentage in [0, 100]")
-        if self.eval_limit is not None and self.eval_limit < 1:
-            raise ConfigError(f"eval_limit {self.eval_limit} must be at least 1 (or unset for all images)")
-        _positive(self.eval_batch_size, "eval batch size", "--eval-batch-size")
-        _positive(self.latency_runs, "latency runs", "--latency-runs")
-        _positive(self.latency_threads, "latency threads", "--latency-threads")
+        _number(self.min_delegated, "min_delegated", "--min-delegated (a ratio, e.g. 0.99)", lo=0.0, hi=1.0)
+        if self.max_drop is not None:
+            _number(self.max_drop, "max_drop (percentage points)", "--max-drop (e.g. 0.5)", lo=0.0, hi=100.0)
+        if self.min_parity is not None:
+            _number(self.min_parity, "min_parity (%)", "--min-parity (e.g. 99)", lo=0.0, hi=100.0)
+        _number(self.parity_z, "parity_z", "--parity-z (e.g. 3)", lo=0.0, lo_open=True, hi=10.0)
+        if self.eval_limit is not None:
+            _positive_int(self.eval_limit, "eval_limit", "--eval-limit")
+        _positive_int(self.eval_batch_size, "eval batch size", "--eval-batch-size")
+        _positive_int(self.latency_runs, "latency runs", "--latency-runs")
+        _positive_int(self.latency_threads, "latency threads", "--latency-threads")

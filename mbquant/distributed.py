@@ -50,10 +50,6 @@ class Dist:
         torch.distributed.all_gather(out, state)
         return out
 
-    def barrier(self) -> None:
-        if self.active:
-            torch.distributed.barrier()
-
     def shard(self, n: int) -> list[int]:
         """This rank's share of ``range(n)`` for evaluation (every item counted exactly once)."""
         return list(range(self.rank, n, self.world))

@@ -1,7 +1,10 @@
-"""Accuracy of one or several predictors on the same images, in one pass over the data.
+"""Accuracy of several predictors on the same images, in one pass over the data, and the paired statistics
+that say how much of a difference between two of them is noise.
 
-``compare({"float": f, "int8": q}, loader)`` gives each predictor's top-1/top-5, the drop between
-them, top-1 agreement between every pair, and the largest logit difference of each pair.
+``compare({"float": f, "int8": q}, loader)`` keeps, per image, each predictor's top-1 class, whether top-5
+holds the label, and its top-2 logit margin, and per pair of predictors the largest logit difference. From
+those: accuracy, drop, agreement, and :class:`PairedDifference` (McNemar-style: with n images, a
+difference is noise below about sqrt(discordant pairs) / n).
 """
 from __future__ import annotations
 
@@ -15,92 +18,131 @@ import torch
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
 
-@dataclass
-class Accuracy:
-    top1: float
-    top5: float
-    count: int
+@dataclass(frozen=True)
+class PairedDifference:
+    """Paired difference of two 0/1 outcomes on the same n images (a correct - b correct), in percentage
+    points, with the Wald standard error of a paired difference of proportions."""
 
-    def to_dict(self) -> dict:
-        return {"top1": round(self.top1, 4), "top5": round(self.top5, 4), "count": self.count}
+    n: int
+    only_a: int      # images where only a is right
+    only_b: int      # images where only b is right
+
+    @property
+    def diff_pp(self) -> float:
+        return 100.0 * (self.only_a - self.only_b) / self.n if self.n else 0.0
+
+    @property
+    def se_pp(self) -> float:
+        if not self.n:
+            return 0.0
+        d = self.only_a + self.only_b
+        return 100.0 * math.sqrt(max(0.0, d - (self.only_a - self.only_b) ** 2 / self.n)) / self.n
+
+    def interval(self, z: float = 1.96) -> tuple[float, float]:
+        return (self.diff_pp - z * self.se_pp, self.diff_pp + z * self.se_pp)
+
+    def to_dict(self, z: float = 1.96) -> dict:
+        lo, hi = self.interval(z)
+        return {"images": self.n, "only_a": self.only_a, "only_b": self.only_b, "diff_pp": round(self.diff_pp, 3),
+                "se_pp": round(self.se_pp, 3), "ci95_pp": [round(lo, 3), round(hi, 3)]}
+
+
+def paired(a: torch.Tensor, b: torch.Tensor) -> PairedDifference:
+    """:class:`PairedDifference` of two boolean vectors (same images)."""
+    a, b = a.bool(), b.bool()
+    return PairedDifference(int(a.numel()), int((a & ~b).sum()), int((b & ~a).sum()))
 
 
 @dataclass
 class Comparison:
-    """Results of :func:`compare`. Accuracies are percentages; ``labelled`` is False without labels."""
+    """Results of :func:`compare`: per-image outcomes of every predictor (accuracies are percentages)."""
 
     count: int
     skipped: int
-    labelled: bool
-    accuracy: dict[str, Accuracy] = field(default_factory=dict)
-    agreement: dict[tuple[str, str], float] = field(default_factory=dict)
-    max_abs_diff: dict[tuple[str, str], float] = field(default_factory=dict)
+    labels: torch.Tensor                                  # -1 where unlabelled
+    preds: dict[str, torch.Tensor] = field(default_factory=dict)
+    in_top5: dict[str, torch.Tensor] = field(default_factory=dict)
+    margins: dict[str, torch.Tensor] = field(default_factory=dict)
+    max_abs_diff: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def labelled(self) -> bool:
+        return self.count > 0 and bool((self.labels >= 0).all())
+
+    def correct(self, name: str) -> torch.Tensor:
+        return self.preds[name] == self.labels
+
+    def top1(self, name: str) -> float:
+        return 100.0 * float(self.correct(name).float().mean()) if self.count else 0.0
+
+    def top5(self, name: str) -> float:
+        return 100.0 * float(self.in_top5[name].float().mean()) if self.count else 0.0
 
     def drop(self, reference: str, other: str) -> float:
         """Top-1 drop in percentage points (positive = ``other`` is worse)."""
-        return self.accuracy[reference].top1 - self.accuracy[other].top1
+        return self.top1(reference) - self.top1(other)
 
     def agree(self, a: str, b: str) -> float:
-        return self.agreement[(a, b)] if (a, b) in self.agreement else self.agreement[(b, a)]
+        return 100.0 * float((self.preds[a] == self.preds[b]).float().mean()) if self.count else 0.0
 
     def diff(self, a: str, b: str) -> float:
-        return self.max_abs_diff[(a, b)] if (a, b) in self.max_abs_diff else self.max_abs_diff[(b, a)]
+        d = self.max_abs_diff[(a, b)] if (a, b) in self.max_abs_diff else self.max_abs_diff[(b, a)]
+        return round(float(d.max()), 6) if d.numel() else 0.0
 
-    def to_dict(self) -> dict:
-        return {"count": self.count, "skipped": self.skipped, "labelled": self.labelled,
-                "accuracy": {k: v.to_dict() for k, v in self.accuracy.items()},
-                "agreement": {f"{a}~{b}": round(v, 4) for (a, b), v in self.agreement.items()},
-                "max_abs_logit_diff": {f"{a}~{b}": v for (a, b), v in self.max_abs_diff.items()}}
+    def paired_accuracy(self, a: str, b: str) -> PairedDifference:
+        """a's top-1 minus b's, paired on the same images."""
+        return paired(self.correct(a), self.correct(b))
+
+    def paired_agreement(self, reference: str, a: str, b: str) -> PairedDifference:
+        """a's agreement with ``reference`` minus b's, paired on the same images."""
+        return paired(self.preds[a] == self.preds[reference], self.preds[b] == self.preds[reference])
 
 
-def compare(predictors: Mapping[str, Predictor], batches: Iterable, *, limit: int | None = None,
-            progress: bool = False, desc: str = "evaluate") -> Comparison:
+def _margin(logits: torch.Tensor) -> torch.Tensor:
+    if logits.shape[1] < 2:
+        return torch.full((logits.shape[0],), math.inf)
+    top = logits.topk(2, 1).values
+    return top[:, 0] - top[:, 1]
+
+
+def compare(predictors: Mapping[str, Predictor], batches: Iterable, *, progress: bool = False,
+            desc: str = "evaluate") -> Comparison:
     """Run every predictor on every batch ``(images, labels)`` (``None`` batches are skipped)."""
     from tqdm import tqdm
 
     names = list(predictors)
     pairs = [(a, b) for i, a in enumerate(names) for b in names[i + 1:]]
-    top1 = dict.fromkeys(names, 0)
-    top5 = dict.fromkeys(names, 0)
-    same = dict.fromkeys(pairs, 0)
-    maxdiff = dict.fromkeys(pairs, 0.0)
-    count = 0
-    labelled = True
-    skipped_before = getattr(getattr(batches, "dataset", None), "skipped", set())
-    n_skip0 = len(skipped_before)
-    bar = tqdm(total=limit, disable=not progress, desc=desc, unit="img", leave=False)
+    preds: dict[str, list] = {n: [] for n in names}
+    top5: dict[str, list] = {n: [] for n in names}
+    margins: dict[str, list] = {n: [] for n in names}
+    diffs: dict[tuple[str, str], list] = {p: [] for p in pairs}
+    labels: list[torch.Tensor] = []
+    dataset = getattr(batches, "dataset", None)
+    skipped0 = len(getattr(dataset, "skipped", ()))
+    total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
+    bar = tqdm(total=total, disable=not progress, desc=desc, unit="img", leave=False)
     with torch.no_grad():
         for batch in batches:
             if batch is None:
                 continue
             x, y = batch
-            if limit is not None and count + len(x) > limit:
-                x, y = x[: limit - count], y[: limit - count]
             logits = {n: p(x).float() for n, p in predictors.items()}
-            preds = {n: v.argmax(1) for n, v in logits.items()}
-            if (y < 0).any():
-                labelled = False
-            else:
-                k = min(5, next(iter(logits.values())).shape[1])
-                for n, v in logits.items():
-                    top1[n] += int((preds[n] == y).sum())
-                    top5[n] += int((v.topk(k, 1).indices == y[:, None]).any(1).sum())
+            k = min(5, next(iter(logits.values())).shape[1])
+            for n, v in logits.items():
+                preds[n].append(v.argmax(1))
+                top5[n].append((v.topk(k, 1).indices == y[:, None]).any(1))
+                margins[n].append(_margin(v))
             for a, b in pairs:
-                same[(a, b)] += int((preds[a] == preds[b]).sum())
-                maxdiff[(a, b)] = max(maxdiff[(a, b)], float((logits[a] - logits[b]).abs().max()))
-            count += len(x)
+                diffs[(a, b)].append((logits[a] - logits[b]).abs().amax(1))
+            labels.append(y)
             bar.update(len(x))
-            if limit is not None and count >= limit:
-                break
     bar.close()
-    skipped = len(getattr(getattr(batches, "dataset", None), "skipped", set())) - n_skip0
-    res = Comparison(count=count, skipped=skipped, labelled=labelled and count > 0)
-    if count:
-        if res.labelled:
-            res.accuracy = {n: Accuracy(100.0 * top1[n] / count, 100.0 * top5[n] / count, count) for n in names}
-        res.agreement = {p: 100.0 * same[p] / count for p in pairs}
-        res.max_abs_diff = {p: round(maxdiff[p], 6) for p in pairs}
-    return res
+    cat = (lambda xs, dtype=torch.long: torch.cat(xs) if xs else torch.zeros(0, dtype=dtype))
+    skipped = len(getattr(dataset, "skipped", ())) - skipped0
+    return Comparison(count=sum(len(y) for y in labels), skipped=skipped, labels=cat(labels),
+                      preds={n: cat(v) for n, v in preds.items()}, in_top5={n: cat(v, torch.bool) for n, v in top5.items()},
+                      margins={n: cat(v, torch.float) for n, v in margins.items()},
+                      max_abs_diff={p: cat(v, torch.float) for p, v in diffs.items()})
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -136,7 +178,7 @@ def _record(gm, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def _float_counterpart(node) -> str:
     """Name of the float node whose value matches ``node`` after BN folding (the BN output when a BN follows)."""
-    from .quant.fuse import BN_OPS
+    from .quant.ops import BN_OPS
 
     users = list(node.users)
     if len(users) == 1 and users[0].op == "call_function" and users[0].target in BN_OPS:
@@ -152,7 +194,7 @@ def layer_sqnr(float_gm, int8_gm, x: torch.Tensor) -> list[dict]:
     An activation is quantized where a compute op's output goes through quantize -> dequantize; that
     dequantized tensor is what the next layer sees. Sorted worst first.
     """
-    from .quant.graph import COMPUTE_OPS, DEQUANTIZE_OPS, QUANTIZE_OPS
+    from .quant.ops import COMPUTE_OPS, DEQUANTIZE_OPS, QUANTIZE_OPS, module_path
 
     fvals, qvals = _record(float_gm, x), _record(int8_gm, x)
     fnodes = {n.name: n for n in float_gm.graph.nodes}
@@ -168,9 +210,7 @@ def layer_sqnr(float_gm, int8_gm, x: torch.Tensor) -> list[dict]:
         a, b = fvals[ref], qvals[dqs[0].name]
         if a.shape != b.shape:
             continue
-        stack = n.meta.get("nn_module_stack") or {}
-        module = list(stack.values())[-1][0] if stack else ""
-        rows.append({"node": n.name, "module": module, "op": str(n.target).replace("aten.", ""),
+        rows.append({"node": n.name, "module": module_path(n), "op": str(n.target).replace("aten.", ""),
                      "sqnr_db": round(sqnr_db(a, b), 2)})
     rows.sort(key=lambda r: r["sqnr_db"])
     return rows

@@ -1,5 +1,6 @@
-"""The QAT fine-tuning loop: schedule (BN and observer freezing), validation each epoch in eval mode,
-an atomic resumable checkpoint each epoch, DistributedDataParallel under torchrun.
+"""QAT fine-tuning on the one training loop (:mod:`mbquant.train`): the schedule (BN and observer freezing),
+validation each epoch in eval mode, an atomic resumable checkpoint each epoch, DistributedDataParallel under
+torchrun.
 
 A run killed mid-epoch and resumed from its last checkpoint repeats that epoch from the saved model,
 optimizer, scheduler and RNG states with the same data order (a seeded ``DistributedSampler``), so it
@@ -12,7 +13,6 @@ import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -24,11 +24,10 @@ from .distributed import Dist
 from .errors import ConfigError, DataError
 from .models import ModelInfo
 from .quant.qat import QatModel
-from .train import param_groups, warmup_cosine
+from .train import StepHook, TrainLoss, evaluate, param_groups, train_one_epoch, warmup_cosine
 
 CHECKPOINT_FORMAT = "mbquant-qat-checkpoint/1"
 CHECKPOINT_NAME = "qat_last.pt"
-StepHook = Callable[[int, int], None]
 
 
 @dataclass
@@ -82,73 +81,10 @@ def _train_loader(dataset, config: QATConfig, dist: Dist, epoch: int):
     return loader
 
 
-class QatLoss(nn.Module):
-    """Cross-entropy on the labels, optionally mixed with distillation from the float model (teacher):
-    ``(1 - a) * CE(student, y) + a * T^2 * KL(softmax(teacher / T) || softmax(student / T))``."""
-
-    def __init__(self, teacher: nn.Module | None, weight: float, temperature: float):
-        super().__init__()
-        self.teacher = teacher.eval() if teacher is not None and weight > 0 else None
-        self.weight, self.t = weight, temperature
-
-    def forward(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        ce = nn.functional.cross_entropy(out, y)
-        if self.teacher is None:
-            return ce
-        with torch.no_grad():
-            soft = nn.functional.softmax(self.teacher(x) / self.t, dim=1)
-        kd = nn.functional.kl_div(nn.functional.log_softmax(out / self.t, dim=1), soft, reduction="batchmean")
-        return (1 - self.weight) * ce + self.weight * self.t ** 2 * kd
-
-
-def _train_epoch(qg: QatModel, net: nn.Module, loader, opt, sched, dist: Dist, *, loss_fn: QatLoss, desc: str,
-                 progress: bool, epoch: int, on_step: StepHook | None) -> dict:
-    from tqdm import tqdm
-
-    qg.set_mode(True)
-    sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
-    bar = tqdm(loader, disable=not (progress and dist.is_main), desc=desc, unit="batch", leave=False)
-    for step, batch in enumerate(bar):
-        if batch is None:
-            if dist.active:
-                raise DataError("a whole training batch was unreadable; under torchrun every process must take "
-                                "the same number of steps: remove the unreadable images from the training folder")
-            continue
-        x, y = batch[0].to(dist.device), batch[1].to(dist.device)
-        out = net(x)
-        loss = loss_fn(out, x, y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        sums[0] += float(loss.detach()) * len(y)
-        sums[1] += int((out.argmax(1) == y).sum())
-        sums[2] += len(y)
-        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
-        if on_step is not None:
-            on_step(epoch, step)
-    loss_sum, correct, n = dist.all_sum(sums)
-    return {"train_loss": round(loss_sum / max(1, n), 4), "train_top1": round(100 * correct / max(1, n), 2),
-            "train_images": int(n)}
-
-
 def validate(qg: QatModel, val_set: ImageFolderDataset, batch_size: int, dist: Dist) -> dict:
     """Top-1 and loss of the fake-quantized model in eval mode (each rank a shard, reduced over ranks)."""
     qg.set_mode(False)
-    shard = torch.utils.data.Subset(val_set, dist.shard(len(val_set)))
-    sums = [0.0, 0.0, 0.0]
-    with torch.no_grad():
-        for batch in make_loader(shard, batch_size):
-            if batch is None:
-                continue
-            x, y = batch[0].to(dist.device), batch[1].to(dist.device)
-            out = qg.module(x)
-            sums[0] += float(nn.functional.cross_entropy(out, y, reduction="sum"))
-            sums[1] += int((out.argmax(1) == y).sum())
-            sums[2] += len(y)
-    loss_sum, correct, n = dist.all_sum(sums)
-    return {"val_loss": round(loss_sum / max(1, n), 4), "val_top1": round(100 * correct / max(1, n), 2),
-            "val_images": int(n)}
+    return evaluate(qg.module, val_set, batch_size, dist=dist)
 
 
 def _identity(info: ModelInfo) -> dict:
@@ -234,10 +170,23 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
             teacher: nn.Module | None = None) -> tuple[QatResult, list[str]]:
     """Train ``qg`` in place for ``config.epochs`` epochs (minus those a resumed checkpoint already did).
 
-    ``teacher``: the float model, for ``config.distill > 0``. ``resume`` is a checkpoint read (and checked) by :func:`load_qat_checkpoint`. Rank 0 writes
-    ``out_dir/qat_last.pt`` after every epoch. Returns the result and any warnings.
+    ``teacher``: the float model, for ``config.distill > 0``. ``resume`` is a checkpoint read (and checked) by
+    :func:`load_qat_checkpoint`. Rank 0 writes ``out_dir/qat_last.pt`` after every epoch. Returns the result and
+    any warnings. Dropout and augmentation draw from the seed inside ``fork_rng``: the caller's RNG is untouched.
     """
-    torch.manual_seed(config.seed + dist.rank)
+    if config.distill > 0 and teacher is None:
+        raise ConfigError(f"distill {config.distill} needs the float model as teacher; pass teacher=")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed + dist.rank)
+        return _fit_qat(qg, info, train_set, val_set, config=config, quant=quant, float_digest=float_digest,
+                        dist=dist, out_dir=out_dir, resume=resume, eval_batch_size=eval_batch_size, progress=progress,
+                        on_step=on_step, teacher=teacher)
+
+
+def _fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_set: ImageFolderDataset, *,
+             config: QATConfig, quant: QuantConfig, float_digest: str, dist: Dist, out_dir: Path | None,
+             resume: dict | None, eval_batch_size: int, progress: bool, on_step: StepHook | None,
+             teacher: nn.Module | None) -> tuple[QatResult, list[str]]:
     dataset = _train_subset(train_set, config)
     net: nn.Module = qg.module
     if dist.active:
@@ -246,10 +195,8 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
         net = DistributedDataParallel(qg.module, device_ids=[dist.device] if dist.device.type == "cuda" else None)
     opt = torch.optim.SGD(param_groups(qg.module, config.weight_decay), lr=config.lr, momentum=config.momentum)
     sched = warmup_cosine(opt, config.epochs * len(_train_loader(dataset, config, dist, 0)), config.warmup_frac)
-    if config.distill > 0 and teacher is None:
-        raise ConfigError(f"distill {config.distill} needs the float model as teacher; pass teacher=")
-    loss_fn = QatLoss(teacher.to(dist.device) if teacher is not None else None, config.distill,
-                      config.distill_temperature)
+    loss_fn = TrainLoss(teacher.to(dist.device) if teacher is not None else None, config.distill,
+                        config.distill_temperature)
     result = QatResult(world_size=dist.world, backend=dist.backend)
     warnings: list[str] = []
     start_epoch = 0
@@ -263,9 +210,10 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
         te = time.perf_counter()
         row = {"epoch": epoch + 1, "lr": round(opt.param_groups[0]["lr"], 6), "bn_frozen": qg.bn_frozen,
                "observers_frozen": qg.observers_frozen}
-        row.update(_train_epoch(qg, net, _train_loader(dataset, config, dist, epoch), opt, sched, dist,
-                                loss_fn=loss_fn, desc=f"qat epoch {epoch + 1}/{config.epochs}", progress=progress, epoch=epoch,
-                                on_step=on_step))
+        qg.set_mode(True)
+        row.update(train_one_epoch(net, _train_loader(dataset, config, dist, epoch), opt, sched, loss_fn, dist=dist,
+                                   desc=f"qat epoch {epoch + 1}/{config.epochs}", progress=progress, epoch=epoch,
+                                   on_step=on_step))
         row.update(validate(qg, val_set, eval_batch_size, dist))
         row["seconds"] = round(time.perf_counter() - te, 1)
         result.history.append(row)

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .config import MODEL_NAMES
 from .data import Preset, imagenet_preset
 from .errors import ModelError
 
@@ -128,7 +129,7 @@ ZOO: dict[str, ZooEntry] = {
 
 
 def available_models() -> list[str]:
-    return list(ZOO)
+    return list(MODEL_NAMES)
 
 
 def _entry(name: str) -> ZooEntry:

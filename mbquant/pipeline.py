@@ -1,65 +1,97 @@
-"""The PTQ road, stage by stage: prepare -> calibrate -> convert -> lower -> write -> reload -> compare -> report.
+"""The one road, for PTQ and QAT alike:
 
-``quantize`` is the short way (a float model and real calibration images in, an INT8 graph out);
-``run_ptq`` is the whole job the CLI runs. ``export_verify_report`` is shared with QAT.
+    float model -> per backend: prepare -> calibrate (or fine-tune) -> convert -> write -> reload
+                -> one measuring pass over the evaluation images for every artifact -> ArtifactResult each
+                -> gates, applied once to every result -> report (built from the list of results)
+
+``quantize`` is the short way (a float model and real calibration images in, an INT8 model out); ``run_job`` is
+the whole job ``mbquant ptq`` and ``mbquant qat`` run.
 """
 from __future__ import annotations
 
 import copy
 import hashlib
-import logging
-import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
 from torch import nn
-from torch.fx import GraphModule
 
 from . import calibrate
-from ._io import ensure_writable_dir, write_json
+from ._io import write_json
 from .calibrate import CalibrationResult, CalibrationSet
-from .calibrate.bias_correction import BiasCorrectionResult, correct_biases
 from .config import QATConfig, QuantConfig, RunConfig
 from .data import ImageFolderDataset, load_folder, make_loader
 from .errors import ConfigError, DataError
-from .evaluate import compare, layer_sqnr
-from .mobile import PteModel, latency_ms, lower, set_runtime_threads, write_pte
+from .evaluate import Comparison, compare
+from .mobile import table
+from .mobile.backend import Backend, ModulePredictor, Predictor, Written, artifact_name
 from .models import ModelInfo
-from .quant import ptq
-from .quant.graph import GraphSummary, summarize
-from .quant.targets import get_target
-from .report import Report, format_table, library_versions
+from .quant.bias_correction import BiasCorrectionResult, correct_biases
+from .quant.export import FloatModel
+from .report import ArtifactResult, FloatResult, Report, host, library_versions
 
-log = logging.getLogger(__name__)
+FLOAT = "float"
 
 
 @dataclass
 class Quantized:
-    int8: GraphModule
-    calibration: CalibrationResult
-    graph: GraphSummary
-    seconds: float
+    """What :func:`quantize` returns: the INT8 model and how it was made."""
+
+    int8: nn.Module
+    config: QuantConfig                    # resolved for the backend
+    calibration: CalibrationResult | None
     bias_correction: BiasCorrectionResult | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
 
 
-def quantize(model: nn.Module, calib: CalibrationSet, *, resolution: int, config: QuantConfig = QuantConfig(),
-             target: str = "phone", progress: bool = False) -> Quantized:
-    """Float model + real calibration images -> converted INT8 PT2E graph (BN folded, checked)."""
-    start = time.perf_counter()
-    prepared = ptq.prepare(model, resolution, config, get_target(target))
-    result = calibrate.run(prepared, calib, batch_size=config.batch_size, progress=progress)
-    int8 = ptq.convert(prepared)
-    bias = None
-    if config.bias_correction:
-        batches = [b[0] for b in calib.loader(config.batch_size) if b is not None]
-        bias = correct_biases(int8, ptq.export_float(model, resolution), batches)
-    return Quantized(int8, result, summarize(int8), round(time.perf_counter() - start, 2), bias)
+def _timed(seconds: dict[str, float], stage: str, fn: Callable[[], Any]) -> Any:
+    t = time.perf_counter()
+    out = fn()
+    seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - t, 2)
+    return out
 
 
-def _output_layers(gm: GraphModule) -> set[str]:
-    return {src.name for n in gm.graph.nodes if n.op == "output" for src in n.all_input_nodes}
+def calibration_set(calib: CalibrationSet | Path | str, info: ModelInfo, config: QuantConfig) -> CalibrationSet:
+    """``calib`` as a CalibrationSet of ``config.num_calib`` samples drawn with ``config.seed``."""
+    if isinstance(calib, CalibrationSet):
+        if (calib.requested, calib.seed) != (config.num_calib, config.seed):
+            raise ConfigError(f"the calibration set holds {calib.requested} samples drawn with seed {calib.seed}, but "
+                              f"the config asks for num_calib={config.num_calib}, seed={config.seed}; pass the folder "
+                              f"instead (it is sampled from the config) or a matching set")
+        return calib
+    return calibrate.from_folder(calib, info.preset, config.num_calib, seed=config.seed,
+                                 expected_classes=list(info.classes) or None)
+
+
+def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: CalibrationSet, *,
+                  progress: bool = False) -> Quantized:
+    """prepare -> calibrate -> convert (-> bias correction) for one backend; ``config`` resolved for it."""
+    seconds: dict[str, float] = {}
+    with backend.session():
+        _timed(seconds, "export", lambda: fm.graph)
+        prepared = _timed(seconds, "prepare", lambda: backend.prepare(fm, config))
+        result = _timed(seconds, "calibrate", lambda: calibrate.run(
+            prepared, calib, batch_size=config.batch_size, progress=progress, to_eval=backend.to_eval))
+        int8 = _timed(seconds, "convert", lambda: backend.convert(prepared))
+        bias = None
+        if config.bias_correction:
+            bias = _timed(seconds, "bias_correction", lambda: correct_biases(
+                int8, fm.graph, list(calib.batches(config.batch_size))))
+    return Quantized(int8, config, result, bias, seconds)
+
+
+def quantize(model: nn.Module, calib: CalibrationSet | Path | str, *, info: ModelInfo,
+             config: QuantConfig = QuantConfig(), backend: str = "pte-xnnpack", progress: bool = False) -> Quantized:
+    """Float model + real calibration images -> INT8 model for ``backend`` (default recipe: the best measured).
+
+    ``calib`` is a folder (sampled with ``config.num_calib`` and ``config.seed``) or a matching CalibrationSet."""
+    spec = table.get_spec(backend)
+    resolved = table.resolve(config, spec)
+    calib_set = calibration_set(calib, info, resolved)
+    return quantize_with(table.load(spec), FloatModel(model, info.resolution), resolved, calib_set, progress=progress)
 
 
 def samples_digest(ds: ImageFolderDataset) -> str:
@@ -85,269 +117,238 @@ def default_out_dir(model_name: str) -> Path:
     return Path("runs") / f"{model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run_ptq(model: nn.Module, info: ModelInfo, *, calib: Path, eval_dir: Path | None, out_dir: Path,
-            config: QuantConfig = QuantConfig(), run: RunConfig = RunConfig(), progress: bool = False,
-            command: str = "ptq") -> Report:
-    """The whole `mbquant ptq` job. Input problems raise before any artifact is written."""
-    report = Report(command)
-    target = get_target(run.target)
-    for fmt in run.formats:
-        target.check(config, fmt)
-    ensure_writable_dir(out_dir)
-    classes = list(info.classes) or None
-    calib_set = calibrate.from_folder(calib, info.preset, config.num_calib, seed=config.seed, expected_classes=classes)
-    if eval_dir is None:
-        if not calib_set.dataset.labelled:
-            raise ConfigError(f"calibration folder '{calib}' has no labels, so it cannot measure accuracy; "
-                              f"pass --eval with a labelled folder (one subfolder per class)")
-        eval_dir = Path(calib)
-        report.warn(f"evaluating on the calibration folder '{calib}'; pass --eval with held-out images for an "
-                    f"unbiased accuracy drop")
-    eval_set = load_eval_set(eval_dir, info, run.eval_limit, seed=config.seed)
-    report.add("model", info.to_dict())
-    report.add("config", config.to_dict())
-    report.add("run", run.to_dict())
-    if "pte" in run.formats:
-        q = quantize(model, calib_set, resolution=info.resolution, config=config, target=run.target, progress=progress)
-        report.add("calibration", {**calib_set.to_dict(), **q.calibration.to_dict(),
-                                   "digest": samples_digest(calib_set.dataset)})
-        if q.calibration.skipped:
-            report.warn(f"{q.calibration.skipped} unreadable calibration images were skipped")
-        report.add("quantization", {**q.graph.to_dict(), "seconds": q.seconds,
-                                    "bias_correction": q.bias_correction.to_dict() if q.bias_correction else None})
-        requested = _output_layers(q.int8) if config.float_logits else set()
-        unexpected = [op for op in q.graph.float_ops if op.split(" ")[0] not in requested]
+@dataclass
+class Built:
+    """One backend's artifacts, written and loaded, before measurement."""
+
+    backend: Backend
+    config: QuantConfig
+    int8: nn.Module
+    files: list[tuple[Written, Predictor]]
+    facts: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Finetune:
+    """What QAT needs beyond PTQ: the schedule, the training images, a checkpoint to resume, a step hook."""
+
+    config: QATConfig
+    train_set: ImageFolderDataset
+    resume: dict | None = None
+    on_step: Callable[[int, int], None] | None = None
+
+
+def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: QuantConfig, calib: CalibrationSet,
+           eval_set: ImageFolderDataset, out_dir: Path, report: Report, *, finetune: Finetune | None,
+           progress: bool) -> Built | None:
+    """prepare -> calibrate or fine-tune -> convert -> write -> load, for one backend (None on other ranks)."""
+    backend = table.load(spec)
+    cfg = table.resolve(config, spec, qat=finetune is not None)
+    facts: dict[str, Any] = {"config": cfg.to_dict()}
+    if finetune is None:
+        q = quantize_with(backend, fm, cfg, calib, progress=progress)
+        int8, seconds = q.int8, q.seconds
+        facts.update(calibration=q.calibration.to_dict(),
+                     bias_correction=q.bias_correction.to_dict() if q.bias_correction else None)
+        if q.calibration.skipped_unreadable:
+            report.warn(f"{q.calibration.skipped_unreadable} unreadable calibration images were skipped")
+    else:
+        int8, seconds = _finetune(backend, fm, info, cfg, calib, eval_set, out_dir, report, finetune, facts, progress)
+        if int8 is None:
+            return None
+    if cfg.keep_float:
+        from .quant.keep_float import resolve_names
+
+        facts["kept_float"] = list(resolve_names(cfg.keep_float, fm.module, fm.graph))
+    with backend.session():
+        facts.update(backend.describe(int8, cfg))
+        unexpected = sorted(set(backend.float_layers(int8)) - set(facts.get("kept_float", [])))
         if unexpected:
-            report.warn(f"{len(unexpected)} ops stay in float: {', '.join(unexpected[:5])}")
-        export_verify_report(model, q.int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
-    if "torchscript" in run.formats:
-        torchscript_report(model, info, eval_set, out_dir, report, config=config, run=run, calib_set=calib_set,
-                           progress=progress)
-    report.write(out_dir)
-    return report
+            report.warn(f"{spec.name}: layers left in float that were not asked for: {', '.join(unexpected)}")
+        stem = out_dir / artifact_name(info, "int8", "")
+        written = _timed(seconds, "write", lambda: backend.write(int8, stem, resolution=info.resolution))
+        files = [(w, _timed(seconds, "load", lambda w=w: backend.load(w.path))) for w in written]
+    facts["seconds"] = seconds
+    return Built(backend, cfg, int8, files, facts)
 
 
-def torchscript_report(model: nn.Module, info: ModelInfo, eval_set: ImageFolderDataset, out_dir: Path,
-                       report: Report, *, config: QuantConfig, run: RunConfig, calib_set: CalibrationSet | None = None,
-                       qmodel: nn.Module | None = None, progress: bool = False) -> None:
-    """Build (or take ``qmodel``), write, reload in fresh processes and measure the TorchScript artifacts;
-    add them to ``report`` with their gates (parity of .pt and .ptl, and the drop when asked)."""
-    from .mobile.torchscript import export_torchscript
-
-    ts = export_torchscript(model, info, calib_set, eval_set, out_dir, config=config, target=run.target, relu6=run.relu6,
-                            eval_batch_size=run.eval_batch_size, latency_runs=run.latency_runs, progress=progress,
-                            qmodel=qmodel)
-    report.add("torchscript", ts)
-    unused = [flag for flag, on in (("--float-logits", config.float_logits),
-                                    ("--bias-correction", config.bias_correction)) if on]
-    if unused:
-        ts["warnings"].append(f"{' and '.join(unused)} apply to the .pte only; the eager engine's TorchScript "
-                              f"artifact is quantized without them")
-    for w in ts["warnings"]:
-        report.warn(f"torchscript: {w}")
-    for kind, par in ts["parity"].items():
-        if par["agreement"] < run.min_parity:
-            report.fail(f"the reloaded .{kind} agrees with the in-process INT8 model on only {par['agreement']}% of "
-                        f"images (< --min-parity {run.min_parity}%)")
-    drop = ts["accuracy"]["top1_drop_pp"]
-    if run.max_drop is not None and drop > run.max_drop:
-        report.fail(f"TorchScript top-1 drop {drop:.3f} pp is larger than --max-drop {run.max_drop}")
-
-
-def run_qat(model: nn.Module, info: ModelInfo, *, data: Path, out_dir: Path, config: QuantConfig = QuantConfig(),
-            qat: QATConfig = QATConfig(), run: RunConfig = RunConfig(), resume: Path | None = None,
-            progress: bool = False, command: str = "qat", on_step=None) -> Report | None:
-    """The whole `mbquant qat` job: prepare_qat -> range init -> fine-tune (resumable, DDP under torchrun) ->
-    convert -> the same export, verification and report as PTQ. Returns None on ranks other than 0."""
+def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfig, calib: CalibrationSet,
+              eval_set: ImageFolderDataset, out_dir: Path, report: Report, ft: Finetune, facts: dict,
+              progress: bool):
+    """prepare_qat -> range init -> fit_qat -> convert; returns (int8, seconds), (None, ...) on ranks > 0."""
     from . import distributed, finetune
 
-    if config.bias_correction:
-        raise ConfigError("--bias-correction is a post-training fix; QAT learns the correction itself: drop the flag")
-    if len(run.formats) != 1:
-        raise ConfigError(f"QAT trains one model for one engine, got formats {list(run.formats)}; run `mbquant qat` "
-                          f"once with --format pte and once with --format torchscript")
-    fmt = run.formats[0]
-    get_target(run.target).check(config, fmt)
-    data = Path(data)
-    classes = list(info.classes) or None
-    train_set = load_folder(data / "train", info.preset, train=True, expected_classes=classes)
-    eval_set = load_eval_set(data / "val", info, run.eval_limit, seed=config.seed)
-    calib_set = calibrate.from_folder(data / "train", info.preset, config.num_calib, seed=config.seed,
-                                      expected_classes=classes)
-    float_digest = finetune.state_digest(model)
-    checkpoint = None
-    if resume is not None:  # checked before any work: another model, other weights or flags fail here
-        checkpoint = finetune.load_qat_checkpoint(resume, info=info, float_digest=float_digest, quant=config, config=qat)
+    seconds: dict[str, float] = {}
     dist = distributed.from_env()
     try:
-        if dist.is_main:
-            ensure_writable_dir(out_dir)
-        report = Report(command)
-        for name, section in (("model", info.to_dict()), ("config", config.to_dict()), ("qat_config", qat.to_dict()),
-                              ("run", run.to_dict())):
-            report.add(name, section)
-        qg = _qat_model(model, info, config, run)
-        qg.module.to(dist.device)
-        if qat.init_ranges and resume is None:
-            seen = qg.init_ranges(b[0].to(dist.device) for b in calib_set.loader(config.batch_size) if b is not None)
-            report.add("calibration", {**calib_set.to_dict(), "samples": seen, "digest": samples_digest(calib_set.dataset),
-                                       "use": "initial fake-quantize ranges"})
-        result, warnings = finetune.fit_qat(
-            qg, info, train_set, eval_set, config=qat, quant=config, float_digest=float_digest,
-            dist=dist, out_dir=out_dir if dist.is_main else None, resume=checkpoint,
-            eval_batch_size=run.eval_batch_size, progress=progress, on_step=on_step,
-            teacher=copy.deepcopy(model).eval() if qat.distill > 0 else None)
+        with backend.session():
+            qm = _timed(seconds, "prepare", lambda: backend.prepare_qat(fm, cfg))
+            qm.module.to(dist.device)
+            if ft.config.init_ranges and ft.resume is None:
+                seen = _timed(seconds, "calibrate", lambda: qm.init_ranges(
+                    x.to(dist.device) for x in calib.batches(cfg.batch_size)))
+                facts["calibration"] = {"samples": seen, "use": "initial fake-quantize ranges"}
+            result, warnings = _timed(seconds, "finetune", lambda: finetune.fit_qat(
+                qm, info, ft.train_set, eval_set, config=ft.config, quant=cfg,
+                float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=out_dir if dist.is_main else None,
+                resume=ft.resume, progress=progress, on_step=ft.on_step,
+                teacher=copy.deepcopy(fm.module).eval() if ft.config.distill > 0 else None))
     finally:
         distributed.shutdown(dist)
     if not dist.is_main:
-        return None
+        return None, seconds
     for w in warnings:
         report.warn(w)
-    qg.module.to("cpu")
-    report.add("qat", {**result.to_dict(), "train_images_available": len(train_set)})
-    if fmt == "pte":
-        int8 = qg.convert()
-        report.add("quantization", summarize(int8).to_dict())
-        export_verify_report(model, int8, info, eval_set, out_dir, report, config=config, run=run, progress=progress)
-    else:
-        torchscript_report(model, info, eval_set, out_dir, report, config=config, run=run, qmodel=qg.convert(),
-                           progress=progress)
-    report.write(out_dir)
-    return report
+    report.add("qat", {**result.to_dict(), "train_images_available": len(ft.train_set)})
+    qm.module.to("cpu")
+    with backend.session():
+        return _timed(seconds, "convert", qm.convert), seconds
 
 
-def _qat_model(model: nn.Module, info: ModelInfo, config: QuantConfig, run: RunConfig):
-    """The fake-quantized model QAT trains: a PT2E graph for .pte, the eager engine's modules for TorchScript."""
-    if run.formats == ("pte",):
-        from .quant.qat import prepare_qat
-
-        return prepare_qat(model, info.resolution, config, get_target(run.target))
-    from .quant.eager import EagerQat, engine_for
-
-    return EagerQat(model, config, engine_for(run.target), relu6=run.relu6)
-
-
-def export_verify_report(model: nn.Module, int8: GraphModule, info: ModelInfo, eval_set: ImageFolderDataset,
-                         out_dir: Path, report: Report, *, config: QuantConfig, run: RunConfig,
-                         progress: bool = False) -> Report:
-    """Lower and write the INT8 (and float) programs, reload them, measure accuracy/parity/latency, apply gates."""
-    stem = f"{info.name}_w{info.width_mult:g}_r{info.resolution}"
-    int8_path = out_dir / f"{stem}_int8.pte"
-    t = time.perf_counter()
-    lowered = lower(int8, info.resolution)
-    lower_s = round(time.perf_counter() - t, 1)
-    write_pte(lowered, int8_path)
-    programs = {"int8": {"path": str(int8_path), "bytes": int8_path.stat().st_size, "lower_seconds": lower_s,
-                         "delegation": lowered.delegation.to_dict()}}
-    float_gm = ptq.export_float(model, info.resolution)  # the float numerics both programs are made from
-    float_path = None
-    if run.float_program:
-        float_path = out_dir / f"{stem}_fp32.pte"
-        t = time.perf_counter()
-        flow = lower(float_gm, info.resolution)
-        write_pte(flow, float_path)
-        programs["fp32"] = {"path": str(float_path), "bytes": float_path.stat().st_size,
-                            "lower_seconds": round(time.perf_counter() - t, 1), "delegation": flow.delegation.to_dict()}
-    report.add("programs", programs)
-
-    pte = PteModel(int8_path)
-    predictors = {"float": float_gm, "int8_module": int8, "int8_pte": pte}
-    loader = make_loader(eval_set, run.eval_batch_size)
-    cmp = compare(predictors, loader, progress=progress, desc="evaluate float/int8/.pte")
-    first = next(b for b in make_loader(eval_set, 8) if b is not None)[0]
-    sqnr = layer_sqnr(float_gm, int8, first)
-    drop = cmp.drop("float", "int8_pte")
-    accuracy = {
-        "eval_root": str(eval_set.samples[0].path.parent.parent),
-        "images": cmp.count, "skipped_unreadable": cmp.skipped, "digest": samples_digest(eval_set),
-        "float_top1": round(cmp.accuracy["float"].top1, 3), "float_top5": round(cmp.accuracy["float"].top5, 3),
-        "int8_module_top1": round(cmp.accuracy["int8_module"].top1, 3),
-        "int8_pte_top1": round(cmp.accuracy["int8_pte"].top1, 3), "int8_pte_top5": round(cmp.accuracy["int8_pte"].top5, 3),
-        "top1_drop_pp": round(drop, 3),
-        "agreement_float_vs_int8_pte": round(cmp.agree("float", "int8_pte"), 3),
-        "agreement_float_vs_int8_module": round(cmp.agree("float", "int8_module"), 3),
-    }
-    parity = {"agreement_pte_vs_module": round(cmp.agree("int8_module", "int8_pte"), 3),
-              "max_abs_logit_diff": cmp.diff("int8_module", "int8_pte"), "images": cmp.count}
-    report.add("accuracy", accuracy)
-    report.add("parity", parity)
-    report.add("layer_sqnr_worst5", sqnr[:5])
-    report.add("layer_sqnr_all", sqnr)
-    for failure in gate_failures(run, delegated=lowered.delegation.ratio, parity=parity["agreement_pte_vs_module"],
-                                 drop=drop, outside=lowered.delegation.outside_ops):
-        report.fail(failure)
-
-    set_runtime_threads(run.latency_threads)
-    x1 = first[:1]
-    lat = {"host": f"{platform.machine()} CPU of this host (not a phone)", "threads": run.latency_threads,
-           "int8_pte": latency_ms(pte, x1, runs=run.latency_runs)}
-    if float_path is not None:
-        lat["fp32_pte"] = latency_ms(PteModel(float_path), x1, runs=run.latency_runs)
-    report.add("latency", lat)
-
-    sidecar = {"artifact": int8_path.name, "model": info.to_dict(), "config": config.to_dict(), "target": run.target,
-               "calibration_digest": report.sections.get("calibration", {}).get("digest"),
-               "eval_digest": accuracy["digest"], "preset": info.preset.to_dict(), "classes": list(info.classes),
-               "versions": library_versions()}
-    write_json(int8_path.with_suffix(".pte.json"), sidecar)
-    return report
+def _flips(cmp: Comparison, ref: str, art: str, eval_set: ImageFolderDataset, limit: int = 20) -> dict[str, Any]:
+    """Images where the artifact's top-1 differs from its INT8 model's, with the INT8 model's top-2 margin there
+    (a rounding difference flips only near-ties) and where that margin ranks among all images."""
+    flipped = (cmp.preds[ref] != cmp.preds[art]).nonzero().flatten()
+    margins = cmp.margins[ref]
+    out: dict[str, Any] = {"count": int(flipped.numel()), "margin_median_all": round(float(margins.median()), 4)}
+    if flipped.numel():
+        fm = margins[flipped]
+        out.update(margin_median=round(float(fm.median()), 4), margin_max=round(float(fm.max()), 4),
+                   margin_max_percentile=round(100.0 * float((margins <= fm.max()).float().mean()), 2))
+        readable = [s for s in eval_set.samples if s.path not in eval_set.skipped]
+        out["images"] = [{"image": str(readable[i].path), "label": int(cmp.labels[i]), "reference": int(cmp.preds[ref][i]),
+                          "artifact": int(cmp.preds[art][i]), "reference_margin": round(float(margins[i]), 4)}
+                         for i in flipped[:limit].tolist()]
+    return out
 
 
-def gate_failures(run: RunConfig, *, delegated: float, parity: float, drop: float, outside: dict) -> list[str]:
-    """The quality gates of a run: delegated ratio, artifact parity and (when asked) the accuracy drop."""
+def _result(cmp: Comparison, built: Built, w: Written, pred: Predictor, eval_set: ImageFolderDataset,
+            run: RunConfig, x1: torch.Tensor) -> ArtifactResult:
+    ref, art = f"{built.backend.name}", f"{built.backend.name}:{w.path.name}"
+    parity = {"agreement": round(cmp.agree(ref, art), 3), "max_abs_logit_diff": cmp.diff(ref, art),
+              "flips": _flips(cmp, ref, art, eval_set),
+              "top1_reference_minus_artifact": cmp.paired_accuracy(ref, art).to_dict(),
+              "agreement_float_reference_minus_artifact": cmp.paired_agreement(FLOAT, ref, art).to_dict()}
+    return ArtifactResult(
+        backend=built.backend.name, file=w.path.name, path=str(w.path), bytes=w.bytes, runtime=pred.runtime,
+        images=cmp.count, top1=round(cmp.top1(art), 3), top5=round(cmp.top5(art), 3),
+        drop_pp=round(cmp.drop(FLOAT, art), 3), agreement_float=round(cmp.agree(FLOAT, art), 3),
+        reference_top1=round(cmp.top1(ref), 3), reference_agreement_float=round(cmp.agree(FLOAT, ref), 3),
+        parity=parity, delegated=None if w.delegated is None else round(w.delegated, 4),
+        latency={**pred.latency(x1, run.latency_runs, run.latency_threads), "threads": run.latency_threads},
+        details=w.details)
+
+
+def gate_failures(results: list[ArtifactResult], run: RunConfig) -> list[str]:
+    """Every quality gate, applied to every artifact in one place (see :class:`~mbquant.config.RunConfig`)."""
     failures = []
-    if delegated < run.min_delegated:
-        failures.append(f"only {delegated:.2%} of INT8 ops are delegated to XNNPACK (< --min-delegated "
-                        f"{run.min_delegated}); outside the delegate: {outside}")
-    if parity < run.min_parity:
-        failures.append(f"the reloaded .pte agrees with the INT8 model on only {parity}% of images "
-                        f"(< --min-parity {run.min_parity}%)")
-    if run.max_drop is not None and drop > run.max_drop:
-        failures.append(f"top-1 drop {drop:.3f} pp is larger than --max-drop {run.max_drop}")
+    for r in results:
+        name = f"{r.file} ({r.backend})"
+        if r.delegated is not None and r.delegated < run.min_delegated:
+            outside = r.details.get("delegation", {}).get("ops_outside_delegate", {})
+            failures.append(f"{name}: only {r.delegated:.2%} of ops run in the delegate (< --min-delegated "
+                            f"{run.min_delegated}); outside it: {outside}")
+        if run.max_drop is not None and r.drop_pp > run.max_drop:
+            failures.append(f"{name}: top-1 drop {r.drop_pp:.3f} pp (float {r.top1 + r.drop_pp:.2f} % -> {r.top1:.2f} %"
+                            f" on {r.images} images) is larger than --max-drop {run.max_drop}")
+        for key, what in (("top1_reference_minus_artifact", "top-1 accuracy"),
+                          ("agreement_float_reference_minus_artifact", "agreement with the float model")):
+            p = r.parity[key]
+            if p["diff_pp"] > run.parity_z * p["se_pp"] + 1e-9:
+                failures.append(
+                    f"{name}: the reloaded artifact's {what} is {p['diff_pp']:.2f} pp below that of the INT8 model it "
+                    f"was written from ({p['only_a']} vs {p['only_b']} images on {p['images']}; more than "
+                    f"--parity-z {run.parity_z} standard errors of {p['se_pp']:.2f} pp): it does not compute what "
+                    f"was quantized")
+        if run.min_parity is not None and r.parity["agreement"] < run.min_parity:
+            failures.append(f"{name}: agrees with its INT8 model on {r.parity['agreement']} % of images (< --min-parity "
+                            f"{run.min_parity} %)")
     return failures
 
 
-def _na(value, fmt: str) -> str:
-    return "-" if value is None else format(value, fmt)
+def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, run: RunConfig,
+             float_file: tuple[Written, Predictor] | None, progress: bool):
+    predictors: dict[str, Predictor] = {FLOAT: ModulePredictor(fm.graph, "in-process float model")}
+    for b in built:
+        predictors[b.backend.name] = b.backend.reference(b.int8)
+        for w, pred in b.files:
+            predictors[f"{b.backend.name}:{w.path.name}"] = pred
+    cmp = compare(predictors, make_loader(eval_set, run.eval_batch_size), progress=progress,
+                  desc=f"evaluate {len(predictors)} models")
+    if cmp.count == 0 or not cmp.labelled:
+        raise DataError(f"no readable labelled evaluation images among {len(eval_set)} ({cmp.skipped} unreadable); "
+                        f"pass a labelled ImageFolder with readable images")
+    x1 = next(b for b in make_loader(eval_set, 1) if b is not None)[0]
+    results = [_result(cmp, b, w, pred, eval_set, run, x1) for b in built for w, pred in b.files]
+    fl = FloatResult(cmp.count, round(cmp.top1(FLOAT), 3), round(cmp.top5(FLOAT), 3))
+    if float_file is not None:
+        w, pred = float_file
+        fl = FloatResult(fl.images, fl.top1, fl.top5, str(w.path), w.bytes,
+                         {**pred.latency(x1, run.latency_runs, run.latency_threads), "threads": run.latency_threads})
+    return cmp, results, fl
 
 
-def summary_table(report: Report) -> str:
-    """The human table printed at the end of a run: one row per artifact, then parity, QAT history, warnings."""
-    s = report.sections
-    rows, lines = [], []
-    acc, prog, lat, par = s.get("accuracy"), s.get("programs"), s.get("latency", {}), s.get("parity")
-    ts = s.get("torchscript")
-    float_top1 = acc["float_top1"] if acc else ts["accuracy"]["float_top1"]
-    rows.append(("float (fp32)", f"{float_top1:.2f}", "", _na(prog and prog.get("fp32", {}).get("bytes", None) and
-                 prog["fp32"]["bytes"] / 1024, ",.0f"), _na(lat.get("fp32_pte", {}).get("median_ms"), ".2f"), ""))
-    if acc:
-        rows.append(("int8 .pte (XNNPACK)", f"{acc['int8_pte_top1']:.2f}", f"{acc['top1_drop_pp']:.2f}",
-                     f"{prog['int8']['bytes'] / 1024:,.0f}", f"{lat['int8_pte']['median_ms']:.2f}",
-                     f"{prog['int8']['delegation']['ratio']:.2%}"))
-        lines.append(f".pte: {acc['images']} images; float vs INT8 .pte agreement {acc['agreement_float_vs_int8_pte']:.2f}%; "
-                     f".pte vs INT8 module {par['agreement_pte_vs_module']:.2f}% (max |logit diff| "
-                     f"{par['max_abs_logit_diff']:.2g}); latency batch 1, {lat['threads']} thread(s), {lat['host']}")
-        worst = ", ".join(f"{r['module'] or r['node']} {r['sqnr_db']:.1f} dB" for r in s.get("layer_sqnr_worst5", [])[:3])
-        lines.append(f"worst layers (SQNR): {worst}")
-    if ts:
-        a, p = ts["accuracy"], ts["parity"]
-        for kind in ("pt", "ptl"):
-            rows.append((f"int8 .{kind} (TorchScript, {ts['engine']})", f"{a['int8_top1']:.2f}", f"{a['top1_drop_pp']:.2f}",
-                         f"{ts['artifacts'][kind]['bytes'] / 1024:,.0f}",
-                         f"{ts['latency']['median_ms']:.2f}" if kind == "pt" else "", ""))
-        lines.append(f"torchscript: {a['images']} images; float vs INT8 agreement {a['agreement_float_vs_int8']:.2f}%; "
-                     f"reloaded in a fresh process: .pt {p['pt']['agreement']:.2f}%, .ptl {p['ptl']['agreement']:.2f}% "
-                     f"agreement with the in-process INT8 model; weights {ts['granularity']}, ReLU6 {ts['relu6']}")
-    table = format_table(rows, ("artifact", "top-1 %", "drop pp", "size KiB", "latency ms", "delegated"))
-    qat = s.get("qat")
-    if qat:
-        hist = [(str(r["epoch"]), f"{r['lr']:.5f}", f"{r['train_loss']:.4f}", f"{r['train_top1']:.2f}",
-                 f"{r['val_top1']:.2f}", "yes" if r["bn_frozen"] else "", "yes" if r["observers_frozen"] else "")
-                for r in qat["history"]]
-        lines.append(f"QAT on {qat['world_size']} process(es), {qat['seconds']:.0f} s"
-                     + (f", resumed after epoch {qat['resumed_from_epoch']}" if qat["resumed_from_epoch"] else "") + ":\n"
-                     + format_table(hist, ("epoch", "lr", "train loss", "train top-1", "val top-1 (fake-quant)",
-                                           "BN frozen", "observers frozen")))
-    lines += [f"warning: {w}" for w in report.warnings]
-    lines += [f"FAILED: {f}" for f in report.failures]
-    return "\n".join([table, *lines])
+def _sidecar(r: ArtifactResult, built: Built, info: ModelInfo, digests: dict[str, str]) -> None:
+    """``<artifact>.json``: what the file is and how it was made (read by apps and by ``mbquant check``)."""
+    write_json(Path(f"{r.path}.json"), {
+        "artifact": r.file, "backend": r.backend, "runtime": r.runtime, "model": info.to_dict(),
+        "config": built.config.to_dict(), "preset": info.preset.to_dict(), "classes": list(info.classes),
+        "input_shape": [1, 3, info.resolution, info.resolution], **digests,
+        "measured": {"images": r.images, "top1": r.top1, "drop_pp": r.drop_pp, "agreement_float": r.agreement_float,
+                     "parity": r.parity["agreement"]},
+        "details": r.details, "versions": library_versions()})
+
+
+def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_set: ImageFolderDataset,
+            out_dir: Path, config: QuantConfig = QuantConfig(), run: RunConfig = RunConfig(),
+            finetune: Finetune | None = None, progress: bool = False, command: str = "",
+            warnings: tuple[str, ...] = ()) -> Report | None:
+    """The whole job (see the module doc). Returns the report (written to ``out_dir``), None on torchrun ranks > 0."""
+    specs = table.select(run.target, run.formats)
+    for spec in specs:  # every config problem is found before any work
+        table.resolve(config, spec, qat=finetune is not None)
+    if finetune is not None and len(specs) != 1:
+        raise ConfigError(f"QAT trains one model for one engine, got formats {list(run.formats)}; run `mbquant qat` "
+                          f"once per format")
+    fm = FloatModel(model, info.resolution)
+    report = Report(command, warnings=list(warnings))
+    for name, section in (("model", info.to_dict()), ("config", config.to_dict()), ("run", run.to_dict()),
+                          ("qat_config", finetune.config.to_dict() if finetune else None), ("host", host())):
+        if section is not None:
+            report.add(name, section)
+    digests = {"calibration_digest": samples_digest(calib.dataset), "eval_digest": samples_digest(eval_set)}
+    report.add("data", {"calibration": calib.to_dict(), "eval_root": str(Path(eval_set.samples[0].path).parents[1]),
+                        "eval_images": len(eval_set), **digests})
+    built: list[Built] = []
+    for spec in specs:
+        b = _build(spec, fm, info, config, calib, eval_set, out_dir, report, finetune=finetune, progress=progress)
+        if b is None:
+            return None
+        built.append(b)
+    float_file = None
+    if run.float_program and any(b.backend.spec.float_program for b in built):
+        b = next(b for b in built if b.backend.spec.float_program)
+        w = b.backend.write(fm.graph, out_dir / artifact_name(info, "fp32", ""), resolution=info.resolution)[0]
+        float_file = (w, b.backend.load(w.path))
+    try:
+        cmp, results, fl = _measure(fm, built, eval_set, run, float_file, progress)
+    finally:
+        for b in built:
+            for _, pred in b.files:
+                pred.close()
+    x8 = next(bt for bt in make_loader(eval_set, 8) if bt is not None)[0]
+    report.add("backends", {b.backend.name: {**b.facts, **b.backend.diagnose(fm, b.int8, x8)} for b in built})
+    report.add("float", fl)
+    report.add("artifacts", [r.to_dict() for r in results])
+    if cmp.skipped:
+        report.warn(f"{cmp.skipped} unreadable evaluation images were skipped")
+    for r in results:
+        for note in r.details.get("notes", []):
+            report.warn(f"{r.backend}: {note}")
+    for failure in gate_failures(results, run):
+        report.fail(failure)
+    by_name = {b.backend.name: b for b in built}
+    for r in results:
+        _sidecar(r, by_name[r.backend], info, digests)
+    report.write(out_dir)
+    return report

@@ -1,17 +1,28 @@
-"""Float training of zoo models on an ImageFolder: seeded SGD (Nesterov), warmup + cosine, tqdm progress."""
+"""The one training loop, for float training and for quantization-aware fine-tuning (as torchvision's
+``train_quantization.py`` reuses ``train_one_epoch``/``evaluate``): :func:`train_one_epoch`, :func:`evaluate`,
+the loss (:class:`TrainLoss`: cross-entropy, label smoothing, optional distillation from a teacher), the
+optimizer's parameter groups and the warmup + cosine schedule. :func:`fit` is float training; QAT's schedule,
+checkpoints and DDP are in :mod:`mbquant.finetune`.
+
+Randomness (dropout, augmentation, init) is drawn inside ``torch.random.fork_rng`` from the run's seed, so a
+run never leaves the caller's global RNG changed.
+"""
 from __future__ import annotations
 
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
 
 from .config import TrainConfig
 from .data import ImageFolderDataset, make_loader
-from .evaluate import compare
-from .models import ModelInfo
+from .distributed import Dist
+from .errors import DataError, QuantizationError
+
+StepHook = Callable[[int, int], None]
 
 
 @dataclass
@@ -43,61 +54,133 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def fit(model: nn.Module, info: ModelInfo, train_set: ImageFolderDataset, val_set: ImageFolderDataset | None,
-        config: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Train ``model`` in place; evaluate on ``val_set`` after each epoch."""
+class TrainLoss(nn.Module):
+    """Cross-entropy on the labels (with ``label_smoothing``), optionally mixed with distillation from a float
+    teacher: ``(1 - a) * CE(student, y) + a * T^2 * KL(softmax(teacher / T) || softmax(student / T))``."""
+
+    def __init__(self, teacher: nn.Module | None = None, weight: float = 0.0, temperature: float = 1.0,
+                 label_smoothing: float = 0.0):
+        super().__init__()
+        self.teacher = teacher.eval() if teacher is not None and weight > 0 else None
+        self.weight, self.t, self.smoothing = weight, temperature, label_smoothing
+
+    def forward(self, out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        ce = nn.functional.cross_entropy(out, y, label_smoothing=self.smoothing)
+        if self.teacher is None:
+            return ce
+        with torch.no_grad():
+            soft = nn.functional.softmax(self.teacher(x) / self.t, dim=1)
+        kd = nn.functional.kl_div(nn.functional.log_softmax(out / self.t, dim=1), soft, reduction="batchmean")
+        return (1 - self.weight) * ce + self.weight * self.t ** 2 * kd
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def train_one_epoch(net: nn.Module, loader, opt: torch.optim.Optimizer, sched, loss_fn: nn.Module, *,
+                    dist: Dist = Dist(), to_input: Callable[[torch.Tensor], torch.Tensor] = _identity,
+                    progress: bool = False, desc: str = "train", epoch: int = 0,
+                    on_step: StepHook | None = None) -> dict:
+    """One pass over ``loader`` (the model already in train mode); metrics summed over all ranks."""
     from tqdm import tqdm
 
-    torch.manual_seed(config.seed)
-    sampler = None
-    if config.max_train_samples is not None and config.max_train_samples < len(train_set):
-        g = torch.Generator().manual_seed(config.seed)
-        idx = torch.randperm(len(train_set), generator=g)[: config.max_train_samples].tolist()
-        sampler = torch.utils.data.SubsetRandomSampler(idx, generator=torch.Generator().manual_seed(config.seed + 1))
-    loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, sampler=sampler, drop_last=True)
-    model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum, nesterov=True)
-    sched = warmup_cosine(opt, config.epochs * len(loader), config.warmup_frac)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
-    result = TrainResult()
-    start = time.perf_counter()
-    for epoch in range(config.epochs):
-        model.train()
-        seen, correct, loss_sum = 0, 0, 0.0
-        bar = tqdm(loader, disable=not progress, desc=f"epoch {epoch + 1}/{config.epochs}", unit="batch")
-        for batch in bar:
+    sums = [0.0, 0.0, 0.0]  # loss * n, correct, n
+    bar = tqdm(loader, disable=not (progress and dist.is_main), desc=desc, unit="batch", leave=False)
+    for step, batch in enumerate(bar):
+        if batch is None:
+            if dist.active:
+                raise DataError("a whole training batch was unreadable; under torchrun every process must take "
+                                "the same number of steps: remove the unreadable images from the training folder")
+            continue
+        x, y = to_input(batch[0].to(dist.device)), batch[1].to(dist.device)
+        out = net(x)
+        loss = loss_fn(out, x, y)
+        if not torch.isfinite(loss):
+            raise QuantizationError(f"the training loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
+                                    f"lower --lr (or --weight-decay) and check the weights are finite")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        sums[0] += float(loss.detach()) * len(y)
+        sums[1] += int((out.argmax(1) == y).sum())
+        sums[2] += len(y)
+        bar.set_postfix(loss=f"{sums[0] / sums[2]:.3f}", acc=f"{100 * sums[1] / sums[2]:.1f}")
+        if on_step is not None:
+            on_step(epoch, step)
+    loss_sum, correct, n = dist.all_sum(sums)
+    return {"train_loss": round(loss_sum / max(1, n), 4), "train_top1": round(100 * correct / max(1, n), 2),
+            "train_images": int(n)}
+
+
+def evaluate(net: nn.Module, dataset: ImageFolderDataset, batch_size: int, *, dist: Dist = Dist(),
+             to_input: Callable[[torch.Tensor], torch.Tensor] = _identity) -> dict:
+    """Top-1 and loss of ``net`` (already in eval mode) on ``dataset`` (each rank a shard, summed over ranks)."""
+    shard = torch.utils.data.Subset(dataset, dist.shard(len(dataset))) if dist.active else dataset
+    sums = [0.0, 0.0, 0.0]
+    with torch.no_grad():
+        for batch in make_loader(shard, batch_size):
             if batch is None:
                 continue
-            x, y = batch
-            x = x.contiguous(memory_format=torch.channels_last)
-            out = model(x)
-            loss = loss_fn(out, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            seen += len(y)
-            correct += int((out.argmax(1) == y).sum())
-            loss_sum += float(loss.detach()) * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{100 * correct / seen:.1f}")
-        row = {"epoch": epoch + 1, "train_loss": round(loss_sum / max(1, seen), 4),
-               "train_top1": round(100 * correct / max(1, seen), 2)}
-        if val_set is not None:
-            row["val_top1"] = round(evaluate_float(model, val_set, config.batch_size * 2).accuracy["model"].top1, 2)
-        result.history.append(row)
-        if progress:
-            print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
-    result.seconds = round(time.perf_counter() - start, 1)
+            x, y = to_input(batch[0].to(dist.device)), batch[1].to(dist.device)
+            out = net(x)
+            sums[0] += float(nn.functional.cross_entropy(out, y, reduction="sum"))
+            sums[1] += int((out.argmax(1) == y).sum())
+            sums[2] += len(y)
+    loss_sum, correct, n = dist.all_sum(sums)
+    return {"val_loss": round(loss_sum / max(1, n), 4), "val_top1": round(100 * correct / max(1, n), 2),
+            "val_images": int(n)}
+
+
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def fit(model: nn.Module, train_set: ImageFolderDataset, val_set: ImageFolderDataset | None, config: TrainConfig,
+        *, progress: bool = True) -> TrainResult:
+    """Train ``model`` in place (channels_last, SGD Nesterov, warmup + cosine); validate after each epoch."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        sampler = None
+        if config.max_train_samples is not None and config.max_train_samples < len(train_set):
+            g = torch.Generator().manual_seed(config.seed)
+            idx = torch.randperm(len(train_set), generator=g)[: config.max_train_samples].tolist()
+            sampler = torch.utils.data.SubsetRandomSampler(idx, generator=torch.Generator().manual_seed(config.seed + 1))
+        loader = make_loader(train_set, config.batch_size, shuffle=True, seed=config.seed, sampler=sampler,
+                             drop_last=True)
+        if len(loader) == 0:
+            raise DataError(f"{len(train_set)} training images give no full batch of {config.batch_size}; pass a "
+                            f"smaller --batch-size or more images")
+        model = model.to(memory_format=torch.channels_last)
+        opt = torch.optim.SGD(param_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum,
+                              nesterov=config.momentum > 0)
+        sched = warmup_cosine(opt, config.epochs * len(loader), config.warmup_frac)
+        loss_fn = TrainLoss(label_smoothing=config.label_smoothing)
+        result = TrainResult()
+        start = time.perf_counter()
+        for epoch in range(config.epochs):
+            model.train()
+            row = {"epoch": epoch + 1, **train_one_epoch(model, loader, opt, sched, loss_fn, to_input=_channels_last,
+                                                         progress=progress, desc=f"epoch {epoch + 1}/{config.epochs}",
+                                                         epoch=epoch)}
+            row.pop("train_images")
+            if val_set is not None:
+                model.eval()
+                row["val_top1"] = evaluate(model, val_set, config.batch_size * 2, to_input=_channels_last)["val_top1"]
+            result.history.append(row)
+            if progress:
+                print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        result.seconds = round(time.perf_counter() - start, 1)
     model.eval()
     return result
 
 
 def evaluate_float(model: nn.Module, dataset: ImageFolderDataset, batch_size: int = 256, *, progress: bool = False):
-    """Top-1/top-5 of a float model (channels_last, eval mode) on a labelled dataset."""
-    model.eval()
-    model = model.to(memory_format=torch.channels_last)
+    """Top-1/top-5 of a float model (channels_last, eval mode) on a dataset: a :class:`~mbquant.evaluate.Comparison`
+    with the one predictor ``model``."""
+    from .evaluate import compare
 
-    def run(x: torch.Tensor) -> torch.Tensor:
-        return model(x.contiguous(memory_format=torch.channels_last))
-
-    return compare({"model": run}, make_loader(dataset, batch_size), progress=progress, desc="eval")
+    model = model.eval().to(memory_format=torch.channels_last)
+    return compare({"model": lambda x: model(_channels_last(x))}, make_loader(dataset, batch_size), progress=progress,
+                   desc="eval")

@@ -29,7 +29,7 @@ def one_thread():
 @pytest.fixture(scope="session")
 def fmnist() -> Path:
     """The prepared Fashion-MNIST ImageFolder root (train/ and val/)."""
-    from mbquant.data import prepare_fashion_mnist
+    from mbquant.fashion_mnist import prepare_fashion_mnist
 
     root = Path(os.environ.get("MBQUANT_DATA", REPO / "data"))
     prepare_fashion_mnist(root, progress=False)  # idempotent: a no-op when already prepared
@@ -77,3 +77,25 @@ def tiny_ckpt(small_folder, small_val, tmp_path_factory):
                "--epochs", "1", "--batch-size", "16", "--out", str(ck), "--quiet"])
     assert rc == 0 and ck.exists()
     return root, ck
+
+
+def quantize_pt2e(model, resolution: int, calib, **config):
+    """The XNNPACK backend's INT8 graph of ``model`` (prepare -> calibrate on real images -> convert); ``config``
+    overrides the QuantConfig (recipe ``best`` otherwise, resolved for pte-xnnpack)."""
+    from mbquant.config import QuantConfig
+    from mbquant.mobile import table
+    from mbquant.pipeline import quantize_with
+    from mbquant.quant.export import FloatModel
+
+    spec = table.get_spec("pte-xnnpack")
+    cfg = table.resolve(QuantConfig(**{"num_calib": calib.requested, "seed": calib.seed, **config}), spec)
+    return quantize_with(table.load(spec), FloatModel(model, resolution), cfg, calib)
+
+
+@pytest.fixture(scope="session")
+def calib32(small_folder):
+    """40 real calibration images at 32x32 (the small preset)."""
+    from mbquant import calibrate
+    from mbquant.data import small_preset
+
+    return calibrate.from_folder(small_folder, small_preset(32), 40, seed=0)

@@ -8,6 +8,7 @@ import pytest
 from mbquant.cli import main
 from mbquant.config import RunConfig
 from mbquant.pipeline import gate_failures
+from mbquant.report import ArtifactResult
 from tests.conftest import copy_subset
 
 
@@ -23,6 +24,7 @@ def test_help_and_version(capsys):
         main(["ptq", "--help"])
     out = capsys.readouterr().out
     assert e.value.code == 0 and "--num-calib" in out and "--max-drop" in out and "--no-fuse-relu6" in out
+    assert "--keep-float" in out and "--recipe" in out
 
 
 def test_train_then_eval_reproduces_the_checkpoint_accuracy(tiny_ckpt, capsys):
@@ -51,12 +53,17 @@ def test_ptq_bad_inputs_fail_cleanly(tiny_ckpt, tmp_path, capsys):
     cases = [
         ([str(tmp_path / "missing")], 1, "image folder '.*missing' does not exist"),
         ([str(tmp_path / "empty")], 1, "has no images"),
-        ([str(root / "train"), "--num-calib", "0"], 2, "num_calib must be a positive number of samples, got 0"),
+        ([str(root / "train"), "--num-calib", "0"], 2, r"num_calib \(calibration samples\) 0 is out of range"),
         ([str(root / "train"), "--observer", "kl"], 2, "invalid choice"),
         ([str(root / "train"), "--format", "pte,onnx"], 2, "format 'onnx' is not supported; choose one of: pte, torchscript"),
         ([str(root / "train"), "--format", "pte,pte"], 2, r"must name each artifact format once"),
         ([str(root / "train"), "--target", "x86"], 2, "format 'pte' is not supported on target 'x86'; supported: torchscript"),
         ([str(root / "train"), "--target", "mcu9"], 2, "target 'mcu9' is not supported; supported: phone, x86"),
+        ([str(root / "train"), "--keep-float", "classifier.7"], 2, r"'classifier.7' is not a layer of MobileNetV1"),
+        ([str(root / "train"), "--format", "torchscript", "--bias-correction"], 2,
+         "--bias-correction is not supported by backend 'ts-qnnpack'"),
+        ([str(root / "train"), "--max-drop", "nan"], 2, r"max_drop \(percentage points\) must be a number, got nan"),
+        ([str(root / "train"), "--threads", "0"], 2, "--threads 0 is invalid"),
     ]
     for args, code, pattern in cases:
         calib, *extra = args
@@ -104,14 +111,42 @@ def test_unknown_model_exit_code(capsys):
     assert "unknown model 'mobilenet_v9'" in capsys.readouterr().err
 
 
-def test_gates():
-    run = RunConfig(min_delegated=0.99, max_drop=0.5, min_parity=99.0)
-    assert gate_failures(run, delegated=1.0, parity=100.0, drop=0.4, outside={}) == []
-    fails = gate_failures(run, delegated=0.9, parity=98.0, drop=0.6, outside={"aten.view_copy": 1})
-    assert len(fails) == 3
-    assert "only 90.00% of INT8 ops are delegated" in fails[0] and "aten.view_copy" in fails[0]
-    assert "--min-parity 99.0" in fails[1] and "larger than --max-drop 0.5" in fails[2]
-    assert gate_failures(RunConfig(), delegated=1.0, parity=100.0, drop=5.0, outside={}) == []  # no --max-drop
+def _result(**changes) -> ArtifactResult:
+    def paired(only_a, only_b, n=1000):
+        from mbquant.evaluate import PairedDifference
+
+        return PairedDifference(n, only_a, only_b).to_dict()
+
+    base = dict(backend="pte-xnnpack", file="m.pte", path="m.pte", bytes=1, runtime="rt", images=1000, top1=90.0,
+                top5=99.0, drop_pp=0.4, agreement_float=99.0, reference_top1=90.0, reference_agreement_float=99.0,
+                parity={"agreement": 99.5, "top1_reference_minus_artifact": paired(3, 2),
+                        "agreement_float_reference_minus_artifact": paired(2, 3)},
+                delegated=1.0, details={"delegation": {"ops_outside_delegate": {"aten.view_copy": 1}}})
+    return ArtifactResult(**{**base, **changes})
+
+
+def test_gates_apply_to_every_result_in_one_place():
+    run = RunConfig(min_delegated=0.99, max_drop=0.5)
+    assert gate_failures([_result(), _result(file="m.pt", delegated=None)], run) == []
+    fails = gate_failures([_result(delegated=0.9, drop_pp=0.6)], run)
+    assert len(fails) == 2 and "only 90.00% of ops run in the delegate" in fails[0] and "aten.view_copy" in fails[0]
+    assert "larger than --max-drop 0.5" in fails[1]
+    assert gate_failures([_result(drop_pp=5.0)], RunConfig()) == []  # no --max-drop: the drop is reported, not gated
+
+
+def test_parity_gate_tolerates_rounding_flips_and_catches_a_worse_artifact():
+    from mbquant.evaluate import PairedDifference
+
+    run = RunConfig()
+    # 25 images flip each way: noise, whatever the host's kernels (parity 95 %, no default floor)
+    noisy = {"agreement": 95.0, "top1_reference_minus_artifact": PairedDifference(1000, 25, 25).to_dict(),
+             "agreement_float_reference_minus_artifact": PairedDifference(1000, 20, 24).to_dict()}
+    assert gate_failures([_result(parity=noisy)], run) == []
+    # the artifact loses 40 images more than it wins: not what was quantized
+    worse = {**noisy, "top1_reference_minus_artifact": PairedDifference(1000, 50, 10).to_dict()}
+    (fail,) = gate_failures([_result(parity=worse)], run)
+    assert "top-1 accuracy is 4.00 pp below that of the INT8 model it was written from (50 vs 10 images" in fail
+    assert len(gate_failures([_result(parity=noisy)], RunConfig(min_parity=99.0))) == 1   # an explicit floor
 
 
 def test_ptq_writes_and_verifies_both_formats_in_one_run(tiny_ckpt, tmp_path, capsys):
@@ -119,15 +154,15 @@ def test_ptq_writes_and_verifies_both_formats_in_one_run(tiny_ckpt, tmp_path, ca
     out = tmp_path / "out"
     rc = main(["ptq", "mobilenet_v1", "--weights", str(ck), "--calib", str(root / "train"), "--eval", str(root / "val"),
                "--num-calib", "32", "--format", "pte,torchscript", "--no-float-program", "--latency-runs", "2",
-               "--min-parity", "0", "--out", str(out), "--json"])
+               "--out", str(out), "--json"])
     assert rc == 0, capsys.readouterr().err
     names = sorted(p.name for p in out.iterdir())
     stem = "mobilenet_v1_w0.25_r32_int8"
     assert names == sorted([f"{stem}.pte", f"{stem}.pte.json", f"{stem}.pt", f"{stem}.pt.json", f"{stem}.ptl",
                             f"{stem}.ptl.json", "report.json"])
     rep = json.loads((out / "report.json").read_text())
-    ts = rep["torchscript"]
-    assert ts["engine"] == "qnnpack" and ts["granularity"] == "per-channel" and ts["relu6"] == "clamp"
-    assert ts["accuracy"]["images"] == rep["accuracy"]["images"] == 100
-    assert ts["parity"]["pt"]["agreement"] >= 99 and ts["parity"]["ptl"]["agreement"] >= 99
+    ts = rep["backends"]["ts-qnnpack"]
+    assert ts["engine"] == "qnnpack" and ts["weights"]["granularity"] == "per-channel" and ts["relu6"] == "fused (clamp)"
+    assert [a["images"] for a in rep["artifacts"]] == [100, 100, 100]
+    assert all(a["parity"]["agreement"] >= 99 for a in rep["artifacts"] if a["backend"] == "ts-qnnpack")
     assert any("optimize_for_mobile" in w for w in rep["warnings"])  # said, not silently skipped

@@ -5,8 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from mbquant.data import (FASHION_MNIST_CLASSES, ImageFolderDataset, imagenet_preset, load_folder, make_loader,
-                          make_preset, prepare_fashion_mnist, scan_folder, small_preset, build_transform, Preset)
+from mbquant.data import (ImageFolderDataset, imagenet_preset, load_folder, make_loader, make_preset, scan_folder,
+                          small_preset, build_transform, Preset)
+from mbquant.fashion_mnist import FASHION_MNIST_CLASSES, prepare_fashion_mnist
 from mbquant.errors import ConfigError, DataError
 from tests.conftest import copy_subset
 
@@ -27,7 +28,7 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
 
 
 def test_prepare_from_idx_files_is_idempotent(tmp_path, fmnist):
-    from mbquant.data import FASHION_MNIST_DIR, _read_idx
+    from mbquant.fashion_mnist import FASHION_MNIST_DIR, _read_idx
 
     src = tmp_path / "src"
     src.mkdir()

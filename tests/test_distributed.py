@@ -24,7 +24,7 @@ def test_torchrun_two_processes_reduce_metrics_and_only_rank0_writes(tiny_ckpt, 
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
            "-m", "mbquant", "qat", "mobilenet_v1", "--weights", str(ck), "--data", str(root), "--epochs", "1",
-           "--batch-size", "16", "--num-calib", "32", "--no-float-program", "--latency-runs", "2", "--min-parity", "0",
+           "--batch-size", "16", "--num-calib", "32", "--no-float-program", "--latency-runs", "2",
            "--out", str(out), "--json", "--threads", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
@@ -37,5 +37,5 @@ def test_torchrun_two_processes_reduce_metrics_and_only_rank0_writes(tiny_ckpt, 
     assert all(r["val_images"] == 100 for r in qat["history"])  # every val image counted once over both shards
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["qat_last.pt", "report.json", "mobilenet_v1_w0.25_r32_int8.pte", "mobilenet_v1_w0.25_r32_int8.pte.json"])
-    assert report["quantization"]["batch_norm"] == 0 and report["programs"]["int8"]["delegation"]["ratio"] == 1.0
+    assert report["backends"]["pte-xnnpack"]["batch_norm"] == 0 and report["artifacts"][0]["delegated"] == 1.0
     assert proc.stdout.count('"command"') == 1  # only rank 0 reports

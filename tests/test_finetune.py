@@ -11,11 +11,11 @@ from mbquant.config import QATConfig, QuantConfig
 from mbquant.data import load_folder
 from mbquant.errors import ConfigError
 from mbquant.finetune import CHECKPOINT_NAME, fit_qat, load_qat_checkpoint, state_digest
+from mbquant.mobile import table
 from mbquant.models import ModelInfo, load_checkpoint
-from mbquant.quant.qat import prepare_qat
-from mbquant.quant.targets import get_target
+from tests.quant.test_qat import prepare_qat
 
-QUANT = QuantConfig(observer="moving-average", num_calib=32)
+QUANT = table.resolve(QuantConfig(recipe="qat", num_calib=32), table.get_spec("pte-xnnpack"), qat=True)
 CFG = QATConfig(epochs=2, batch_size=16, freeze_bn_after=1, freeze_observers_after=1, seed=3)
 
 
@@ -26,7 +26,7 @@ class Killed(Exception):
 def _run(tiny_ckpt, out: Path, *, kill_at=None, resume: bool = False):
     root, ck = tiny_ckpt
     model, info = load_checkpoint(ck)
-    qg = prepare_qat(model, info.resolution, QUANT, get_target("phone"))
+    qg = prepare_qat(model, info.resolution, QUANT)
     ds = load_folder(root / "train", info.preset, train=True)
     val = load_folder(root / "val", info.preset)
     checkpoint = None
@@ -88,8 +88,8 @@ def test_resume_rejects_another_model_other_weights_and_other_flags(tiny_ckpt, s
     with pytest.raises(ConfigError, match="other float weights"):
         load_qat_checkpoint(ck_dir, info=info, float_digest="0" * 16, quant=QUANT, config=CFG)
     with pytest.raises(ConfigError, match="granularity"):
-        load_qat_checkpoint(ck_dir, info=info, float_digest=digest,
-                            quant=QuantConfig(observer="moving-average", num_calib=32, granularity="per-tensor"), config=CFG)
+        load_qat_checkpoint(ck_dir, info=info, float_digest=digest, quant=QUANT.replace(granularity="per-tensor"),
+                            config=CFG)
     with pytest.raises(ConfigError, match="already trained 2 epochs"):
         load_qat_checkpoint(ck_dir, info=info, float_digest=digest, quant=QUANT, config=QATConfig(**{**CFG.to_dict(), "epochs": 1}))
     with pytest.raises(ConfigError, match="not an mbquant QAT checkpoint"):
@@ -104,7 +104,7 @@ def test_cli_bad_input_fails_clearly_before_any_work(tiny_ckpt, straight, tmp_pa
     assert main(base) == 2
     assert "pass --weights" in capsys.readouterr().err
     assert main([*base, "--weights", str(ck), "--epochs", "0"]) == 2
-    assert "epochs must be at least 1, got 0" in capsys.readouterr().err
+    assert "epochs 0 is out of range [1, inf]; pass --epochs 1 or more" in capsys.readouterr().err
     assert main([*base, "--weights", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err
     v2 = ["qat", "mobilenet_v2", "--weights", "mobilenet_v2_w0.35_r64_fmnist", "--data", str(root), "--quiet"]
@@ -113,24 +113,24 @@ def test_cli_bad_input_fails_clearly_before_any_work(tiny_ckpt, straight, tmp_pa
     assert main([*base, "--weights", str(ck), "--format", "pte,torchscript"]) == 2
     assert "QAT trains one model for one engine" in capsys.readouterr().err
     assert main([*base, "--weights", str(ck), "--freeze-bn-after", "-1"]) == 2
-    assert "freeze_bn_after must be" in capsys.readouterr().err
+    assert "freeze_bn_after (a number of epochs, or never) -1 is out of range" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
 
 
 def test_distillation_loss_mixes_labels_and_the_float_teacher():
-    from mbquant.finetune import QatLoss
+    from mbquant.train import TrainLoss
 
     teacher = torch.nn.Linear(4, 3)
     x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
     same = teacher(x).detach()
     ce = torch.nn.functional.cross_entropy(same, y)
-    assert torch.isclose(QatLoss(None, 0.0, 1.0)(same, x, y), ce)
-    assert float(QatLoss(teacher, 1.0, 2.0)(same, x, y)) == pytest.approx(0.0, abs=1e-6)  # matches the teacher
-    assert torch.isclose(QatLoss(teacher, 0.5, 1.0)(same, x, y), 0.5 * ce, atol=1e-6)
+    assert torch.isclose(TrainLoss(None, 0.0, 1.0)(same, x, y), ce)
+    assert float(TrainLoss(teacher, 1.0, 2.0)(same, x, y)) == pytest.approx(0.0, abs=1e-6)  # matches the teacher
+    assert torch.isclose(TrainLoss(teacher, 0.5, 1.0)(same, x, y), 0.5 * ce, atol=1e-6)
     far = torch.zeros(8, 3, requires_grad=True)
-    QatLoss(teacher, 1.0, 1.0)(far, x, y).backward()
+    TrainLoss(teacher, 1.0, 1.0)(far, x, y).backward()
     assert torch.equal(far.grad.argmin(1), same.argmax(1))  # the step moves toward the teacher's top class
-    with pytest.raises(ConfigError, match="distill weight 1.5 must be in"):
+    with pytest.raises(ConfigError, match=r"distill weight 1.5 is out of range \[0.0, 1.0\]"):
         QATConfig(distill=1.5)
 
 
@@ -143,7 +143,8 @@ def test_qat_torchscript_trains_the_eager_engine_and_verifies_pt_ptl(tiny_ckpt, 
                "--num-calib", "32", "--format", "torchscript", "--latency-runs", "2", "--out", str(out), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
-    assert rep["qat"]["history"][0]["train_images"] == 112 and "programs" not in rep
-    ts = rep["torchscript"]
-    assert ts["engine"] == "qnnpack" and ts["parity"]["pt"]["agreement"] >= 99 and ts["parity"]["ptl"]["agreement"] >= 99
-    assert (out / "mobilenet_v1_w0.25_r32_int8.ptl").stat().st_size > 0 and (out / CHECKPOINT_NAME).exists()
+    assert rep["qat"]["history"][0]["train_images"] == 112
+    arts = {a["file"]: a for a in rep["artifacts"]}
+    assert sorted(arts) == ["mobilenet_v1_w0.25_r32_int8.pt", "mobilenet_v1_w0.25_r32_int8.ptl"]
+    assert all(a["backend"] == "ts-qnnpack" and a["parity"]["agreement"] >= 99 for a in arts.values())
+    assert rep["backends"]["ts-qnnpack"]["engine"] == "qnnpack" and (out / CHECKPOINT_NAME).exists()

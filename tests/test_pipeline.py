@@ -1,16 +1,17 @@
-"""The PTQ job end to end on shipped checkpoints and real Fashion-MNIST images (regressions vs baselines)."""
+"""The one road end to end on shipped checkpoints and real Fashion-MNIST images (regressions vs baselines)."""
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from mbquant import checkpoints
+from mbquant import calibrate, checkpoints
 from mbquant.cli import main
 from mbquant.config import QuantConfig, RunConfig
 from mbquant.data import load_folder
-from mbquant.mobile import PteModel
-from mbquant.pipeline import run_ptq
+from mbquant.errors import ConfigError
+from mbquant.mobile.xnnpack import PteModel
+from mbquant.pipeline import load_eval_set, quantize, run_job
 from mbquant.resolve import resolve_model
 from mbquant.train import evaluate_float
 
@@ -24,7 +25,7 @@ def test_shipped_checkpoint_reproduces_its_recorded_accuracy(fmnist, name):
     assert (info.width_mult, info.resolution) == (entry["width_mult"], entry["resolution"])
     res = evaluate_float(model, load_folder(fmnist / "val", info.preset, expected_classes=info.classes))
     assert res.count == 10000
-    assert abs(res.accuracy["model"].top1 - entry["val_top1"]) <= 0.1
+    assert abs(res.top1("model") - entry["val_top1"]) <= 0.1
 
 
 def test_defaults_point_at_shipped_checkpoints():
@@ -34,77 +35,108 @@ def test_defaults_point_at_shipped_checkpoints():
     assert sum(e["bytes"] for e in m["checkpoints"].values()) < 10 * 2 ** 20
 
 
+def _job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, **config):
+    model, info = resolve_model("mobilenet_v2", weights)
+    cfg = QuantConfig(num_calib=calib, **config)
+    return run_job(model, info, calib=calibrate.from_folder(fmnist / "train", info.preset, calib, seed=0,
+                                                              expected_classes=info.classes),
+                   eval_set=load_eval_set(fmnist / "val", info, eval_limit), out_dir=out, config=cfg,
+                   run=RunConfig(latency_runs=5)).to_dict()
+
+
 @pytest.fixture(scope="module")
 def phone_run(fmnist, tmp_path_factory):
-    """PTQ of the shipped phone checkpoint with the recommended choices (ReLU6 fused, percentile observer,
-    fp32 classifier): 256 calibration images from train, 2,000 stratified val images."""
+    """The default recipe on the shipped phone checkpoint: 256 calibration images from train, 2,000 stratified val
+    images."""
     out = tmp_path_factory.mktemp("phone")
-    model, info = resolve_model("mobilenet_v2", None)
-    report = run_ptq(model, info, calib=fmnist / "train", eval_dir=fmnist / "val", out_dir=out,
-                     config=QuantConfig(num_calib=256, observer="percentile", float_logits=True),
-                     run=RunConfig(eval_limit=2000, latency_runs=5))
-    return out, report.to_dict()
+    return out, _job(fmnist, out)
 
 
 def test_phone_ptq_regression(phone_run):
     out, rep = phone_run
-    base = BASELINES["phone_ptq_256calib_2000eval"]
-    acc, par = rep["accuracy"], rep["parity"]
+    base = BASELINES["phone_ptq_best_256calib_2000eval"]
+    (art,) = rep["artifacts"]
     assert rep["status"] == "ok", rep["failures"]
-    assert acc["images"] == 2000 and rep["calibration"]["samples"] == 256
-    assert abs(acc["float_top1"] - base["float_top1"]) <= 0.1              # same model, same images
-    assert acc["top1_drop_pp"] <= base["top1_drop_pp"] + base["tolerance_pp"]
-    assert acc["agreement_float_vs_int8_pte"] >= base["agreement_float_vs_int8_pte"] - base["tolerance_pp"]
-    assert par["agreement_pte_vs_module"] >= 99.0
+    assert art["images"] == 2000 and rep["backends"]["pte-xnnpack"]["calibration"]["samples"] == 256
+    assert abs(rep["float"]["top1"] - base["float_top1"]) <= 0.1              # same model, same images
+    assert art["drop_pp"] <= base["top1_drop_pp"] + base["tolerance_pp"]
+    assert art["agreement_float"] >= base["agreement_float"] - base["tolerance_pp"]
 
 
 def test_phone_ptq_structure_and_artifacts(phone_run):
     out, rep = phone_run
-    q, prog = rep["quantization"], rep["programs"]
-    assert q["batch_norm"] == 0 and q["fused_conv_relu6"] == 35
-    assert [op.split(" ")[0] for op in q["float_ops"]] == ["linear"]  # only the classifier, by request
-    assert prog["int8"]["delegation"]["ratio"] == 1.0 and prog["int8"]["delegation"]["delegate_calls"] == 1
-    assert prog["int8"]["bytes"] < prog["fp32"]["bytes"] / 3
-    assert rep["latency"]["int8_pte"]["median_ms"] > 0 and rep["latency"]["fp32_pte"]["median_ms"] > 0
-    worst = rep["layer_sqnr_worst5"]
-    assert len(worst) == 5 and all(r["sqnr_db"] > 10 for r in worst)
-    assert len(rep["layer_sqnr_all"]) >= 52
+    b, (art,) = rep["backends"]["pte-xnnpack"], rep["artifacts"]
+    assert b["config"]["observer"] == "percentile" and b["config"]["bias_correction"] and b["config"]["fuse_relu6"]
+    assert b["batch_norm"] == 0 and b["fused_conv_relu6"] == 35 and b["bias_correction"]["layers_corrected"] == 53
+    assert b["kept_float"] == b["float_layers"] == ["classifier.1"]          # only the classifier, by the recipe
+    assert art["delegated"] == 1.0 and art["details"]["delegation"]["delegate_calls"] == 1
+    assert art["bytes"] < rep["float"]["bytes"] / 3
+    assert art["latency"]["median_ms"] > 0 and rep["float"]["latency"]["median_ms"] > 0
+    worst = b["layer_sqnr_worst5"]
+    assert len(worst) == 5 and all(r["sqnr_db"] > 10 for r in worst) and len(b["layer_sqnr_all"]) >= 52
     for key in ("torch", "executorch", "torchao", "mbquant"):
         assert key in rep["versions"]
+    assert set(b["seconds"]) >= {"export", "prepare", "calibrate", "convert", "bias_correction", "write"}
     files = sorted(p.name for p in out.iterdir())
     assert files == ["mobilenet_v2_w0.5_r64_fp32.pte", "mobilenet_v2_w0.5_r64_int8.pte",
                      "mobilenet_v2_w0.5_r64_int8.pte.json", "report.json"]
     sidecar = json.loads((out / "mobilenet_v2_w0.5_r64_int8.pte.json").read_text())
     assert sidecar["config"]["granularity"] == "per-channel" and sidecar["calibration_digest"]
-    pte = PteModel(out / "mobilenet_v2_w0.5_r64_int8.pte")
-    assert pte(torch.zeros(3, 3, 64, 64)).shape == (3, 10)
+    assert sidecar["measured"]["top1"] == art["top1"] and sidecar["input_shape"] == [1, 3, 64, 64]
+    assert PteModel(out / "mobilenet_v2_w0.5_r64_int8.pte")(torch.zeros(3, 3, 64, 64)).shape == (3, 10)
+
+
+def test_report_config_round_trips_through_from_dict(phone_run):
+    _, rep = phone_run
+    assert QuantConfig.from_dict(rep["config"]) == QuantConfig(num_calib=256)
+    assert RunConfig.from_dict(rep["run"]) == RunConfig(latency_runs=5)
+    assert QuantConfig.from_dict(rep["backends"]["pte-xnnpack"]["config"]).keep_float == ("logits",)
+
+
+def test_parity_flips_are_near_ties(phone_run):
+    """XNNPACK's integer kernels round differently from PT2E's simulation: images whose top-1 flips between the
+    .pte and the INT8 module are those the module itself barely decides (small top-2 margin)."""
+    _, rep = phone_run
+    flips = rep["artifacts"][0]["parity"]["flips"]
+    if flips["count"]:
+        assert flips["margin_max"] < flips["margin_median_all"] / 4 and flips["margin_max_percentile"] < 10
+
+
+def test_quantize_honours_num_calib_and_seed(fmnist):
+    model, info = resolve_model("mobilenet_v2", "mobilenet_v2_w0.35_r64_fmnist")
+    cfg = QuantConfig(num_calib=24, seed=5, bias_correction=False, batch_size=8)
+    q = quantize(model, fmnist / "train", info=info, config=cfg)
+    assert q.calibration.samples == 24 and q.calibration.batches == 3 and q.config.observer == "percentile"
+    with pytest.raises(ConfigError, match="holds 24 samples drawn with seed 5, but the config asks for "
+                                          "num_calib=512, seed=0"):
+        quantize(model, calibrate.from_folder(fmnist / "train", info.preset, 24, seed=5), info=info)
 
 
 def test_cli_ptq_small_width_json(fmnist, tmp_path, capsys):
+    """The width-0.35 checkpoint with the default recipe; on AVX-512 VNNI hosts its .pte once failed a fixed 99 %
+    parity gate while agreeing with the float model better than the INT8 module did (issue 9)."""
     rc = main(["ptq", "mobilenet_v2", "--weights", "mobilenet_v2_w0.35_r64_fmnist", "--calib", str(fmnist / "train"),
                "--eval", str(fmnist / "val"), "--num-calib", "128", "--eval-limit", "500", "--no-float-program",
-               "--bias-correction",
                "--latency-runs", "3", "--out", str(tmp_path), "--json"])
     rep = json.loads(capsys.readouterr().out)
-    assert rc == 0 and rep["status"] == "ok"
-    assert rep["accuracy"]["images"] == 500 and rep["calibration"]["samples"] == 128
-    assert rep["parity"]["agreement_pte_vs_module"] >= 99.0
-    assert "fp32" not in rep["programs"]
-    assert rep["quantization"]["bias_correction"]["layers_corrected"] == 53
-    assert rep["quantization"]["float_ops"] == [] and rep["programs"]["int8"]["delegation"]["ratio"] == 1.0
+    assert rc == 0 and rep["status"] == "ok", rep["failures"]
+    (art,) = rep["artifacts"]
+    assert art["images"] == 500 and rep["backends"]["pte-xnnpack"]["calibration"]["samples"] == 128
+    assert rep["backends"]["pte-xnnpack"]["bias_correction"]["layers_corrected"] == 53
+    assert rep["float"]["path"] is None and art["delegated"] == 1.0
+    assert rep["command"].startswith("mbquant ptq mobilenet_v2 --weights mobilenet_v2_w0.35_r64_fmnist")
 
 
 @pytest.mark.slow
 def test_phone_ptq_full_val_meets_the_issue_targets(fmnist, tmp_path):
-    """512 calibration images from train, all 10,000 val images: .pte drop <= 0.1 pp and float~.pte agreement
-    >= 99.3% (issue 3); TorchScript drop <= 0.5 pp and reloaded .pt/.ptl parity >= 99% (issue 5)."""
-    model, info = resolve_model("mobilenet_v2", None)
-    rep = run_ptq(model, info, calib=fmnist / "train", eval_dir=fmnist / "val", out_dir=tmp_path,
-                  config=QuantConfig(observer="percentile", float_logits=True, bias_correction=True),
-                  run=RunConfig(float_program=False, latency_runs=5, formats=("pte", "torchscript"))).to_dict()
-    assert rep["accuracy"]["images"] == 10000
-    assert rep["accuracy"]["top1_drop_pp"] <= 0.1
-    assert rep["accuracy"]["agreement_float_vs_int8_pte"] >= 99.3
-    ts = rep["torchscript"]
-    assert ts["accuracy"]["images"] == 10000 and ts["accuracy"]["top1_drop_pp"] <= 0.5
-    assert ts["parity"]["pt"]["agreement"] >= 99 and ts["parity"]["ptl"]["agreement"] >= 99
+    """The default `mbquant ptq` on the phone checkpoint, 512 calibration images from train, all 10,000 val images:
+    drop <= 0.1 pp and float~.pte agreement >= 99.3 % (issues 3 and 9); TorchScript drop <= 0.5 pp."""
+    rc = main(["ptq", "mobilenet_v2", "--calib", str(fmnist / "train"), "--eval", str(fmnist / "val"),
+               "--format", "pte,torchscript", "--no-float-program", "--latency-runs", "5", "--out", str(tmp_path),
+               "--quiet"])
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert rc == 0 and rep["status"] == "ok", rep["failures"]
+    arts = {a["file"].rsplit(".", 1)[1]: a for a in rep["artifacts"]}
+    assert arts["pte"]["images"] == 10000
+    assert arts["pte"]["drop_pp"] <= 0.1 and arts["pte"]["agreement_float"] >= 99.3
+    assert arts["pt"]["drop_pp"] <= 0.5 and arts["ptl"]["drop_pp"] <= 0.5

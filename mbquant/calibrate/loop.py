@@ -1,33 +1,29 @@
 """Run calibration images through a prepared (observed) model and check every observer saw data."""
 from __future__ import annotations
 
-import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
 from torch import nn
 
-from ..errors import DataError, QuantizationError
+from ..errors import QuantizationError
 from .subset import CalibrationSet
 
-log = logging.getLogger(__name__)
 
-
-@dataclass
+@dataclass(frozen=True)
 class CalibrationResult:
     samples: int
-    skipped: int
+    skipped_unreadable: int
     observers: int
     batches: int
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "skipped_unreadable": self.skipped, "observers": self.observers,
-                "batches": self.batches}
+        return asdict(self)
 
 
 def observers_of(model: nn.Module) -> dict[str, nn.Module]:
-    """The activation/weight observers inserted by ``prepare_pt2e`` (modules with min_val/max_val)."""
+    """The activation/weight observers a prepare step inserted (modules with min_val/max_val)."""
     return {name: m for name, m in model.named_modules()
             if hasattr(m, "min_val") and hasattr(m, "max_val") and hasattr(m, "calculate_qparams")}
 
@@ -60,19 +56,11 @@ def run(prepared: nn.Module, calib: CalibrationSet, *, batch_size: int = 32, pro
 
     (to_eval or move_exported_model_to_eval)(prepared)
     samples = batches = 0
-    skipped0 = len(calib.dataset.skipped)
     with torch.no_grad():
-        for batch in tqdm(calib.loader(batch_size), disable=not progress, desc="calibrate", unit="batch", leave=False):
-            if batch is None:
-                continue
-            x, _ = batch
+        for x in tqdm(list(calib.batches(batch_size)), disable=not progress, desc="calibrate", unit="batch",
+                      leave=False):
             prepared(x)
             samples += len(x)
             batches += 1
-    skipped = len(calib.dataset.skipped) - skipped0
-    if samples == 0:
-        raise DataError(f"no readable calibration images in '{calib.root}' ({skipped} unreadable); "
-                        f"pass a folder of valid images (.jpg .jpeg .png .bmp .webp)")
     obs = check_observers(prepared, samples)
-    log.info("calibrated on %d samples (%d unreadable skipped), %d observers", samples, skipped, len(obs))
-    return CalibrationResult(samples, skipped, len(obs), batches)
+    return CalibrationResult(samples, calib.skipped, len(obs), batches)

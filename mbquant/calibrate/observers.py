@@ -1,19 +1,24 @@
-"""Activation observers offered by ``--observer`` and the quantization spec built from a QuantConfig."""
+"""Activation observers (``--observer``) for every engine, and the PT2E quantization spec of a QuantConfig.
+
+One factory, :func:`activation_observer`, builds the observer for either observer family: torchao's PT2E
+observers (``torchao.quantization.pt2e``, the default) or the legacy eager engine's (``torch.ao.quantization``,
+passed in by the TorchScript backend). The percentile rule is written once (:class:`PercentileRange`) and
+mixed into each family's histogram observer.
+"""
 from __future__ import annotations
 
+import functools
+from types import ModuleType
+
 import torch
-from torchao.quantization.pt2e import (FusedMovingAvgObsFakeQuantize, HistogramObserver, MinMaxObserver,
-                                       MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
-                                       PerChannelMinMaxObserver)
-from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
 from ..config import QuantConfig
 
 EPS = 2 ** -12  # as ExecuTorch's XNNPACK quantizer
 
 
-class PercentileObserver(HistogramObserver):
-    """A histogram observer whose range is the [100 - p, p] percentiles of what it saw.
+class PercentileRange:
+    """Mixin for a histogram observer: the range is the [100 - p, p] percentiles of what it saw.
 
     Clipping the rare extreme activations trades a little clipping error for finer steps everywhere
     else. The lower bound is clipped only when negative values were seen (post-ReLU ranges keep 0).
@@ -40,31 +45,50 @@ class PercentileObserver(HistogramObserver):
         return new_min.to(self.min_val.dtype), torch.maximum(new_max, torch.zeros_like(new_max)).to(self.max_val.dtype)
 
 
-def activation_observer(config: QuantConfig):
-    """The observer constructor for activations named by ``config.observer``."""
+def _pt2e() -> ModuleType:
+    import torchao.quantization.pt2e as ns
+
+    return ns
+
+
+@functools.cache
+def percentile_observer(histogram_observer: type) -> type:
+    """The percentile observer of one observer family (its HistogramObserver with :class:`PercentileRange`)."""
+    return type("PercentileObserver", (PercentileRange, histogram_observer),
+                {"__module__": __name__, "__doc__": PercentileRange.__doc__})
+
+
+def activation_observer(config: QuantConfig, ns: ModuleType | None = None, **kwargs):
+    """The observer constructor (``with_args``) for activations named by ``config.observer``, from the observer
+    family ``ns`` (default: torchao's PT2E observers). ``kwargs`` go to the observer (dtype, range)."""
+    ns = ns or _pt2e()
+    kwargs = {"eps": EPS, **kwargs}
     if config.observer == "histogram":
-        return HistogramObserver.with_args(eps=EPS)
+        return ns.HistogramObserver.with_args(**kwargs)
     if config.observer == "minmax":
-        return MinMaxObserver.with_args(eps=EPS)
+        return ns.MinMaxObserver.with_args(**kwargs)
     if config.observer == "moving-average":
-        return MovingAverageMinMaxObserver.with_args(eps=EPS, averaging_constant=0.01)
-    return PercentileObserver.with_args(eps=EPS, percentile=config.percentile)
+        return ns.MovingAverageMinMaxObserver.with_args(averaging_constant=0.01, **kwargs)
+    if config.observer == "percentile":
+        return percentile_observer(ns.HistogramObserver).with_args(percentile=config.percentile, **kwargs)
+    raise ValueError(f"observer {config.observer!r} is not resolved; resolve the config for its backend first")
 
 
-def quantization_config(config: QuantConfig, *, qat: bool = False) -> QuantizationConfig:
-    """INT8 spec for XNNPACK: per-tensor affine activations, symmetric weights (per-channel by default).
+def quantization_config(config: QuantConfig, *, qat: bool = False):
+    """INT8 spec for PT2E backends: per-tensor affine activations, symmetric weights in [-127, 127] (per-channel
+    by default). With ``qat`` every observer is a fused moving-average fake-quantize (as ExecuTorch's QAT config),
+    keeping the weight granularity: per-channel weights get a per-channel moving-average observer."""
+    from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
-    With ``qat`` every observer becomes a fused moving-average fake-quantize (as ExecuTorch's QAT config),
-    keeping the weight granularity: per-channel weights get a per-channel moving-average observer.
-    """
+    ns = _pt2e()
     per_channel = config.granularity == "per-channel"
     if qat:
-        act_ctr = FusedMovingAvgObsFakeQuantize.with_args(observer=MovingAverageMinMaxObserver, eps=EPS)
-        w_obs = MovingAveragePerChannelMinMaxObserver if per_channel else MovingAverageMinMaxObserver
-        w_ctr = FusedMovingAvgObsFakeQuantize.with_args(observer=w_obs, eps=EPS)
+        act_ctr = ns.FusedMovingAvgObsFakeQuantize.with_args(observer=ns.MovingAverageMinMaxObserver, eps=EPS)
+        w_obs = ns.MovingAveragePerChannelMinMaxObserver if per_channel else ns.MovingAverageMinMaxObserver
+        w_ctr = ns.FusedMovingAvgObsFakeQuantize.with_args(observer=w_obs, eps=EPS)
     else:
         act_ctr = activation_observer(config)
-        w_ctr = (PerChannelMinMaxObserver if per_channel else MinMaxObserver).with_args(eps=EPS)
+        w_ctr = (ns.PerChannelMinMaxObserver if per_channel else ns.MinMaxObserver).with_args(eps=EPS)
     act = QuantizationSpec(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine,
                            is_dynamic=False, observer_or_fake_quant_ctr=act_ctr)
     weight = QuantizationSpec(

@@ -1,10 +1,10 @@
-"""CalibrationSet: a seeded, class-stratified subset of real images, counted in samples."""
+"""CalibrationSet: a seeded, class-stratified subset of real images, counted in samples, decoded once."""
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -14,7 +14,10 @@ from ..errors import DataError
 
 @dataclass
 class CalibrationSet:
-    """The images calibration will see. ``dataset.skipped`` counts unreadable files met while loading."""
+    """The images calibration (and bias correction, and QAT range init) will see.
+
+    The images are decoded once, on first use, and kept as one tensor; ``skipped`` counts the unreadable ones.
+    """
 
     root: Path
     dataset: ImageFolderDataset
@@ -22,9 +25,26 @@ class CalibrationSet:
     seed: int
     stratified: bool
     available: int
+    _images: torch.Tensor | None = field(default=None, repr=False)
 
-    def loader(self, batch_size: int):
-        return make_loader(self.dataset, batch_size)
+    @property
+    def images(self) -> torch.Tensor:
+        """Every readable selected image, decoded and preprocessed (N x 3 x H x W)."""
+        if self._images is None:
+            chunks = [b[0] for b in make_loader(self.dataset, 64) if b is not None]
+            if not chunks:
+                raise DataError(f"no readable calibration images in '{self.root}' ({len(self.dataset.skipped)} "
+                                f"unreadable); pass a folder of valid images (.jpg .jpeg .png .bmp .webp)")
+            self._images = torch.cat(chunks)
+        return self._images
+
+    @property
+    def skipped(self) -> int:
+        self.images  # noqa: B018 - decoding is what finds the unreadable files
+        return len(self.dataset.skipped)
+
+    def batches(self, batch_size: int) -> Iterator[torch.Tensor]:
+        yield from self.images.split(batch_size)
 
     def to_dict(self) -> dict:
         return {"root": str(self.root), "requested": self.requested, "selected": len(self.dataset),

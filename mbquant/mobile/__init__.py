@@ -1,5 +1,6 @@
-"""Artifacts for devices: lowering, writing, loading back with the real runtime."""
-from .executorch import Delegation, Lowered, delegation_of, lower, write_pte
-from .runtime import PteModel, latency_ms, set_runtime_threads
+"""The backends (the deployment part): ``table`` (the one capability table), ``backend`` (the protocol every
+backend provides, predictors, artifact names), and one package per runtime: ``xnnpack`` (pte-xnnpack) and
+``torchscript`` (ts-qnnpack, ts-x86). A backend package is imported only when a run uses it."""
+from .table import BACKENDS, BackendSpec, get_spec, load, resolve, select
 
-__all__ = ["Delegation", "Lowered", "PteModel", "delegation_of", "latency_ms", "lower", "set_runtime_threads", "write_pte"]
+__all__ = ["BACKENDS", "BackendSpec", "get_spec", "load", "resolve", "select"]

@@ -1,27 +1,22 @@
-"""Quantization-aware training stages (PT2E): export in train mode -> prepare_qat -> (train) -> convert.
+"""Quantization-aware training state shared by every backend: :class:`QatModel` (the switches a QAT
+schedule needs: mode, BN freeze, observer freeze, range init) and :class:`QatGraph`, the PT2E one.
 
-:class:`QatGraph` holds the fake-quantized graph and the switches a QAT schedule needs. An exported graph
-ignores ``.train()``/``.eval()``; modes are graph rewrites (``move_exported_model_to_train/eval``), and
-freezing BN statistics rewrites the training-mode ``batch_norm`` ops to their eval form (running
+An exported graph ignores ``.train()``/``.eval()``; modes are graph rewrites (``move_exported_model_to_train/eval``),
+and freezing BN statistics rewrites the training-mode ``batch_norm`` ops to their eval form (running
 statistics used and left untouched) while the rest of the graph trains.
 """
 from __future__ import annotations
 
 import abc
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from ..config import QuantConfig
 from ..errors import QuantizationError
-from .fuse import BN_OPS
-from .graph import count_targets
-from .ptq import convert as convert_ptq
-from .ptq import export_float
-from .quantizer import build_quantizer
-from .targets import Target
+from .ops import BN_OPS
+
 
 def fake_quants(module: nn.Module) -> dict[str, nn.Module]:
     """The fake-quantize modules of a QAT model (activations and weights; PT2E's or the eager engine's)."""
@@ -99,8 +94,9 @@ class QatGraph(QatModel):
     """A fake-quantized PT2E graph. Modes are graph rewrites; freezing BN rewrites the training-mode
     ``batch_norm`` ops to their eval form while the rest of the graph trains."""
 
-    def __init__(self, module: GraphModule):
+    def __init__(self, module: GraphModule, convert: Callable[[GraphModule], GraphModule]):
         self.module = module
+        self._convert = convert
 
     def set_mode(self, train: bool) -> None:
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
@@ -136,7 +132,7 @@ class QatGraph(QatModel):
     def convert(self) -> GraphModule:
         """Fold BN into the convs and emit quantize/dequantize pairs (checks no batch_norm is left)."""
         self.set_mode(False)
-        return convert_ptq(self.module)
+        return self._convert(self.module)
 
 
 def _keep_rng():
@@ -159,23 +155,3 @@ def _bn_is_training(node: torch.fx.Node) -> bool:
     if node.target == torch.ops.aten.batch_norm.default:
         return bool(node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False))
     return True
-
-
-def prepare_qat(model: nn.Module, resolution: int, config: QuantConfig, target: Target) -> QatGraph:
-    """Export the float model in train mode and insert fake-quantize modules as the target's quantizer
-    annotates them (conv-BN kept as a pattern for training; BN is folded at convert)."""
-    from torchao.quantization.pt2e import allow_exported_model_train_eval
-    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
-
-    target.check(config, "pte")
-    gm = export_float(model, resolution, dynamic_batch=True, train=True)
-    prepared = prepare_qat_pt2e(gm, build_quantizer(config, qat=True))
-    allow_exported_model_train_eval(prepared)
-    if not fake_quants(prepared):
-        raise QuantizationError(f"prepare_qat inserted no fake-quantize modules into {type(model).__name__}; "
-                                f"nothing would be trained for INT8")
-    return QatGraph(prepared)
-
-
-def bn_left(gm: GraphModule) -> int:
-    return count_targets(gm, BN_OPS)

@@ -4,13 +4,25 @@ import pytest
 import torch
 
 from mbquant import calibrate
-from mbquant.calibrate import PercentileObserver, from_folder, stratified_indices
+from mbquant.calibrate import from_folder, percentile_observer, stratified_indices
 from mbquant.config import QuantConfig
 from mbquant.data import small_preset
 from mbquant.errors import ConfigError, DataError, QuantizationError
+from mbquant.mobile import table
 from mbquant.models import create
-from mbquant.quant import ptq
-from mbquant.quant.targets import get_target
+from mbquant.quant.export import FloatModel
+
+
+def _prepared(model, config: QuantConfig):
+    spec = table.get_spec("pte-xnnpack")
+    return table.load(spec).prepare(FloatModel(model, 32), table.resolve(config, spec))
+
+
+def _percentile(**kwargs):
+    from torchao.quantization.pt2e import HistogramObserver
+
+    return percentile_observer(HistogramObserver)(dtype=torch.int8, quant_min=-128, quant_max=127,
+                                                  qscheme=torch.per_tensor_affine, **kwargs)
 
 
 def test_stratified_indices_are_balanced_and_seeded():
@@ -30,7 +42,7 @@ def test_calibration_set_from_imagefolder(small_folder):
 
 
 def test_num_calib_zero_is_rejected():
-    with pytest.raises(ConfigError, match="num_calib must be a positive number of samples, got 0"):
+    with pytest.raises(ConfigError, match=r"num_calib \(calibration samples\) 0 is out of range \[1, inf\]"):
         QuantConfig(num_calib=0)
 
 
@@ -40,8 +52,7 @@ def test_observer_choices_are_validated():
 
 
 def test_percentile_observer_clips_outliers():
-    obs = PercentileObserver(percentile=99.0, dtype=torch.int8, quant_min=-128, quant_max=127,
-                             qscheme=torch.per_tensor_affine)
+    obs = _percentile(percentile=99.0)
     x = torch.cat([torch.linspace(0, 1, 10000), torch.tensor([100.0])])
     obs(x)
     lo, hi = obs._non_linear_param_search()
@@ -52,15 +63,15 @@ def test_percentile_observer_clips_outliers():
 def test_calibration_counts_samples_and_fills_observers(small_folder, observer):
     model = create("mobilenet_v2", num_classes=10, width_mult=0.35)
     cfg = QuantConfig(observer=observer, num_calib=30, batch_size=8)
-    prepared = ptq.prepare(model, 32, cfg, get_target("phone"))
+    prepared = _prepared(model, cfg)
     cs = from_folder(small_folder, small_preset(32), cfg.num_calib)
     res = calibrate.run(prepared, cs, batch_size=cfg.batch_size)
-    assert (res.samples, res.batches, res.skipped) == (30, 4, 0)
+    assert (res.samples, res.batches, res.skipped_unreadable) == (30, 4, 0)
     assert res.observers == len(calibrate.observers_of(prepared)) > 50
 
 
 def test_observer_that_saw_no_data_fails():
-    prepared = ptq.prepare(create("mobilenet_v2", num_classes=10, width_mult=0.35), 32, QuantConfig(), get_target("phone"))
+    prepared = _prepared(create("mobilenet_v2", num_classes=10, width_mult=0.35), QuantConfig())
     with pytest.raises(QuantizationError, match=r"observers saw no data after 0 calibration samples"):
         calibrate.check_observers(prepared, 0)
 
@@ -69,7 +80,7 @@ def test_all_unreadable_calibration_images(tmp_path):
     (tmp_path / "c" / "x").mkdir(parents=True)
     for i in range(3):
         (tmp_path / "c" / "x" / f"{i}.png").write_bytes(b"garbage")
-    prepared = ptq.prepare(create("mobilenet_v2", num_classes=10, width_mult=0.35), 32, QuantConfig(), get_target("phone"))
+    prepared = _prepared(create("mobilenet_v2", num_classes=10, width_mult=0.35), QuantConfig())
     cs = from_folder(tmp_path / "c", small_preset(32), 3)
     with pytest.raises(DataError, match=r"no readable calibration images .*\(3 unreadable\)"):
         calibrate.run(prepared, cs)
@@ -78,7 +89,34 @@ def test_all_unreadable_calibration_images(tmp_path):
 def test_empty_observers_are_detected():
     from mbquant.calibrate.loop import _empty
 
-    obs = PercentileObserver(dtype=torch.int8, quant_min=-128, quant_max=127, qscheme=torch.per_tensor_affine)
+    obs = _percentile()
     assert _empty(obs)
     obs(torch.ones(3))
     assert not _empty(obs)
+
+
+def test_one_percentile_rule_for_both_observer_families():
+    """The eager engine's percentile observer is the same rule on torch.ao's histogram observer."""
+    import torch.ao.quantization as tq
+
+    from mbquant.calibrate.observers import PercentileRange, activation_observer
+
+    x = torch.cat([torch.linspace(0, 1, 10000), torch.tensor([100.0])])
+    ranges = []
+    for ns in (None, tq):
+        obs = activation_observer(QuantConfig(observer="percentile", percentile=99.0), ns, dtype=torch.quint8,
+                                  qscheme=torch.per_tensor_affine, quant_min=0, quant_max=255)()
+        assert isinstance(obs, PercentileRange)
+        obs(x)
+        ranges.append(tuple(float(v) for v in obs._non_linear_param_search()))
+    assert ranges[0] == ranges[1] and ranges[0][0] == 0.0 and 0.9 < ranges[0][1] < 1.2
+
+
+def test_calibration_images_are_decoded_once(small_folder, monkeypatch):
+    cs = from_folder(small_folder, small_preset(32), 20, seed=0)
+    calls = []
+    decode = type(cs.dataset)._decode
+    monkeypatch.setattr(type(cs.dataset), "_decode", lambda self, i: calls.append(i) or decode(self, i))
+    first = torch.cat(list(cs.batches(8)))
+    again = torch.cat(list(cs.batches(5)))
+    assert len(calls) == 20 and torch.equal(first, again) and first.shape == (20, 3, 32, 32)

@@ -6,10 +6,21 @@ import torch
 
 from mbquant.config import QuantConfig
 from mbquant.data import load_folder
+from mbquant.mobile import table
 from mbquant.models import load_checkpoint
+from mbquant.quant.export import FloatModel
 from mbquant.quant.graph import summarize
-from mbquant.quant.qat import QatGraph, bn_left, fake_quants, prepare_qat
-from mbquant.quant.targets import get_target
+from mbquant.quant.ops import BN_OPS, count_targets
+from mbquant.quant.qat import QatGraph, fake_quants
+
+
+def prepare_qat(model, resolution, config):
+    spec = table.get_spec("pte-xnnpack")
+    return table.load(spec).prepare_qat(FloatModel(model, resolution), table.resolve(config, spec, qat=True))
+
+
+def bn_left(gm) -> int:
+    return count_targets(gm, BN_OPS)
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +34,7 @@ def batches(tiny_ckpt):
 
 def _prepared(batches, **cfg) -> QatGraph:
     model, info, xs = batches
-    qg = prepare_qat(model, info.resolution, QuantConfig(**cfg), get_target("phone"))
+    qg = prepare_qat(model, info.resolution, QuantConfig(recipe="qat", **cfg))
     qg.init_ranges(xs)
     return qg
 

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from mbquant.data import load_folder, make_loader, small_preset
-from mbquant.mobile import PteModel
+from mbquant.mobile.xnnpack import PteModel
 from mbquant.quant.graph import summarize
-from tests.quant.conftest import RES, ZOO_CASES
+from tests.mobile.xnnpack.conftest import RES, ZOO_CASES
 
 # conv(-BN)-ReLU6 units each family must fuse: V1 has 27 (first conv + 13 dw + 13 pw), V2 35
 EXPECTED_FUSED_RELU6 = {"mobilenet_v1": 27, "mobilenet_v2": 35, "mobilenet_v3_small": 0,
@@ -27,8 +27,8 @@ def test_int8_graph_structure(zoo_case, name):
 def test_program_is_one_delegate_and_matches_the_int8_module(zoo_case, small_val, name):
     case = zoo_case(name)
     d = case.lowered.delegation
-    assert d.subgraphs == 1, f"expected one XNNPACK delegate call, got {d.subgraphs}"
-    assert d.ratio >= 0.99 and d.outside_ops == {}
+    assert d.delegate_calls == 1, f"expected one XNNPACK delegate call, got {d.delegate_calls}"
+    assert d.ratio >= 0.99 and d.ops_outside_delegate == {}
     pte = PteModel(case.pte)
     ds = load_folder(small_val, small_preset(RES))
     x = torch.cat([b[0] for b in make_loader(ds, 25)])
@@ -61,3 +61,31 @@ def test_v3_hardswish_and_squeeze_excite_are_quantized_and_delegated(zoo_case):
     assert counts["aten.hardsigmoid.default"] == 9 and counts["aten.mul.Tensor"] == 9  # 9 SE blocks
     assert summarize(case.int8).float_ops == []
     assert case.lowered.delegation.ratio == 1.0
+
+
+def test_delegation_figures_are_executorchs_own_without_getitem(calib32):
+    """delegation_of reads executorch.devtools' get_delegation_info; the figures equal a count of the lowered
+    graph's nodes (tuple unpacking with getitem excluded on both sides)."""
+    import operator
+
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    from mbquant.mobile.xnnpack import delegation_of
+    from mbquant.models import create
+    from tests.conftest import quantize_pt2e
+
+    q = quantize_pt2e(create("mobilenet_v1", num_classes=10, width_mult=0.25), RES, calib32, bias_correction=False)
+    ep = torch.export.export(q.int8, (torch.zeros(1, 3, RES, RES),))
+    gm = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).exported_program().graph_module
+    inside = outside = calls = 0
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" and n.name.startswith("lowered_module_"):
+            calls += 1
+            inside += sum(1 for m in getattr(gm, n.name).original_module.graph.nodes
+                          if m.op == "call_function" and m.target is not operator.getitem)
+        elif n.op == "call_function" and n.target is not operator.getitem \
+                and "executorch_call_delegate" not in str(n.target):
+            outside += 1
+    d = delegation_of(gm)
+    assert (d.delegated_ops, d.outside_ops, d.delegate_calls) == (inside, outside, calls) and inside > 50

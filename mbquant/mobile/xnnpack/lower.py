@@ -1,58 +1,48 @@
 """Lower a (float or INT8) PT2E graph to an ExecuTorch program with the XNNPACK delegate, and write it."""
 from __future__ import annotations
 
-import operator
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch.fx import GraphModule
 
-from .._io import write_bytes
-from ..errors import ExportError
-from ..quant.ptq import example_input
+from ..._io import write_bytes
+from ...errors import ExportError
+from ...quant.export import example_input
+
+GETITEM = "getitem"  # tuple unpacking of the delegate's outputs: not an op, not counted
 
 
-@dataclass
+@dataclass(frozen=True)
 class Delegation:
-    """How much of the program runs inside the delegate. ``getitem`` (tuple unpacking) is not counted."""
+    """How much of the program runs inside the delegate, from ExecuTorch's ``get_delegation_info``
+    (``getitem``, tuple unpacking, is not counted on either side)."""
 
-    delegated: int
-    outside: int
-    subgraphs: int
-    outside_ops: dict[str, int] = field(default_factory=dict)
+    delegated_ops: int
+    outside_ops: int
+    delegate_calls: int
+    ops_outside_delegate: dict[str, int] = field(default_factory=dict)
 
     @property
     def ratio(self) -> float:
-        total = self.delegated + self.outside
-        return self.delegated / total if total else 0.0
+        total = self.delegated_ops + self.outside_ops
+        return self.delegated_ops / total if total else 0.0
 
     def to_dict(self) -> dict:
-        return {"delegated_ops": self.delegated, "outside_ops": self.outside, "delegate_calls": self.subgraphs,
-                "ratio": round(self.ratio, 4), "ops_outside_delegate": self.outside_ops}
-
-
-@dataclass
-class Lowered:
-    buffer: bytes
-    delegation: Delegation
-    program_ops: dict[str, int]
+        return {"delegated_ops": self.delegated_ops, "outside_ops": self.outside_ops,
+                "delegate_calls": self.delegate_calls, "ratio": round(self.ratio, 4),
+                "ops_outside_delegate": self.ops_outside_delegate}
 
 
 def delegation_of(gm: GraphModule) -> Delegation:
-    delegated = subgraphs = 0
-    outside: Counter = Counter()
-    for node in gm.graph.nodes:
-        if node.op == "get_attr" and node.name.startswith("lowered_module_"):
-            subgraphs += 1
-            lowered = getattr(gm, node.name)
-            delegated += sum(1 for n in lowered.original_module.graph.nodes
-                             if n.op == "call_function" and n.target is not operator.getitem)
-        elif node.op == "call_function" and node.target is not operator.getitem \
-                and "executorch_call_delegate" not in str(node.target):
-            outside[str(node.target)] += 1
-    return Delegation(delegated, sum(outside.values()), subgraphs, dict(outside))
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(gm)
+    ops = {k: v for k, v in info.delegation_by_operator.items() if k != GETITEM}
+    outside = {k: v.non_delegated for k, v in ops.items() if v.non_delegated}
+    return Delegation(sum(v.delegated for v in ops.values()), sum(outside.values()), info.num_delegated_subgraphs,
+                      outside)
 
 
 class _ConstantPropagation:
@@ -68,6 +58,12 @@ class _ConstantPropagation:
                 return ExportedProgramPassResult(constant_prop_pass(exported_program), True)
 
         return Pass()
+
+
+@dataclass(frozen=True)
+class Lowered:
+    buffer: bytes
+    delegation: Delegation
 
 
 def lower(gm: GraphModule, resolution: int, *, batch: int = 1) -> Lowered:
@@ -87,8 +83,7 @@ def lower(gm: GraphModule, resolution: int, *, batch: int = 1) -> Lowered:
         program = edge.to_executorch()
     except Exception as exc:
         raise ExportError(f"lowering to ExecuTorch/XNNPACK failed: {type(exc).__name__}: {str(exc)[:400]}") from exc
-    ops = Counter(str(n.target) for n in program.exported_program().graph_module.graph.nodes if n.op == "call_function")
-    return Lowered(program.buffer, delegation, dict(ops))
+    return Lowered(program.buffer, delegation)
 
 
 def write_pte(lowered: Lowered, path: Path | str) -> Path:

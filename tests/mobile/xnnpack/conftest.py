@@ -2,17 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 import torch
 from torch.fx import GraphModule
 
-from mbquant import calibrate
-from mbquant.config import QuantConfig
-from mbquant.data import small_preset
-from mbquant.mobile import Lowered, lower, write_pte
+from mbquant.mobile.xnnpack import Lowered, lower, write_pte
 from mbquant.models import create
-from mbquant.pipeline import quantize
+from tests.conftest import quantize_pt2e
 
 ZOO_CASES = {
     "mobilenet_v1": 0.25,
@@ -29,11 +27,12 @@ class Case:
     model: torch.nn.Module
     int8: GraphModule
     lowered: Lowered
-    pte: object
+    pte: Path
 
 
 @pytest.fixture(scope="session")
-def zoo_case(small_folder, tmp_path_factory):
+def zoo_case(calib32, tmp_path_factory):
+    """INT8 logits (nothing kept in float), ReLU6 fused, percentile observer, no bias correction."""
     cache: dict[str, Case] = {}
     out = tmp_path_factory.mktemp("zoo")
 
@@ -41,8 +40,7 @@ def zoo_case(small_folder, tmp_path_factory):
         if name not in cache:
             torch.manual_seed(0)
             model = create(name, num_classes=10, width_mult=ZOO_CASES[name])
-            calib = calibrate.from_folder(small_folder, small_preset(RES), 40, seed=0)
-            q = quantize(model, calib, resolution=RES, config=QuantConfig(num_calib=40, batch_size=20))
+            q = quantize_pt2e(model, RES, calib32, keep_float=(), bias_correction=False, batch_size=20)
             lowered = lower(q.int8, RES)
             cache[name] = Case(model, q.int8, lowered, write_pte(lowered, out / f"{name}.pte"))
         return cache[name]

@@ -1,129 +1,29 @@
-"""Fusion of conv(-BN)-ReLU6 into one quantized unit for the PT2E flow.
+"""Eager fusion for the legacy ``torch.ao.quantization`` engine (the TorchScript backend only).
 
-The stock XNNPACK quantizer annotates conv+ReLU as one unit but lets ReLU6 (``hardtanh(0, 6)``) merely
-share its input's qparams: the conv output is quantized over its full signed range and half the INT8
-codes are wasted after the clamp. :func:`annotate_conv_relu6` annotates conv -> [BN ->] hardtanh(0, 6)
-so the only quantize sits after the clamp; XNNPACK then folds the clamp into the conv. ReLU6 is never
-replaced by ReLU.
+``fuse(model, is_qat=..., fuse_relu6=...)`` returns a fused deep copy; the input is untouched. What it does to
+the zoo's structures:
+
+* every Conv2d -> BatchNorm2d [-> ReLU] run inside an nn.Sequential (mbquant ConvBNAct, torchvision
+  Conv2dNormActivation, the pw-linear conv+BN of InvertedResidual, ResNet downsample) goes through
+  ``torch.ao.quantization.fuse_modules`` (eval: BN folded into the conv) or ``fuse_modules_qat`` (train:
+  ConvBn modules that keep BN trainable);
+* Conv2d -> BatchNorm2d -> ReLU6 becomes ``ConvReLU62d`` (eval) / ``ConvBnReLU62d`` (QAT) with ``fuse_relu6``:
+  one quantized unit whose single output observer sees the clamped values, so the INT8 output grid spans
+  [0, m] with m <= 6 and the quantized module still applies ReLU6 explicitly. Without it only conv+BN are
+  fused and ``nn.ReLU6`` stays a module of its own (quantized on the conv's grid). ReLU6 never becomes ReLU;
+* residual blocks get wrapper modules whose forward adds through ``FloatFunctional`` (ResNet: ``add_relu``),
+  squeeze-excitation multiplies through ``FloatFunctional.mul``; Hardswish/Hardsigmoid stay.
 """
 from __future__ import annotations
 
 import copy as _copy
-import operator
-from typing import Callable, Optional
 
 import torch
 import torch.ao.nn.intrinsic as _nni
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
-from torch.fx import GraphModule, Node
 
-from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import (
-    _is_annotated, _mark_nodes_as_annotated, get_bias_qspec, get_input_act_qspec, get_output_act_qspec,
-    get_weight_qspec)
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationConfig
-
-from ..config import RELU6_MODES
-from ..errors import ConfigError, QuantizationError
-
-Q_ANNOTATION_KEY = "quantization_annotation"
-CONV_OPS = {torch.ops.aten.conv2d.default, torch.ops.aten.conv1d.default, torch.ops.aten.convolution.default}
-HARDTANH_OPS = {torch.ops.aten.hardtanh.default, torch.ops.aten.hardtanh_.default}
-BN_OPS = {torch.ops.aten.batch_norm.default, torch.ops.aten._native_batch_norm_legit.default,
-          torch.ops.aten._native_batch_norm_legit_no_training.default, torch.ops.aten.cudnn_batch_norm.default}
-
-
-def is_relu6(node: Node) -> bool:
-    """``hardtanh(x, 0, 6)`` exactly (other bounds are not ReLU6 and are left alone)."""
-    if node.op != "call_function" or node.target not in HARDTANH_OPS:
-        return False
-    lo = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
-    hi = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
-    return float(lo) == 0.0 and float(hi) == 6.0
-
-
-def _single_user(node: Node) -> bool:
-    return len(node.users) == 1
-
-
-def _bn_producer(node: Node) -> Node | None:
-    """For ``getitem(bn, 0)`` or ``bn`` return the BN node."""
-    if node.op == "call_function" and node.target in BN_OPS:
-        return node
-    if node.op == "call_function" and node.target is operator.getitem:
-        src = node.args[0]
-        if isinstance(src, Node) and src.op == "call_function" and src.target in BN_OPS:
-            return src
-    return None
-
-
-def match_conv_relu6(act: Node) -> tuple[Node, list[Node]] | None:
-    """If ``act`` is ReLU6 fed by a single-user conv (directly, or through a single-user BN as in QAT),
-    return the conv and the intermediate nodes; else None."""
-    if not is_relu6(act):
-        return None
-    src = act.args[0]
-    between: list[Node] = []
-    if not isinstance(src, Node) or not _single_user(src):
-        return None
-    bn = _bn_producer(src)
-    if bn is not None:
-        between = [src] if src is not bn else []
-        between.append(bn)
-        src = bn.args[0]
-        if not isinstance(src, Node) or not _single_user(src):
-            return None
-    if src.op == "call_function" and src.target in CONV_OPS:
-        return src, between
-    return None
-
-
-def annotate_conv_relu6(gm: GraphModule, config: Optional[QuantizationConfig],
-                        filter_fn: Optional[Callable[[Node], bool]] = None) -> list[list[Node]]:
-    """Annotate every conv -> [BN ->] ReLU6 chain as one quantized unit. Returns the partitions."""
-    partitions: list[list[Node]] = []
-    if config is None:
-        return partitions
-    for act in gm.graph.nodes:
-        found = match_conv_relu6(act)
-        if found is None:
-            continue
-        conv, between = found
-        weight = conv.args[1]
-        bias = conv.args[2] if len(conv.args) > 2 else None
-        partition = [act, *between, conv, weight]
-        qmap = {conv.args[0]: get_input_act_qspec(config), weight: get_weight_qspec(config)}
-        if isinstance(bias, Node):
-            qmap[bias] = get_bias_qspec(config)
-            partition.append(bias)
-        if _is_annotated(partition) or (filter_fn and not all(filter_fn(n) for n in partition)):
-            continue
-        conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=qmap, _annotated=True)
-        act.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config), _annotated=True)
-        _mark_nodes_as_annotated(partition)
-        partitions.append(partition)
-    return partitions
-
-
-# =========================================================================== eager fusion (TorchScript path)
-# Used only by :mod:`mbquant.quant.eager` (the legacy ``torch.ao.quantization`` engine behind the TorchScript
-# artifacts). ``fuse(model, is_qat=..., relu6=...)`` returns a fused deep copy; the input is untouched.
-#
-# What it does to the zoo's structures:
-#   * every Conv2d -> BatchNorm2d [-> ReLU] run inside an nn.Sequential (mbquant ConvBNAct, torchvision
-#     Conv2dNormActivation, the pw-linear conv+BN of InvertedResidual, ResNet downsample) goes through
-#     ``torch.ao.quantization.fuse_modules`` (eval: BN folded into the conv) or ``fuse_modules_qat`` (train:
-#     ConvBn modules that keep BN trainable);
-#   * Conv2d -> BatchNorm2d -> ReLU6 becomes ``ConvReLU62d`` (eval) / ``ConvBnReLU62d`` (QAT) with
-#     ``relu6="clamp"``: one quantized unit whose single output observer sees the clamped values, so the INT8
-#     output grid spans [0, m] with m <= 6 and the quantized module still applies ReLU6 explicitly. With
-#     ``relu6="separate"`` only conv+BN are fused and ``nn.ReLU6`` stays a module of its own (quantized as
-#     ``torch.ao.nn.quantized.ReLU6``, which clamps on the conv's grid). ReLU6 never becomes ReLU;
-#   * residual blocks get wrapper modules whose forward adds through ``FloatFunctional`` (ResNet:
-#     ``add_relu``), squeeze-excitation multiplies through ``FloatFunctional.mul``; Hardswish/Hardsigmoid stay.
-# Accuracy of the two ReLU6 handlings (measured, MobileNetV2 w0.5/w0.35 on Fashion-MNIST, qnnpack, per-channel):
-# top-1 drop 0.22/0.07 pp with "clamp", 0.20/-0.05 pp with "separate" (within noise; "clamp" agrees with float
-# slightly more often); the table is in mbquant.quant.eager's docstring and benchmarks/results/torchscript_relu6.json.
+from ...errors import QuantizationError
 
 
 class ConvReLU62d(_nni._FusedModule):
@@ -166,10 +66,10 @@ def _fuse_list(mods: list[nn.Module], is_qat: bool) -> nn.Module:
     return fuse_known_modules(mods, is_qat, RELU6_FUSERS)[0]
 
 
-def conv_runs(seq: nn.Sequential, relu6: str) -> list[list[str]]:
+def conv_runs(seq: nn.Sequential, fuse_relu6: bool) -> list[list[str]]:
     """Names of the Conv2d [-> BatchNorm2d] [-> ReLU | ReLU6 (clamp mode)] runs among ``seq``'s children."""
     items = list(seq.named_children())
-    acts = (nn.ReLU, nn.ReLU6) if relu6 == "clamp" else (nn.ReLU,)
+    acts = (nn.ReLU, nn.ReLU6) if fuse_relu6 else (nn.ReLU,)
     runs, i = [], 0
     while i < len(items):
         if type(items[i][1]) is not nn.Conv2d:
@@ -188,10 +88,10 @@ def conv_runs(seq: nn.Sequential, relu6: str) -> list[list[str]]:
     return runs
 
 
-def _fuse_sequential(seq: nn.Sequential, is_qat: bool, relu6: str) -> None:
+def _fuse_sequential(seq: nn.Sequential, is_qat: bool, fuse_relu6: bool) -> None:
     from torch.ao.quantization import fuse_modules, fuse_modules_qat
 
-    runs = conv_runs(seq, relu6)
+    runs = conv_runs(seq, fuse_relu6)
     if runs:
         (fuse_modules_qat if is_qat else fuse_modules)(
             seq, runs, inplace=True, fuse_custom_config_dict={"additional_fuser_method_mapping": RELU6_FUSERS})
@@ -288,18 +188,18 @@ def _wrap(child: nn.Module, is_qat: bool) -> nn.Module | None:
     return None
 
 
-def _fuse_tree(module: nn.Module, is_qat: bool, relu6: str) -> None:
+def _fuse_tree(module: nn.Module, is_qat: bool, fuse_relu6: bool) -> None:
     from torchvision.models import ResNet
 
     if isinstance(module, nn.Sequential):
-        _fuse_sequential(module, is_qat, relu6)
+        _fuse_sequential(module, is_qat, fuse_relu6)
     if isinstance(module, ResNet):
         module.conv1 = _fuse_list([module.conv1, module.bn1, module.relu], is_qat)
         module.bn1, module.relu = nn.Identity(), nn.Identity()
     for name, child in list(module.named_children()):
         if isinstance(child, _nni._FusedModule):
             continue
-        _fuse_tree(child, is_qat, relu6)
+        _fuse_tree(child, is_qat, fuse_relu6)
         wrapped = _wrap(child, is_qat)
         if wrapped is not None:
             setattr(module, name, wrapped)
@@ -312,16 +212,14 @@ def unfused_batchnorms(model: nn.Module) -> list[str]:
             if isinstance(m, nn.BatchNorm2d) and not any(n.startswith(f + ".") for f in fused)]
 
 
-def fuse(model: nn.Module, *, is_qat: bool = False, relu6: str = "clamp") -> nn.Module:
+def fuse(model: nn.Module, *, is_qat: bool = False, fuse_relu6: bool = True) -> nn.Module:
     """A fused deep copy of ``model`` for the eager engine (eval mode; train mode with ``is_qat``).
 
-    ``relu6="clamp"``: conv(-BN)-ReLU6 is one unit, quantized after the clamp; ``"separate"``: conv-BN fused,
+    ``fuse_relu6``: conv(-BN)-ReLU6 is one unit, quantized after the clamp; without it conv-BN are fused and
     ReLU6 quantized on its own. Raises QuantizationError when a BatchNorm2d cannot be fused.
     """
-    if relu6 not in RELU6_MODES:
-        raise ConfigError(f"relu6 handling '{relu6}' is not supported; choose one of: {', '.join(RELU6_MODES)}")
     fused = _copy.deepcopy(model).train(is_qat)
-    _fuse_tree(fused, is_qat, relu6)
+    _fuse_tree(fused, is_qat, fuse_relu6)
     left = unfused_batchnorms(fused)
     if left:
         raise QuantizationError(f"{len(left)} BatchNorm2d modules follow no Conv2d that eager fusion can fold "

@@ -1,4 +1,4 @@
-"""The legacy eager engine (``torch.ao.quantization``), used only to make TorchScript artifacts.
+"""The legacy eager engine (``torch.ao.quantization``) behind the TorchScript backends (ts-qnnpack, ts-x86).
 
 Stages as in the PT2E road: ``prepare`` (fuse with :func:`mbquant.quant.fuse`, wrap in
 QuantStub/DeQuantStub, attach a qconfig, insert observers or fake-quants), ``calibrate`` (real images,
@@ -21,9 +21,10 @@ quantized ReLU6/hardtanh/clamp kernel scrambles channels-last inputs (every qnnp
 build, so ReLU6 runs through :func:`relu6_any_layout` (measured: a stock ``torch.ao.nn.quantized.ReLU6``
 after the convs took the shipped MobileNetV2 from 90.7% to 10.2% top-1 on 2,000 val images).
 
-ReLU6 (``relu6=``): ``"clamp"`` quantizes conv-BN-ReLU6 as one unit after the clamp (all 256 codes cover
-[0, m], m <= 6; the conv's requantization is the clamp); ``"separate"`` quantizes the conv output over its
-whole signed range and clamps on that grid with a quantized ReLU6. Both keep ReLU6 semantics. Measured with
+ReLU6 (``QuantConfig.fuse_relu6``): fused ("clamp") quantizes conv-BN-ReLU6 as one unit after the clamp (all
+256 codes cover [0, m], m <= 6; the conv's requantization is the clamp); not fused ("separate") quantizes the
+conv output over its whole signed range and clamps on that grid with a quantized ReLU6. Both keep ReLU6
+semantics. Measured with
 ``benchmarks/torchscript_relu6.py`` (512 seeded stratified calibration images from data/train, histogram
 observer, all 10,000 data/val images; top-1 drop in pp / float-vs-INT8 top-1 agreement in %):
 
@@ -33,8 +34,8 @@ observer, all 10,000 data/val images; top-1 drop in pp / float-vs-INT8 top-1 agr
     qnnpack  per-tensor    0.02 / 98.73   0.34 / 98.30          28.13 / 62.89  (not run)
     x86      per-channel   0.45 / 97.00   (not run)
 
-The two ReLU6 handlings are within noise of each other on top-1 (0.2 pp is 20 images); ``"clamp"`` agrees
-with the float model a little more often and needs no separate ReLU6 op, so it is the default. Per-tensor
+The two ReLU6 handlings are within noise of each other on top-1 (0.2 pp is 20 images); "clamp" agrees
+with the float model a little more often and needs no separate ReLU6 op, so fusion is the default. Per-tensor
 weights are fine on the w0.5 checkpoint and collapse the w0.35 one (-28 pp): per-channel is the default.
 """
 from __future__ import annotations
@@ -52,19 +53,14 @@ import torch.ao.quantization as tq
 import torch.nn.functional as F
 from torch import nn
 
-from ..calibrate import loop as calibration_loop
-from ..calibrate.loop import CalibrationResult
-from ..calibrate.subset import CalibrationSet
-from ..config import GRANULARITIES, OBSERVERS, QuantConfig
-from ..errors import ConfigError, QuantizationError
-from .fuse import RELU6_MODES, ConvBnReLU62d, ConvReLU62d, fuse
-from .qat import QatModel
+from ...calibrate.observers import activation_observer
+from ...config import QuantConfig
+from ...errors import ConfigError, QuantizationError
+from ...quant.qat import QatModel
+from .fuse import ConvBnReLU62d, ConvReLU62d, fuse
 
 
-ENGINES = {"phone": "qnnpack", "x86": "x86"}
-# weight granularities whose quantized conv/linear kernels were checked on this build (see module doc)
-ENGINE_GRANULARITIES = {"qnnpack": ("per-channel", "per-tensor"), "x86": ("per-channel", "per-tensor"),
-                        "fbgemm": ("per-channel", "per-tensor"), "onednn": ("per-channel", "per-tensor")}
+ENGINES = ("qnnpack", "x86", "fbgemm", "onednn")
 REDUCE_RANGE_ENGINES = ("x86", "fbgemm")  # 7-bit activations: the kernels overflow without VNNI
 EPS = 2 ** -12
 
@@ -84,14 +80,6 @@ def quantized_engine(name: str) -> Iterator[str]:
         torch.backends.quantized.engine = previous
 
 
-def engine_for(target: str) -> str:
-    """The eager quantized engine that runs a target's TorchScript artifact."""
-    if target not in ENGINES:
-        raise ConfigError(f"target '{target}' has no TorchScript engine; supported: "
-                          f"{', '.join(f'{t} ({e})' for t, e in ENGINES.items())}")
-    return ENGINES[target]
-
-
 @contextlib.contextmanager
 def _legacy_api() -> Iterator[None]:
     """torch.ao.quantization warns on every call that it is deprecated; this module exists because of that."""
@@ -103,45 +91,16 @@ def _legacy_api() -> Iterator[None]:
 
 # --------------------------------------------------------------------------- qconfig
 
-class EagerPercentileObserver(tq.HistogramObserver):
-    """``--observer percentile`` for the eager engine: the same range rule as the PT2E PercentileObserver."""
-
-    def __init__(self, percentile: float = 99.99, **kwargs):
-        super().__init__(**kwargs)
-        self.percentile = float(percentile)
-
-    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
-        from ..calibrate.observers import PercentileObserver
-
-        return PercentileObserver._non_linear_param_search(self)
-
-
-def _activation_observer(observer: str, percentile: float):
-    if observer not in OBSERVERS:
-        raise ConfigError(f"observer '{observer}' is not supported; choose one of: {', '.join(OBSERVERS)}")
-    if observer == "histogram":
-        return tq.HistogramObserver
-    if observer == "minmax":
-        return tq.MinMaxObserver
-    if observer == "moving-average":
-        return tq.MovingAverageMinMaxObserver.with_args(averaging_constant=0.01)
-    return EagerPercentileObserver.with_args(percentile=percentile)
-
-
-def qconfig(engine: str, granularity: str, *, qat: bool = False, observer: str = "histogram",
-            percentile: float = 99.99) -> tq.QConfig:
+def qconfig(engine: str, config: QuantConfig, *, qat: bool = False) -> tq.QConfig:
     """Activations uint8 per-tensor affine (7-bit on x86), weights int8 symmetric in [-127, 127],
-    per-channel or per-tensor. QAT uses moving-average fake-quants (``observer`` applies to PTQ only)."""
+    per-channel or per-tensor. QAT uses moving-average fake-quants (``config.observer`` applies to PTQ only)."""
     from torch.ao.quantization import fake_quantize as fq
     from torch.ao.quantization import observer as ob
 
-    if engine not in ENGINE_GRANULARITIES:
+    if engine not in ENGINES:
         raise ConfigError(f"quantized engine '{engine}' is not supported by mbquant's eager path; "
-                          f"supported: {', '.join(ENGINE_GRANULARITIES)}")
-    if granularity not in GRANULARITIES or granularity not in ENGINE_GRANULARITIES[engine]:
-        raise ConfigError(f"weight granularity '{granularity}' is not supported on engine '{engine}'; "
-                          f"supported: {', '.join(ENGINE_GRANULARITIES[engine])}")
-    per_channel = granularity == "per-channel"
+                          f"supported: {', '.join(ENGINES)}")
+    per_channel = config.granularity == "per-channel"
     act_kwargs = dict(dtype=torch.quint8, qscheme=torch.per_tensor_affine, quant_min=0,
                       quant_max=127 if engine in REDUCE_RANGE_ENGINES else 255, eps=EPS)
     if qat:
@@ -149,7 +108,7 @@ def qconfig(engine: str, granularity: str, *, qat: bool = False, observer: str =
         weight = (fq.fused_per_channel_wt_fake_quant_range_neg_127_to_127 if per_channel
                   else fq.fused_wt_fake_quant_range_neg_127_to_127)
         return tq.QConfig(activation=act, weight=weight)
-    act = _activation_observer(observer, percentile).with_args(**act_kwargs)
+    act = activation_observer(config, tq, **act_kwargs)
     weight = ob.per_channel_weight_observer_range_neg_127_to_127 if per_channel else ob.weight_observer_range_neg_127_to_127
     return tq.QConfig(activation=act, weight=weight)
 
@@ -192,7 +151,7 @@ def relu6_any_layout(x: torch.Tensor) -> torch.Tensor:
 
 
 class QuantizedReLU6(nnq.ReLU6):
-    """``relu6="separate"``: ReLU6 on its input's grid (as torch.ao.nn.quantized.ReLU6), right on every layout."""
+    """ReLU6 not fused: ReLU6 on its input's grid (as torch.ao.nn.quantized.ReLU6), right on every layout."""
 
     def forward(self, input):
         return relu6_any_layout(input)
@@ -210,7 +169,7 @@ _SIX = 6.0 + 1e-4
 
 
 class QuantizedConvReLU62d(nnq.Conv2d):
-    """INT8 Conv2d-ReLU6 (``relu6="clamp"``): the conv (with its ReLU) requantizes onto the grid observed after
+    """INT8 Conv2d-ReLU6 (ReLU6 fused): the conv (with its ReLU) requantizes onto the grid observed after
     ReLU6, [0, m] with m <= 6, so the requantization is the clamp at 6. A unit whose grid reaches past 6
     (7-bit ``reduce_range`` grids on x86) becomes :class:`QuantizedConvReLU62dWide`, which clamps explicitly."""
 
@@ -274,19 +233,16 @@ def engine_of(model: nn.Module) -> str:
     """The engine a prepared/converted model was made for (recorded by :func:`prepare`)."""
     engine = getattr(model, "mbquant_engine", None)
     if not isinstance(engine, str):
-        raise QuantizationError(f"{type(model).__name__} was not prepared by mbquant.quant.eager.prepare (no engine "
+        raise QuantizationError(f"{type(model).__name__} was not prepared by mbquant.mobile.torchscript.engine.prepare (no engine "
                                 f"recorded); pass engine= explicitly or prepare it with mbquant")
     return engine
 
 
-def prepare(model: nn.Module, config: QuantConfig, engine: str, *, qat: bool = False,
-            relu6: str = "clamp") -> nn.Module:
+def prepare(model: nn.Module, config: QuantConfig, engine: str, *, qat: bool = False) -> nn.Module:
     """Fuse a copy of ``model``, wrap it in QuantStub/DeQuantStub, attach the qconfig and insert observers
     (PTQ, eval mode) or fake-quants (``qat``, train mode). ``model`` itself is untouched."""
-    if relu6 not in RELU6_MODES:
-        raise ConfigError(f"relu6 handling '{relu6}' is not supported; choose one of: {', '.join(RELU6_MODES)}")
-    qc = qconfig(engine, config.granularity, qat=qat, observer=config.observer, percentile=config.percentile)
-    wrapped = tq.QuantWrapper(fuse(model, is_qat=qat, relu6=relu6)).train(qat)
+    qc = qconfig(engine, config, qat=qat)
+    wrapped = tq.QuantWrapper(fuse(model, is_qat=qat, fuse_relu6=bool(config.fuse_relu6))).train(qat)
     wrapped.qconfig = qc
     with quantized_engine(engine), _legacy_api():
         if qat:
@@ -296,16 +252,8 @@ def prepare(model: nn.Module, config: QuantConfig, engine: str, *, qat: bool = F
                        observer_non_leaf_module_list=set(qat_mappings().values()))
         else:
             tq.prepare(wrapped, inplace=True, allow_list=_allow_list())
-    wrapped.mbquant_engine, wrapped.mbquant_relu6, wrapped.mbquant_granularity = engine, relu6, config.granularity
+    wrapped.mbquant_engine = engine
     return wrapped
-
-
-def calibrate(prepared: nn.Module, calib: CalibrationSet, batch_size: int = 32, *,
-              progress: bool = False) -> CalibrationResult:
-    """Feed the real calibration images through ``prepared`` (eval, no_grad) under its engine; fail if an
-    observer saw nothing (the shared calibration loop)."""
-    with quantized_engine(engine_of(prepared)):
-        return calibration_loop.run(prepared, calib, batch_size=batch_size, progress=progress, to_eval=nn.Module.eval)
 
 
 def convert(prepared: nn.Module) -> nn.Module:
@@ -319,14 +267,6 @@ def convert(prepared: nn.Module) -> nn.Module:
         raise QuantizationError(f"{len(floats)} conv/linear/BN modules stayed in float after eager convert "
                                 f"(first: '{floats[0]}'); their qconfig or fusion is missing")
     return qmodel
-
-
-def quantize_eager(model: nn.Module, calib: CalibrationSet, config: QuantConfig = QuantConfig(), *, engine: str,
-                   relu6: str = "clamp", progress: bool = False) -> nn.Module:
-    """Float model + real calibration images -> INT8 eager model for ``engine`` (prepare, calibrate, convert)."""
-    prepared = prepare(model, config, engine, relu6=relu6)
-    calibrate(prepared, calib, config.batch_size, progress=progress)
-    return convert(prepared)
 
 
 @dataclass(frozen=True)
@@ -355,13 +295,13 @@ def weight_granularity(qmodel: nn.Module) -> WeightGranularity:
 # --------------------------------------------------------------------------- QAT adapter
 
 class EagerQat(QatModel):
-    """Eager QAT for the TorchScript path, driven like the PT2E :class:`~mbquant.quant.qat.QatGraph`:
+    """Eager QAT for the TorchScript backends, driven like the PT2E :class:`~mbquant.quant.qat.QatGraph`:
     ``module`` trains; ``set_mode``, ``freeze_bn``, ``freeze_observers``, ``enable_fake_quant``,
     ``init_ranges`` (from :class:`QatModel`) steer it; ``convert()`` gives the eager INT8 model."""
 
-    def __init__(self, model: nn.Module, config: QuantConfig, engine: str, *, relu6: str = "clamp"):
-        self.engine, self.relu6 = engine, relu6
-        self.module = prepare(model, config, engine, qat=True, relu6=relu6)
+    def __init__(self, model: nn.Module, config: QuantConfig, engine: str):
+        self.engine = engine
+        self.module = prepare(model, config, engine, qat=True)
 
     def set_mode(self, train: bool) -> None:
         """Train/eval mode; after :meth:`freeze_bn` the fused QAT conv-BN modules keep BN in eval mode."""

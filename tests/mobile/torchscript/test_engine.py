@@ -1,4 +1,4 @@
-"""The eager engine stages (mbquant.quant.eager): engine handling, per-channel weights, ReLU6, QAT adapter."""
+"""The eager engine stages (mbquant.mobile.torchscript.engine): engine handling, per-channel weights, ReLU6, QAT."""
 import pytest
 import torch
 import torch.ao.nn.intrinsic.qat as nniqat
@@ -9,12 +9,27 @@ from mbquant import calibrate
 from mbquant.config import QuantConfig
 from mbquant.data import small_preset
 from mbquant.errors import ConfigError, QuantizationError
+from mbquant.mobile import table
+from mbquant.mobile.torchscript import engine as eager
 from mbquant.models import create
-from mbquant.quant import eager
-from tests.quant.test_eager_fuse import nontrivial
+from tests.mobile.torchscript.test_fuse import nontrivial
 
 RES = 32
-CFG = QuantConfig(num_calib=20, batch_size=20)
+
+
+def resolved(**changes) -> QuantConfig:
+    """The ts-qnnpack recipe (histogram observer, ReLU6 fused) with ``changes``."""
+    return table.resolve(QuantConfig(num_calib=20, batch_size=20, **changes), table.get_spec("ts-qnnpack"))
+
+
+CFG = resolved()
+
+
+def quantize_eager(model, calib, config, engine):
+    prepared = eager.prepare(model, config, engine)
+    with eager.quantized_engine(engine):
+        calibrate.run(prepared, calib, batch_size=config.batch_size, to_eval=torch.nn.Module.eval)
+    return eager.convert(prepared)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,7 +42,7 @@ def calib(small_folder):
 
 @pytest.fixture(scope="module")
 def images(calib):
-    return next(iter(calib.loader(20)))[0]
+    return calib.images
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +58,8 @@ def quantized(v2, calib):
     def get(relu6="clamp", granularity="per-channel", engine="qnnpack"):
         key = (relu6, granularity, engine)
         if key not in cache:
-            cfg = QuantConfig(num_calib=20, batch_size=20, granularity=granularity)
-            cache[key] = eager.quantize_eager(v2, calib, cfg, engine=engine, relu6=relu6)
+            cfg = resolved(granularity=granularity, fuse_relu6=relu6 == "clamp")
+            cache[key] = quantize_eager(v2, calib, cfg, engine)
         return cache[key]
 
     return get
@@ -62,15 +77,12 @@ def test_quantized_engine_is_restored_also_on_errors():
     assert torch.backends.quantized.engine == before
 
 
-def test_bad_engine_target_and_granularity_are_config_errors():
+def test_bad_engine_is_a_config_error():
     with pytest.raises(ConfigError, match="engine 'tpu' is not available.*supported: .*qnnpack"):
         with eager.quantized_engine("tpu"):
             pass
-    assert eager.engine_for("phone") == "qnnpack" and eager.engine_for("x86") == "x86"
-    with pytest.raises(ConfigError, match="target 'mcu' has no TorchScript engine; supported: phone \\(qnnpack\\)"):
-        eager.engine_for("mcu")
-    with pytest.raises(ConfigError, match="granularity 'per-group'"):
-        eager.qconfig("qnnpack", "per-group")
+    with pytest.raises(ConfigError, match="engine 'tpu' is not supported by mbquant's eager path"):
+        eager.qconfig("tpu", CFG)
 
 
 @pytest.mark.filterwarnings("ignore:.*quantized tensor creation functions")
@@ -156,7 +168,7 @@ def test_x86_engine_clamps_relu6_units_whose_grid_passes_six(v2, calib, images):
     loud = copy.deepcopy(v2)
     with torch.no_grad():
         loud.features[0][0].weight.mul_(20)  # the first ReLU6 saturates: observed range [0, 6]
-    q = eager.quantize_eager(loud, calib, CFG, engine="x86")
+    q = quantize_eager(loud, calib, CFG, "x86")
     wide = [n for n, m in q.named_modules() if type(m) is eager.QuantizedConvReLU62dWide]
     assert "module.features.0.0" in wide  # a 7-bit grid for [0, 6] reaches 12 in 8-bit codes
     outs = _relu6_outputs(q, images * 3, eager.QuantizedConvReLU62dWide)
@@ -177,7 +189,7 @@ def test_prepare_leaves_the_model_alone_and_calibration_needs_every_observer(v2,
             return self.used(x)
 
     with pytest.raises(QuantizationError, match="1 of 3 observers saw no data after 20 calibration samples.*unused"):
-        eager.calibrate(eager.prepare(Branchy().eval(), CFG, "qnnpack"), calib, 20)
+        quantize_eager(Branchy().eval(), calib, CFG, "qnnpack")
 
 
 def _train_step(qat, images, labels, lr=0.05):

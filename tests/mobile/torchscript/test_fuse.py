@@ -1,17 +1,17 @@
-"""Eager fusion (mbquant.quant.fuse): same float outputs, the expected fused structure, ReLU6 kept."""
+"""Eager fusion (mbquant.mobile.torchscript.fuse): same float outputs, the expected fused structure, ReLU6 kept."""
 import pytest
 import torch
 import torch.ao.nn.intrinsic as nni
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
 
-import mbquant.quant
 from mbquant import calibrate
 from mbquant.data import small_preset
-from mbquant.errors import ConfigError, QuantizationError
+from mbquant.errors import QuantizationError
+from mbquant.mobile.torchscript.fuse import (ConvBnReLU62d, ConvReLU62d, FusedBasicBlock, FusedBottleneck,
+                                            FusedInvertedResidual, FusedInvertedResidualV3, FusedSqueezeExcitation,
+                                            fuse)
 from mbquant.models import available_models, create
-from mbquant.quant.fuse import (ConvBnReLU62d, ConvReLU62d, FusedBasicBlock, FusedBottleneck, FusedInvertedResidual,
-                                FusedInvertedResidualV3, FusedSqueezeExcitation, fuse, match_conv_relu6)
 
 RES = 32
 WIDTH = {"mobilenet_v1": 0.25, "mobilenet_v2": 0.35, "mobilenet_v3_small": 0.35, "mobilenet_v3_large": 0.25,
@@ -46,7 +46,7 @@ def zoo(name: str) -> nn.Module:
 @pytest.fixture(scope="module")
 def images(small_folder):
     calib = calibrate.from_folder(small_folder, small_preset(RES), 16, seed=0)
-    return next(iter(calib.loader(16)))[0]
+    return calib.images
 
 
 def count(model: nn.Module, cls) -> int:
@@ -60,13 +60,13 @@ def bare(model: nn.Module, cls) -> int:
 
 
 @pytest.mark.parametrize("name", available_models())
-@pytest.mark.parametrize("relu6", ["clamp", "separate"])
-def test_fused_float_model_gives_the_same_outputs(name, relu6, images):
+@pytest.mark.parametrize("fuse_relu6", [True, False])
+def test_fused_float_model_gives_the_same_outputs(name, fuse_relu6, images):
     model = zoo(name)
     with torch.no_grad():
         ref = model(images)
-        fused = fuse(model, relu6=relu6)(images)
-        fused_qat = fuse(model, is_qat=True, relu6=relu6).eval()(images)
+        fused = fuse(model, fuse_relu6=fuse_relu6)(images)
+        fused_qat = fuse(model, is_qat=True, fuse_relu6=fuse_relu6).eval()(images)
     assert ref.abs().max() > 0.05  # logits that mean something
     assert (fused - ref).abs().max() < 1e-4
     assert (fused_qat - ref).abs().max() < 1e-4
@@ -93,7 +93,7 @@ def test_mobilenet_v1_conv_bn_relu6_units():
 def test_mobilenet_v2_relu6_modes_and_residual_adds():
     model = zoo("mobilenet_v2")
     residual = sum(getattr(m, "use_res_connect", False) for m in model.modules())
-    clamp, separate, qat = fuse(model), fuse(model, relu6="separate"), fuse(model, is_qat=True)
+    clamp, separate, qat = fuse(model), fuse(model, fuse_relu6=False), fuse(model, is_qat=True)
     assert count(clamp, ConvReLU62d) == 35 and bare(clamp, nn.ReLU6) == 0
     assert count(separate, ConvReLU62d) == 0 and count(separate, nn.ReLU6) == 35
     assert count(qat, ConvBnReLU62d) == 35 and count(qat, nni.ConvBn2d) == residual + 7  # pw-linear conv-BN units
@@ -130,13 +130,7 @@ def test_resnet_blocks_fuse_and_add_relu():
     assert type(r18.conv1) is nni.ConvReLU2d and bare(r18, nn.ReLU) == 0
 
 
-def test_bad_relu6_mode_and_unfusable_batchnorm_are_errors():
-    with pytest.raises(ConfigError, match="relu6 handling 'relu'.*clamp, separate"):
-        fuse(zoo("mobilenet_v2"), relu6="relu")
+def test_unfusable_batchnorm_is_an_error():
     odd = nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 4, 3)).eval()
     with pytest.raises(QuantizationError, match="BatchNorm2d.*first: '0'.*PT2E"):
         fuse(odd)
-
-
-def test_package_exposes_fuse_and_the_pt2e_names_still_import():
-    assert mbquant.quant.fuse is fuse and callable(match_conv_relu6)

@@ -1,0 +1,40 @@
+"""What the benchmark scripts share: run the real job (``mbquant.pipeline.run_job``) and summarise its report."""
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from mbquant import calibrate  # noqa: E402
+from mbquant.config import QuantConfig, RunConfig  # noqa: E402
+from mbquant.pipeline import Finetune, load_eval_set, run_job  # noqa: E402
+
+
+def job(model, info, data: Path, *, config: QuantConfig, run: RunConfig, finetune: Finetune | None = None,
+        command: str = "benchmark", calib: Path | None = None, progress: bool = False) -> dict:
+    """One whole ``mbquant ptq``/``qat`` job into a temporary folder; returns the report dict (+ wall seconds)."""
+    start = time.perf_counter()
+    calib_set = calibrate.from_folder(calib or data / "train", info.preset, config.num_calib, seed=config.seed,
+                                      expected_classes=list(info.classes) or None)
+    eval_set = load_eval_set(data / "val", info, run.eval_limit, seed=config.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        rep = run_job(model, info, calib=calib_set, eval_set=eval_set, out_dir=Path(tmp), config=config, run=run,
+                      finetune=finetune, command=command, progress=progress).to_dict()
+    rep["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return rep
+
+
+def summary(rep: dict, artifact: int = 0) -> dict:
+    """The numbers a results table needs from one report (its ``artifact``-th file)."""
+    a = rep["artifacts"][artifact]
+    b = rep["backends"][a["backend"]]
+    return {"float_top1": rep["float"]["top1"], "top1": a["top1"], "drop_pp": a["drop_pp"],
+            "agreement_float": a["agreement_float"], "parity": a["parity"]["agreement"],
+            "reference_top1": a["reference_top1"], "bytes": a["bytes"], "delegated": a["delegated"],
+            "quantize_ops": b.get("quantize"), "config": b["config"], "status": rep["status"],
+            "failures": rep["failures"], "images": a["images"], "seconds": b["seconds"],
+            "wall_seconds": rep["wall_seconds"]}

@@ -1,0 +1,51 @@
+"""The one capability table: backends picked by target/format, recipes resolved, unsupported choices refused."""
+import pytest
+
+from mbquant.config import QuantConfig
+from mbquant.errors import ConfigError
+from mbquant.mobile import table
+
+
+def test_unknown_target_and_format_list_what_is_supported():
+    with pytest.raises(ConfigError, match="target 'tpu' is not supported; supported: phone, x86"):
+        table.select("tpu", ("pte",))
+    with pytest.raises(ConfigError, match="format 'pte' is not supported on target 'x86'; supported: torchscript"):
+        table.select("x86", ("pte",))
+    assert [s.name for s in table.select("phone", ("torchscript", "pte"))] == ["ts-qnnpack", "pte-xnnpack"]
+
+
+def test_every_recipe_is_valid_for_its_backend():
+    for spec in table.BACKENDS.values():
+        for recipe in ("best", "stock", "qat"):
+            cfg = table.resolve(QuantConfig(recipe=recipe), spec, qat=recipe == "qat")
+            assert None not in (cfg.observer, cfg.fuse_relu6, cfg.keep_float, cfg.bias_correction)
+
+
+def test_best_recipe_on_the_phone_is_the_measured_one_and_stock_is_the_stock_flow():
+    spec = table.get_spec("pte-xnnpack")
+    best = table.resolve(QuantConfig(), spec)
+    assert (best.observer, best.fuse_relu6, best.keep_float, best.bias_correction) == \
+        ("percentile", True, ("logits",), True)
+    stock = table.resolve(QuantConfig(recipe="stock"), spec)
+    assert (stock.observer, stock.fuse_relu6, stock.keep_float, stock.bias_correction) == ("histogram", False, (), False)
+    assert table.resolve(QuantConfig(observer="minmax"), spec).observer == "minmax"   # a flag overrides the recipe
+
+
+def test_unsupported_choices_are_refused_with_the_backends_that_have_them():
+    ts = table.get_spec("ts-qnnpack")
+    with pytest.raises(ConfigError, match="--bias-correction is not supported by backend 'ts-qnnpack'; supported by: "
+                                          "pte-xnnpack"):
+        table.resolve(QuantConfig(bias_correction=True), ts)
+    with pytest.raises(ConfigError, match="--keep-float logits: backend 'ts-qnnpack' runs every layer in INT8"):
+        table.resolve(QuantConfig(keep_float=("logits",)), ts)
+    with pytest.raises(ConfigError, match="QAT learns the correction itself"):
+        table.resolve(QuantConfig(bias_correction=True), table.get_spec("pte-xnnpack"), qat=True)
+    assert table.resolve(QuantConfig(), ts).bias_correction is False   # each backend has its own recipe values
+
+
+def test_table_import_stays_light():
+    import subprocess
+    import sys
+
+    code = "import sys, mbquant.mobile.table, mbquant.cli; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,65 @@
+"""Empirical bias correction on a trained shipped checkpoint and real calibration images, in one pass."""
+import copy
+import operator
+
+import torch
+
+from mbquant import calibrate
+from mbquant.quant.bias_correction import correct_biases, folded_reference, node_means
+from mbquant.quant.export import FloatModel
+from mbquant.quant.ops import CONV_OPS, LINEAR_OPS
+from mbquant.resolve import resolve_model
+from tests.conftest import quantize_pt2e
+
+
+def _setup(fmnist, n=64):
+    model, info = resolve_model("mobilenet_v2", "mobilenet_v2_w0.35_r64_fmnist")
+    calib = calibrate.from_folder(fmnist / "train", info.preset, n, seed=0, expected_classes=info.classes)
+    int8 = quantize_pt2e(model, info.resolution, calib, bias_correction=False).int8
+    return FloatModel(model, info.resolution), int8, list(calib.batches(32))
+
+
+def _replayed(int8, float_gm, batches):
+    """The definition, layer by layer: replay the whole graph after each correction (quadratic in depth)."""
+    ref = folded_reference(float_gm)
+    layers = [n.name for n in int8.graph.nodes if n.op == "call_function" and n.target in CONV_OPS | LINEAR_OPS]
+    f = node_means(ref, set(layers), batches)
+    for name in layers:
+        node = next(n for n in int8.graph.nodes if n.name == name)
+        bias = operator.attrgetter(node.args[2].target)(int8)
+        with torch.no_grad():
+            bias.sub_(node_means(int8, {name}, batches)[name] - f[name])
+    return int8
+
+
+def test_bias_correction_removes_the_mean_shift(fmnist):
+    fm, int8, batches = _setup(fmnist)
+    ref = folded_reference(fm.graph)
+    late = "conv2d_51"  # the last 1x1 conv: errors of all earlier layers have accumulated here
+    before = (node_means(int8, {late}, batches)[late] - node_means(ref, {late}, batches)[late]).abs().mean()
+    res = correct_biases(int8, fm.graph, batches)
+    after = (node_means(int8, {late}, batches)[late] - node_means(ref, {late}, batches)[late]).abs().mean()
+    assert res.layers_corrected == 53 and res.skipped_no_bias == [] and res.samples == 64  # 52 convs + classifier
+    assert res.max_abs_shift > 0
+    assert after < 0.5 * before
+
+
+def test_one_pass_equals_the_layer_by_layer_replay(fmnist):
+    fm, int8, batches = _setup(fmnist, 32)
+    replayed = _replayed(copy.deepcopy(int8), fm.graph, batches)
+    correct_biases(int8, fm.graph, batches)
+    ours, theirs = int8.state_dict(), replayed.state_dict()
+    assert all(torch.allclose(ours[k], theirs[k], atol=1e-5, rtol=0) for k in ours)
+    x = batches[0]
+    with torch.no_grad():
+        assert torch.allclose(int8(x), replayed(x), atol=1e-4)
+
+
+def test_reference_has_no_batch_norm_and_matches_float(fmnist):
+    model, info = resolve_model("mobilenet_v2", "mobilenet_v2_w0.35_r64_fmnist")
+    f = FloatModel(model, info.resolution).graph
+    ref = folded_reference(f)
+    assert not any("batch_norm" in str(n.target) for n in ref.graph.nodes if n.op == "call_function")
+    x = torch.randn(2, 3, info.resolution, info.resolution)  # a numerics check of BN folding, not calibration
+    with torch.no_grad():
+        assert torch.allclose(f(x), ref(x), atol=1e-4)
