@@ -19,6 +19,7 @@ def test_single_process_without_torchrun(monkeypatch):
     assert Dist(rank=1, world=2).shard(5) == [1, 3]
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_reduce_metrics_and_only_rank0_writes(tiny_ckpt, tmp_path):
     root, ck = tiny_ckpt
     out = tmp_path / "out"

@@ -53,6 +53,7 @@ def _strip(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
+@pytest.mark.slow
 def test_killed_mid_epoch_and_resumed_ends_like_an_uninterrupted_run(tiny_ckpt, straight, tmp_path):
     with pytest.raises(Killed):
         _run(tiny_ckpt, tmp_path, kill_at=(1, 1))

@@ -19,6 +19,16 @@ BASELINES = json.loads((Path(__file__).parent / "baselines.json").read_text())
 
 
 @pytest.mark.parametrize("name", checkpoints.shipped_names())
+def test_shipped_checkpoint_files_are_the_recorded_ones(name):
+    from mbquant.models import file_sha256
+
+    entry = checkpoints.manifest()["checkpoints"][name]
+    path = checkpoints.resolve_shipped(name)
+    assert path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", checkpoints.shipped_names())
 def test_shipped_checkpoint_reproduces_its_recorded_accuracy(fmnist, name):
     entry = checkpoints.manifest()["checkpoints"][name]
     model, info = resolve_model(entry["model"], name)

@@ -111,8 +111,10 @@ def test_freeze_bn_stops_statistics_in_train_mode_and_survives_mode_switches(bat
     assert all(torch.equal(v, means[k]) for k, v in _bn_means(qg).items())
 
 
-@pytest.mark.parametrize("granularity,qscheme", [("per-channel", torch.per_channel_symmetric),
-                                                 ("per-tensor", torch.per_tensor_symmetric)])
+@pytest.mark.parametrize("granularity,qscheme", [
+    ("per-channel", torch.per_channel_symmetric),
+    pytest.param("per-tensor", torch.per_tensor_symmetric, marks=pytest.mark.slow),  # QAT convert_pt2e: ~15 s each
+])
 def test_convert_folds_bn_and_keeps_the_weight_granularity(batches, granularity, qscheme):
     qg = _prepared(batches, granularity=granularity)
     _train_step(qg, batches[2][0])

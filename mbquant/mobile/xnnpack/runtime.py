@@ -11,17 +11,33 @@ from ...errors import VerificationError
 from ..backend import Predictor, latency_ms
 
 
-@contextlib.contextmanager
-def runtime_threads(n: int) -> Iterator[None]:
-    """Threads of the ExecuTorch threadpool (global in the runtime) inside the block; restored after."""
+_POOL = {"generation": 0}  # bumped whenever the runtime's threadpool is replaced
+
+
+def _reset_threadpool(n: int) -> None:
     from executorch.extension.pybindings import portable_lib
 
-    before = portable_lib._threadpool_get_thread_count()
     portable_lib._unsafe_reset_threadpool(int(n))
+    _POOL["generation"] += 1
+
+
+@contextlib.contextmanager
+def runtime_threads(n: int) -> Iterator[None]:
+    """Threads of the ExecuTorch threadpool (global in the runtime) inside the block; restored after.
+
+    Resetting the pool destroys the one every loaded XNNPACK method captured when it was loaded (using such a
+    method afterwards crashes the process); :class:`PteModel` reloads its method when the pool was replaced."""
+    from executorch.extension.pybindings import portable_lib
+
+    before = int(portable_lib._threadpool_get_thread_count())
+    if int(n) == before:
+        yield
+        return
+    _reset_threadpool(n)
     try:
         yield
     finally:
-        portable_lib._unsafe_reset_threadpool(int(before))
+        _reset_threadpool(before)
 
 
 class PteModel(Predictor):
@@ -36,17 +52,26 @@ class PteModel(Predictor):
         if not self.path.exists():
             raise VerificationError(f"program '{self.path}' does not exist; write it before verifying")
         self._data = self.path.read_bytes()
+        self._runtime = Runtime
+        self._load()
+        self.batch = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
+
+    def _load(self) -> None:
+        """Load the program and its method (again after the threadpool was replaced: see runtime_threads)."""
+        self._method = self._program = None
         try:
-            self._program = Runtime.get().load_program(self._data)
+            self._program = self._runtime.get().load_program(self._data)
             self._method = self._program.load_method("forward")
         except Exception as exc:
             raise VerificationError(f"the ExecuTorch runtime could not load '{self.path}': {exc}") from exc
         if self._method is None:
             raise VerificationError(f"'{self.path}' has no 'forward' method")
-        self.batch = int(self._method.metadata.input_tensor_meta(0).sizes()[0])
+        self._generation = _POOL["generation"]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Run ``x`` in chunks of the program's fixed batch size (each execute gets its own input copy)."""
+        if self._generation != _POOL["generation"]:
+            self._load()
         if x.shape[0] % self.batch:
             raise VerificationError(f"batch of {x.shape[0]} images does not split into the program's batch {self.batch}")
         return torch.cat([self._method.execute([c.contiguous().clone()])[0] for c in x.split(self.batch)]).float()
