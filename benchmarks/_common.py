@@ -22,7 +22,7 @@ def job(model, info, data: Path, *, config: QuantConfig, run: RunConfig, finetun
                                       expected_classes=list(info.classes) or None)
     eval_set = load_eval_set(data / "val", info, run.eval_limit, seed=config.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        rep = run_job(model, info, calib=calib_set, eval_set=eval_set, out_dir=Path(tmp), config=config, run=run,
+        rep = run_job(model, info, calib=calib_set, eval_set=eval_set, out_dir=Path(tmp) / "run", config=config, run=run,
                       finetune=finetune, command=command, progress=progress).to_dict()
     rep["wall_seconds"] = round(time.perf_counter() - start, 1)
     return rep

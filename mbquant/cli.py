@@ -21,12 +21,29 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help=f"zoo model: {', '.join(MODEL_NAMES)}")
     p.add_argument("--weights", help="checkpoint path, shipped checkpoint name, or torchvision weights name "
                                      "(IMAGENET1K_V1, DEFAULT)")
+    p.add_argument("--width-mult", type=float, default=None,
+                   help="for a plain state dict: the width it was trained with (mbquant checkpoints carry it)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="for a plain state dict: its number of classes (default: read from the classifier)")
+    p.add_argument("--preset", choices=["small", "imagenet"], default=None,
+                   help="for a plain state dict: how its model was fed (default imagenet)")
+    p.add_argument("--resolution", type=int, default=None, help="for a plain state dict: its input size")
+    _add_image_args(p)
+
+
+def _add_image_args(p: argparse.ArgumentParser) -> None:
+    from .data import MAX_IMAGE_PIXELS
+
+    p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
+                   help="images with more pixels are skipped and counted (decompression bombs)")
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars or tables")
     p.add_argument("--json", action="store_true", help="print the result as JSON on stdout")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--verbose", action="store_true", help="also show third-party log lines on stderr")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
 
 
 def _epochs_or_never(value: str) -> int | None:
@@ -58,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("train", help="train a float zoo model on an ImageFolder")
-    _add_model_args(p)
+    p.add_argument("model", help=f"zoo model: {', '.join(MODEL_NAMES)}")
     p.add_argument("--data", type=Path, required=True, help="folder with train/ and val/ ImageFolders")
     p.add_argument("--width-mult", type=float, default=1.0)
     p.add_argument("--resolution", type=int, default=64)
@@ -70,6 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-samples", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="checkpoint path (default: runs/<model>_w<W>_r<R>.pth)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (when training succeeds)")
+    _add_image_args(p)
     _add_common(p)
 
     p = sub.add_parser("eval", help="top-1/top-5 of a float checkpoint on an ImageFolder")
@@ -154,7 +173,10 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float-program", action=argparse.BooleanOptionalAction, default=True,
                    help="also write the float program for size/latency comparison")
     p.add_argument("--latency-runs", type=int, default=20)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<model>-<timestamp>/)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<model>-<timestamp>/); "
+                   "written only when the run succeeds")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder, whole, when this run "
+                   "succeeds (it is left untouched when the run fails)")
 
 
 @contextlib.contextmanager
@@ -163,27 +185,70 @@ def _threads(n: int | None) -> Iterator[None]:
     if n is None:
         yield
         return
-    if n < 1:
-        raise ConfigError(f"--threads {n} is invalid; pass a number of threads >= 1 (or leave it out)")
     from .mobile.backend import torch_threads
 
     with torch_threads(n):
         yield
 
 
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    """SIGTERM ends a command like Ctrl-C: staging folders and locks are cleaned up on the way out."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Numeric flags that no config validates, checked before any work."""
+    import math
+
+    for name, lo in (("threads", 1), ("batch_size", 1), ("max_image_pixels", 1), ("num_classes", 1),
+                     ("resolution", 8), ("epochs", 1), ("latency_runs", 1)):
+        v = getattr(args, name, None)
+        if v is not None and v < lo:
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} {v} is invalid; pass a value >= {lo}")
+    w = getattr(args, "width_mult", None)
+    if w is not None and not (math.isfinite(w) and 0 < w <= 4):
+        raise ConfigError(f"--width-mult {w} is invalid; pass a width multiplier in (0, 4] (e.g. 0.35, 0.5, 1.0)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from ._quiet import filtered_stderr
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     args.argv = argv
     try:
-        with _threads(args.threads):
-            return COMMANDS[args.command](args)
+        with filtered_stderr(not args.verbose), _sigterm_interrupts():
+            _check_numbers(args)
+            with _threads(args.threads):
+                return COMMANDS[args.command](args)
     except MbquantError as exc:
         print(f"mbquant {args.command}: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print(f"mbquant {args.command}: interrupted", file=sys.stderr)
+        print(f"mbquant {args.command}: interrupted (an output folder is only ever written complete)", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an input nobody foresaw: one clear line, the traceback on request
+        if args.debug:
+            raise
+        print(f"mbquant {args.command}: internal error: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}; "
+              f"rerun with --debug for the traceback and report it", file=sys.stderr)
+        return 3
 
 
 def _command(args: argparse.Namespace) -> str:
@@ -209,25 +274,26 @@ def _cmd_data(args: argparse.Namespace) -> int:
 def _cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from ._io import check_new_file
     from .config import TrainConfig
-    from .data import load_folder, make_preset
+    from .data import load_folder, preset_from_data
     from .models import ModelInfo, create, save_checkpoint
     from .train import fit
 
-    if not args.width_mult > 0:
-        raise ConfigError(f"--width-mult {args.width_mult} must be positive (e.g. 0.35, 0.5, 1.0)")
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
                       seed=args.seed, max_train_samples=args.max_train_samples)
-    preset = make_preset(args.preset, args.resolution)
-    train_set = load_folder(args.data / "train", preset, train=True, cache=True)
-    val_set = load_folder(args.data / "val", preset, expected_classes=train_set.classes)
+    out = check_new_file(args.out or Path("runs") / f"{args.model}_w{args.width_mult:g}_r{args.resolution}.pth",
+                         overwrite=args.overwrite, what="checkpoint", flag="--out")
+    preset, train_set = preset_from_data(args.preset, args.resolution, args.data / "train",
+                                         max_pixels=args.max_image_pixels)
+    val_set = load_folder(args.data / "val", preset, expected_classes=train_set.classes,
+                          max_pixels=args.max_image_pixels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)  # the initial weights
         model = create(args.model, num_classes=len(train_set.classes), width_mult=args.width_mult)
     rho = args.resolution / 224 if args.model == "mobilenet_v1" else 1.0
     info = ModelInfo(args.model, len(train_set.classes), args.width_mult, preset, tuple(train_set.classes))
     result = fit(model, train_set, val_set, cfg, progress=not (args.quiet or args.json))
-    out = args.out or Path("runs") / f"{args.model}_w{args.width_mult:g}_r{args.resolution}.pth"
     recipe = {"train": cfg.to_dict(), "data": str(args.data), "train_samples": len(train_set),
               "seconds": result.seconds, "command": _command(args)}
     save_checkpoint(model, info, out, recipe=recipe, metrics={"history": result.history}, rho=rho)
@@ -242,11 +308,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from .resolve import resolve_model
     from .train import evaluate_float
 
-    model, info = resolve_model(args.model, args.weights)
-    ds = load_folder(args.data, info.preset, expected_classes=info.classes or None)
+    model, info = _model(args)
+    ds = load_folder(args.data, info.preset, expected_classes=info.classes or None, max_pixels=args.max_image_pixels)
     res = evaluate_float(model, ds, args.batch_size, progress=not (args.quiet or args.json))
-    if not res.labelled:
-        raise ConfigError(f"'{args.data}' has no class subfolders; eval needs a labelled ImageFolder")
+    if res.count == 0:
+        raise ConfigError(f"none of the {len(ds)} images in '{args.data}' is readable ({_skipped(ds)}); pass a folder "
+                          f"of valid images")
     params, macs = count_params(model), count_macs(model, info.resolution)
     payload = {"model": info.to_dict(), "data": str(args.data), "images": res.count, "skipped": res.skipped,
                "top1": round(res.top1("model"), 2), "top5": round(res.top5("model"), 2), "params": params, "macs": macs}
@@ -254,9 +321,22 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         f"{info.name} (width {info.width_mult:g}, {info.resolution}x{info.resolution}, {info.num_classes} classes) "
         f"from {info.weights}",
         f"  params {params / 1e6:.3f} M, MACs {macs / 1e6:.2f} M",
-        f"  {args.data}: {res.count} images" + (f" ({res.skipped} unreadable skipped)" if res.skipped else ""),
+        f"  {args.data}: {res.count} images" + (f" ({res.skipped} unreadable skipped: {_skipped(ds)})"
+                                                if res.skipped else ""),
         f"  top-1 {payload['top1']:.2f}%  top-5 {payload['top5']:.2f}%"])
     return 0
+
+
+def _model(args: argparse.Namespace):
+    from .resolve import resolve_model
+
+    return resolve_model(args.model, args.weights, width_mult=args.width_mult, num_classes=args.num_classes,
+                         preset=args.preset, resolution=args.resolution)
+
+
+def _skipped(ds) -> str:
+    first = next(iter(ds.skipped.items()), None)
+    return f"first: {first[0].name}: {first[1]}" if first else "none skipped"
 
 
 def _run_config(args: argparse.Namespace):
@@ -267,17 +347,21 @@ def _run_config(args: argparse.Namespace):
                      latency_runs=args.latency_runs, float_program=args.float_program)
 
 
-def _finish(args: argparse.Namespace, report, out: Path) -> int:
+def _finish(args: argparse.Namespace, report) -> int:
+    from ._io import strict
     from .report import summary_table
 
     rep = report.to_dict()
     if args.json:
-        print(json.dumps(rep, indent=2))
+        print(json.dumps(strict(rep), indent=2, allow_nan=False))
     elif not args.quiet:
         print(summary_table(rep))
-        print(f"artifacts and report.json in {out}")
+        if report.ok:
+            print(f"artifacts and report.json in {report.location}")
     for f in report.failures:
         print(f"mbquant {args.command}: error: {f}", file=sys.stderr)
+    if not report.ok:
+        print(f"mbquant {args.command}: no artifact was kept; the report is in {report.location}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
@@ -287,43 +371,57 @@ def _announce(args: argparse.Namespace, info) -> None:
 
 
 def _cmd_ptq(args: argparse.Namespace) -> int:
-    from ._io import ensure_writable_dir
     from .config import QuantConfig
     from .pipeline import calibration_set, default_out_dir, load_eval_set, run_job
-    from .resolve import resolve_model
 
     config = QuantConfig(recipe=args.recipe, observer=args.observer, granularity=args.granularity,
                          num_calib=args.num_calib, seed=args.seed, batch_size=args.batch_size,
                          fuse_relu6=args.fuse_relu6, keep_float=args.keep_float, percentile=args.percentile,
                          bias_correction=args.bias_correction)
     run = _run_config(args)
-    model, info = resolve_model(args.model, args.weights)
+    model, info = _model(args)
     out = args.out or default_out_dir(args.model)
-    calib = calibration_set(args.calib, info, config)
-    warnings = []
+    _check_out(out, args.overwrite)
+    calib = calibration_set(args.calib, info, config, max_pixels=args.max_image_pixels)
+    warnings = _calib_warnings(calib)
     if args.eval is None:
         if not calib.dataset.labelled:
             raise ConfigError(f"calibration folder '{args.calib}' has no labels, so it cannot measure accuracy; "
                               f"pass --eval with a labelled folder (one subfolder per class)")
         warnings.append(f"evaluating on the calibration folder '{args.calib}'; pass --eval with held-out images "
                         f"for an unbiased accuracy drop")
-    eval_set = load_eval_set(args.eval or args.calib, info, run.eval_limit, seed=config.seed)
+    eval_set = load_eval_set(args.eval or args.calib, info, run.eval_limit, seed=config.seed,
+                             max_pixels=args.max_image_pixels)
     _announce(args, info)
-    ensure_writable_dir(out)
     report = run_job(model, info, calib=calib, eval_set=eval_set, out_dir=out, config=config, run=run,
-                     progress=not (args.quiet or args.json), command=_command(args), warnings=tuple(warnings))
-    return _finish(args, report, out)
+                     progress=not (args.quiet or args.json), command=_command(args), warnings=tuple(warnings),
+                     overwrite=args.overwrite)
+    return _finish(args, report)
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    """``--out`` problems are found before any work (the run re-checks them under its lock)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; pass a folder path for the run's artifacts")
+    if out.exists() and not overwrite:
+        raise ConfigError(f"--out '{out}' already exists (an earlier run?); pass --overwrite to replace it when this "
+                          f"run succeeds, or another --out")
+
+
+def _calib_warnings(calib) -> list[str]:
+    if calib.requested > calib.available:
+        return [f"--num-calib {calib.requested} asks for more images than '{calib.root}' has; calibrating on all "
+                f"{calib.available}"]
+    return []
 
 
 def _cmd_qat(args: argparse.Namespace) -> int:
-    from ._io import ensure_writable_dir
     from .checkpoints import shipped_names
     from .config import QATConfig, QuantConfig
     from .data import load_folder
     from .finetune import load_qat_checkpoint, state_digest
     from .mobile import table
     from .pipeline import Finetune, calibration_set, default_out_dir, load_eval_set, run_job
-    from .resolve import resolve_model
 
     if args.weights is None:
         raise ConfigError(f"qat fine-tunes a trained float model: pass --weights (a checkpoint path or a shipped "
@@ -341,25 +439,37 @@ def _cmd_qat(args: argparse.Namespace) -> int:
         raise ConfigError(f"QAT trains one model for one engine, got formats {list(run.formats)}; run `mbquant qat` "
                           f"once with --format pte and once with --format torchscript")
     resolved = table.resolve(config, specs[0], qat=True)
-    model, info = resolve_model(args.model, args.weights)
+    model, info = _model(args)
     resume = None
     if args.resume is not None:  # checked before any work: another model, other weights or flags fail here
         resume = load_qat_checkpoint(args.resume, info=info, float_digest=state_digest(model), quant=resolved,
                                      config=qat)
-    out = args.out or (Path(args.resume).parent if args.resume and Path(args.resume).is_file() else args.resume) \
-        or default_out_dir(args.model)
+    out = Path(args.out or (_run_of(args.resume) if args.resume else default_out_dir(args.model)))
+    if resume is None:
+        _check_out(out, args.overwrite)
+    mp = args.max_image_pixels
     classes = list(info.classes) or None
-    train_set = load_folder(args.data / "train", info.preset, train=True, expected_classes=classes)
-    eval_set = load_eval_set(args.data / "val", info, run.eval_limit, seed=config.seed)
-    calib = calibration_set(args.data / "train", info, config)
+    train_set = load_folder(args.data / "train", info.preset, train=True, expected_classes=classes, max_pixels=mp)
+    eval_set = load_eval_set(args.data / "val", info, run.eval_limit, seed=config.seed, max_pixels=mp)
+    calib = calibration_set(args.data / "train", info, config, max_pixels=mp)
     _announce(args, info)
-    ensure_writable_dir(Path(out))
-    report = run_job(model, info, calib=calib, eval_set=eval_set, out_dir=Path(out), config=config, run=run,
+    report = run_job(model, info, calib=calib, eval_set=eval_set, out_dir=out, config=config, run=run,
                      finetune=Finetune(qat, train_set, resume), progress=not (args.quiet or args.json),
-                     command=_command(args))
+                     command=_command(args), warnings=tuple(_calib_warnings(calib)), overwrite=args.overwrite)
     if report is None:  # a torchrun worker other than rank 0: rank 0 reports
         return 0
-    return _finish(args, report, Path(out))
+    return _finish(args, report)
+
+
+def _run_of(resume: Path) -> Path:
+    """The --out a resumed QAT run continues: the folder given, or the run the checkpoint belongs to."""
+    resume = Path(resume)
+    if resume.is_dir() or not resume.exists():
+        return resume
+    parent = resume.parent
+    if parent.name.startswith(".") and parent.name.endswith(".work"):  # kept beside a killed run's --out
+        return parent.parent / parent.name[1:-len(".work")]
+    return parent
 
 
 COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq, "qat": _cmd_qat}

@@ -87,9 +87,11 @@ def validate(qg: QatModel, val_set: ImageFolderDataset, batch_size: int, dist: D
     return evaluate(qg.module, val_set, batch_size, dist=dist)
 
 
+_IDENTITY = ("name", "width_mult", "resolution", "num_classes", "classes")
+
+
 def _identity(info: ModelInfo) -> dict:
-    return {"name": info.name, "width_mult": info.width_mult, "resolution": info.resolution,
-            "num_classes": info.num_classes, "classes": list(info.classes)}
+    return {k: list(getattr(info, k)) if k == "classes" else getattr(info, k) for k in _IDENTITY}
 
 
 def save_qat_checkpoint(path: Path, qg: QatModel, opt, sched, *, epoch: int, info: ModelInfo, float_digest: str,
@@ -113,12 +115,7 @@ def _describe(model: dict) -> str:
 def load_qat_checkpoint(path: Path, *, info: ModelInfo, float_digest: str, quant: QuantConfig,
                         config: QATConfig) -> dict:
     """Read a QAT checkpoint (``weights_only``) and check it belongs to this model, weights and configs."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_NAME
-    if not path.is_file():
-        raise ConfigError(f"--resume '{path}' does not exist; pass the {CHECKPOINT_NAME} a QAT run wrote "
-                          f"into its --out folder (or that folder)")
+    path = resume_path(path)
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -128,6 +125,7 @@ def load_qat_checkpoint(path: Path, *, info: ModelInfo, float_digest: str, quant
         raise ConfigError(f"--resume '{path}' is not an mbquant QAT checkpoint (format "
                           f"{ck.get('format') if isinstance(ck, dict) else type(ck).__name__!r}, expected "
                           f"{CHECKPOINT_FORMAT}); a float checkpoint goes to --weights")
+    _check_schema(ck, path)
     if ck["model"] != _identity(info):
         raise ConfigError(f"--resume '{path}' is a QAT checkpoint of {_describe(ck['model'])} but this run is "
                           f"{_describe(_identity(info))}; resume with the same model and --weights, or drop --resume")
@@ -149,11 +147,52 @@ def load_qat_checkpoint(path: Path, *, info: ModelInfo, float_digest: str, quant
     return ck
 
 
+_SCHEMA = {"model": dict, "float_digest": str, "quant_config": dict, "qat_config": dict, "epoch": int,
+           "state_dict": dict, "optimizer": dict, "scheduler": dict, "rng": list, "world_size": int, "history": list}
+
+
+def _check_schema(ck: dict, path: Path) -> None:
+    for key, kind in _SCHEMA.items():
+        if key not in ck:
+            raise ConfigError(f"--resume '{path}' lacks '{key}': not a complete mbquant QAT checkpoint; pass the "
+                              f"{CHECKPOINT_NAME} a QAT run wrote")
+        if not isinstance(ck[key], kind) or isinstance(ck[key], bool):
+            raise ConfigError(f"--resume '{path}': '{key}' is a {type(ck[key]).__name__}, expected {kind.__name__}; the "
+                              f"file was not written by `mbquant qat`")
+    if ck["epoch"] < 0 or ck["world_size"] < 1 or len(ck["rng"]) != ck["world_size"]:
+        raise ConfigError(f"--resume '{path}': epoch {ck['epoch']}, world size {ck['world_size']} and "
+                          f"{len(ck['rng'])} RNG states do not fit together; the file was not written by `mbquant qat`")
+    missing = sorted(set(_IDENTITY) - set(ck["model"]))
+    if missing:
+        raise ConfigError(f"--resume '{path}': the model description lacks {missing}; the file was not written by "
+                          f"`mbquant qat`")
+
+
+def resume_path(path: Path) -> Path:
+    """The checkpoint ``--resume`` names: a file, or a run folder (finished, with ``qat_last.pt``, or killed, with
+    the checkpoint kept beside it until the run succeeds)."""
+    from ._io import RunFolder
+
+    path = Path(path)
+    if path.is_dir() or not path.exists():
+        for candidate in (path / CHECKPOINT_NAME, RunFolder(path).work / CHECKPOINT_NAME):
+            if candidate.is_file():
+                return candidate
+    if not path.is_file():
+        raise ConfigError(f"--resume '{path}' has no {CHECKPOINT_NAME} (looked in the folder and in what a killed run "
+                          f"keeps beside it); pass the --out of a QAT run or its {CHECKPOINT_NAME}")
+    return path
+
+
 def _restore(qg: QatModel, opt, sched, ck: dict, config: QATConfig, dist: Dist) -> list[str]:
     warnings = []
-    qg.module.load_state_dict(ck["state_dict"])
-    opt.load_state_dict(ck["optimizer"])
-    sched.load_state_dict(ck["scheduler"])
+    try:
+        qg.module.load_state_dict(ck["state_dict"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise ConfigError(f"the QAT checkpoint does not fit this model's fake-quantized graph ({type(exc).__name__}: "
+                          f"{str(exc)[:200]}); resume with the flags and mbquant version that wrote it") from exc
     if ck["world_size"] == dist.world:
         torch.set_rng_state(ck["rng"][dist.rank])
     else:

@@ -7,7 +7,10 @@ or the name of a checkpoint shipped with mbquant (see :mod:`mbquant.checkpoints`
 """
 from __future__ import annotations
 
+import difflib
 import hashlib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -178,11 +181,21 @@ def create(name: str, *, num_classes: int = 1000, width_mult: float = 1.0, weigh
     return create_with_info(name, num_classes=num_classes, width_mult=width_mult, weights=weights, rho=rho)[0]
 
 
-def create_with_info(name: str, *, num_classes: int = 1000, width_mult: float = 1.0,
-                     weights: str | Path | None = None, rho: float = 1.0) -> tuple[nn.Module, ModelInfo]:
+def create_with_info(name: str, *, num_classes: int | None = None, width_mult: float = 1.0,
+                     weights: str | Path | None = None, rho: float = 1.0,
+                     preset: Preset | None = None) -> tuple[nn.Module, ModelInfo]:
+    """``num_classes`` None: 1000 for a new model, read from the classifier of a plain state dict. ``preset``: how
+    a plain state dict's model was fed (default: ImageNet's at the model's resolution); mbquant checkpoints carry
+    their own."""
     entry = _entry(name)
-    if num_classes < 1:
-        raise ModelError(f"num_classes={num_classes} is invalid; pass the number of classes of your dataset (>= 1)")
+    guess = num_classes is None
+    num_classes = 1000 if guess else num_classes
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or not 1 <= num_classes <= MAX_CLASSES:
+        raise ModelError(f"num_classes={num_classes!r} is invalid; pass the number of classes of your dataset "
+                         f"(1..{MAX_CLASSES}, --num-classes)")
+    if not (isinstance(width_mult, (int, float)) and math.isfinite(width_mult) and 0 < width_mult <= MAX_WIDTH_MULT):
+        raise ModelError(f"width_mult={width_mult!r} is invalid; pass a width multiplier in (0, {MAX_WIDTH_MULT}] "
+                         f"(--width-mult, e.g. 0.35, 0.5, 1.0)")
     if not entry.has_width and width_mult != 1.0:
         raise ModelError(f"model '{name}' has no width multiplier (got width_mult={width_mult}); "
                          f"leave it at 1.0 or pick one of: {', '.join(n for n, e in ZOO.items() if e.has_width)}")
@@ -197,22 +210,33 @@ def create_with_info(name: str, *, num_classes: int = 1000, width_mult: float = 
         return load_checkpoint(shipped, expect_name=name)
     path = Path(weights)
     if path.suffix in (".pth", ".pt", ".ckpt", ".bin") or path.exists():
-        return load_checkpoint(path, expect_name=name, num_classes=num_classes, width_mult=width_mult, rho=rho)
-    return _load_torchvision_weights(name, entry, str(weights), num_classes, width_mult)
+        return load_checkpoint(path, expect_name=name, num_classes=None if guess else num_classes,
+                               width_mult=width_mult, rho=rho, preset=preset)
+    return _load_torchvision_weights(name, entry, str(weights), num_classes, width_mult)  # 1000 unless given
 
 
 def _load_torchvision_weights(name: str, entry: ZooEntry, wname: str, num_classes: int, width_mult: float):
     import torchvision
 
     if entry.torchvision_name is None:
-        raise ModelError(f"model '{name}' has no torchvision weights (got weights='{wname}'); "
-                         f"pass a local checkpoint path, e.g. one written by `mbquant train`")
+        from .checkpoints import shipped_names
+
+        close = difflib.get_close_matches(wname, shipped_names(), n=2, cutoff=0.6)
+        raise ModelError(f"--weights '{wname}' is not a file or a shipped checkpoint, and model '{name}' has no "
+                         f"torchvision weights; {'did you mean ' + ' or '.join(close) + '? ' if close else ''}shipped: "
+                         f"{', '.join(shipped_names())}; or a checkpoint written by `mbquant train`")
     enum = torchvision.models.get_model_weights(entry.torchvision_name)
     try:
         w = enum.DEFAULT if wname == "DEFAULT" else enum[wname]
     except KeyError:
-        raise ModelError(f"'{wname}' is neither a file nor a torchvision weights name for {name}; "
-                         f"available: DEFAULT, {', '.join(m.name for m in enum)}, or a path to a .pth file") from None
+        from .checkpoints import shipped_names
+
+        known = [*shipped_names(), "DEFAULT", *(m.name for m in enum)]
+        close = difflib.get_close_matches(wname, known, n=2, cutoff=0.6)
+        raise ModelError(f"--weights '{wname}' is not a file, a shipped checkpoint or a torchvision weights name for "
+                         f"{name}; {'did you mean ' + ' or '.join(close) + '? ' if close else ''}shipped: "
+                         f"{', '.join(shipped_names())}; torchvision: DEFAULT, {', '.join(m.name for m in enum)}; "
+                         f"or a path to a .pth file") from None
     if width_mult != 1.0:
         raise ModelError(f"torchvision weights {w} exist only for width_mult=1.0 (got {width_mult}); "
                          f"train your own with `mbquant train`")
@@ -230,19 +254,91 @@ def _load_torchvision_weights(name: str, entry: ZooEntry, wname: str, num_classe
     return model.eval(), ModelInfo(name, n, 1.0, preset, tuple(w.meta["categories"]), weights=str(w))
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+MAX_WIDTH_MULT = 4.0
+MAX_CLASSES = 100_000
+
+
 def _read_checkpoint(path: Path) -> dict:
     if not path.exists():
-        raise ModelError(f"weights file '{path}' does not exist; pass a checkpoint written by `mbquant train` "
-                         f"or a torchvision weights name (IMAGENET1K_V1, DEFAULT)")
+        raise ModelError(f"weights file '{path}' does not exist; pass a checkpoint written by `mbquant train`, a shipped "
+                         f"checkpoint name or a torchvision weights name (IMAGENET1K_V1, DEFAULT)")
+    if not path.is_file():
+        kind = "a folder" if path.is_dir() else "not a regular file (a pipe or device?)"
+        raise ModelError(f"weights file '{path}' is {kind}; pass the path of a checkpoint file (.pth)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle errors, zip errors, unsafe globals
-        raise ModelError(f"cannot read weights file '{path}' ({type(exc).__name__}: {str(exc)[:200]}); "
-                         f"pass a checkpoint saved with torch.save (state dict or `mbquant train` output)") from exc
+        text = _ANSI.sub("", str(exc))
+        if "Weights only load failed" in text or "Unsupported global" in text:
+            raise ModelError(f"weights file '{path}' holds pickled Python objects (a whole model?), which mbquant does not "
+                             f"load because unpickling can run code; save `model.state_dict()` (or use `mbquant train`) "
+                             f"and pass that file") from exc
+        first = text.strip().splitlines()[0][:200] if text.strip() else ""
+        raise ModelError(f"cannot read weights file '{path}' ({type(exc).__name__}: {first}); pass a checkpoint saved "
+                         f"with torch.save (a state dict or `mbquant train` output)") from exc
     if not isinstance(obj, dict):
         raise ModelError(f"weights file '{path}' holds a {type(obj).__name__}, not a state dict; "
                          f"save `model.state_dict()` rather than the model object")
     return obj
+
+
+def _require(ck: dict, path: Path, key: str, kinds: tuple[type, ...], what: str) -> Any:
+    if key not in ck:
+        raise ModelError(f"checkpoint '{path}' lacks '{key}' ({what}); it was not written by `mbquant train`: pass "
+                         f"the file to --weights as a plain state dict with --width-mult and --num-classes, or retrain")
+    value = ck[key]
+    if not isinstance(value, kinds) or isinstance(value, bool):
+        raise ModelError(f"checkpoint '{path}': '{key}' is {value!r} ({type(value).__name__}), expected {what}; fix or "
+                         f"rewrite the checkpoint with `mbquant train`")
+    return value
+
+
+def _check_mbquant_checkpoint(ck: dict, path: Path) -> None:
+    """Schema of an mbquant checkpoint: every key present, of its type, in a sane range (before building)."""
+    name = _require(ck, path, "model", (str,), "a zoo model name")
+    _entry(name)
+    n = _require(ck, path, "num_classes", (int,), f"a number of classes in [1, {MAX_CLASSES}]")
+    w = _require(ck, path, "width_mult", (int, float), f"a width multiplier in (0, {MAX_WIDTH_MULT}]")
+    rho = ck.get("rho", 1.0)
+    if not 1 <= n <= MAX_CLASSES:
+        raise ModelError(f"checkpoint '{path}': num_classes {n} is out of range [1, {MAX_CLASSES}]; the file is damaged")
+    if not (isinstance(w, (int, float)) and math.isfinite(w) and 0 < w <= MAX_WIDTH_MULT):
+        raise ModelError(f"checkpoint '{path}': width_mult {w} is out of range (0, {MAX_WIDTH_MULT}]; the file is "
+                         f"damaged")
+    if not (isinstance(rho, (int, float)) and math.isfinite(rho) and 0 < rho <= 1):
+        raise ModelError(f"checkpoint '{path}': rho {rho!r} is out of range (0, 1]; the file is damaged")
+    _require(ck, path, "preset", (dict,), "the preprocessing preset (a dict)")
+    classes = ck.get("classes", [])
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes) \
+            or len(classes) not in (0, n):
+        raise ModelError(f"checkpoint '{path}': 'classes' must be a list of {n} class names, got {str(classes)[:80]}")
+    state = _require(ck, path, "state_dict", (dict,), "the weights (a state dict)")
+    if not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ModelError(f"checkpoint '{path}': 'state_dict' holds non-tensor values; the file is damaged")
+
+
+def _preset_of(ck: dict, path: Path) -> Preset:
+    from dataclasses import fields
+
+    d = ck["preset"]
+    unknown = sorted(set(d) - {f.name for f in fields(Preset)})
+    if unknown:
+        raise ModelError(f"checkpoint '{path}': preset has unknown keys {unknown}; known: "
+                         f"{sorted(f.name for f in fields(Preset))}; fix the file or retrain")
+    try:
+        return Preset.from_dict(d)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"checkpoint '{path}': preset {d} is invalid ({exc}); fix the file or retrain") from exc
+
+
+def check_finite(state: dict, path: Path) -> None:
+    """Weights with NaN or infinity give meaningless outputs (10 % top-1 on 10 classes) without any error."""
+    for k, v in state.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            bad = int((~torch.isfinite(v)).sum())
+            raise ModelError(f"weights '{path}' hold non-finite values in '{k}' ({bad} of {v.numel()}); the training "
+                             f"diverged or the file is damaged: retrain (e.g. with a lower --lr) or use another checkpoint")
 
 
 def read_checkpoint_info(path: Path | str) -> dict:
@@ -252,29 +348,36 @@ def read_checkpoint_info(path: Path | str) -> dict:
 
 
 def load_checkpoint(path: Path | str, *, expect_name: str | None = None, num_classes: int | None = None,
-                    width_mult: float = 1.0, rho: float = 1.0) -> tuple[nn.Module, ModelInfo]:
+                    width_mult: float = 1.0, rho: float = 1.0,
+                    preset: Preset | None = None) -> tuple[nn.Module, ModelInfo]:
     """Rebuild a model from a checkpoint. mbquant checkpoints carry their own architecture and preset;
     a plain state dict needs ``expect_name``/``num_classes``/``width_mult``."""
     path = Path(path)
     ck = _read_checkpoint(path)
     digest = file_sha256(path)
     if ck.get("format") == CHECKPOINT_FORMAT:
+        _check_mbquant_checkpoint(ck, path)
         name = ck["model"]
         if expect_name is not None and name != expect_name:
             raise ModelError(f"checkpoint '{path}' holds a {name}, not a {expect_name}; "
                              f"run `mbquant ... {name}` or pass {expect_name} weights")
         model = _entry(name).build(num_classes=ck["num_classes"], width_mult=ck["width_mult"], rho=ck.get("rho", 1.0))
-        info = ModelInfo(name, ck["num_classes"], ck["width_mult"], Preset.from_dict(ck["preset"]),
+        info = ModelInfo(name, ck["num_classes"], ck["width_mult"], _preset_of(ck, path),
                          tuple(ck.get("classes", ())), weights=str(path), weights_sha256=digest)
         state = ck["state_dict"]
     else:
         if expect_name is None:
             raise ModelError(f"'{path}' is a plain state dict; name the model it belongs to")
         state = ck.get("state_dict", ck) if isinstance(ck.get("state_dict"), dict) else ck
+        if not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise ModelError(f"'{path}' is neither an mbquant checkpoint nor a state dict of tensors; pass a checkpoint "
+                             f"written by `mbquant train` or torch.save(model.state_dict())")
         n = num_classes if num_classes is not None else _guess_num_classes(state)
         model = _entry(expect_name).build(num_classes=n, width_mult=width_mult, rho=rho)
         res = getattr(model, "default_resolution", 224)
-        info = ModelInfo(expect_name, n, width_mult, imagenet_preset(res), weights=str(path), weights_sha256=digest)
+        info = ModelInfo(expect_name, n, width_mult, preset or imagenet_preset(res), weights=str(path),
+                         weights_sha256=digest)
+    check_finite(state, path)
     _load_state(model, state, path, info)
     return model.eval(), info
 
@@ -294,7 +397,7 @@ def _load_state(model: nn.Module, state: dict, path: Path, info: ModelInfo) -> N
     if not missing and not unexpected and wrong and file_classes != info.num_classes \
             and all(k.split(".")[0] == wrong[0][0].split(".")[0] for k, _, _ in wrong):
         raise ModelError(f"weights '{path}' were trained for {file_classes} classes but the model has "
-                         f"{info.num_classes}; pass num_classes={file_classes} (or a dataset with {file_classes} classes)")
+                         f"{info.num_classes}; pass --num-classes {file_classes} (num_classes={file_classes} in Python)")
     if missing or unexpected or wrong:
         detail = []
         if wrong:
@@ -304,9 +407,9 @@ def _load_state(model: nn.Module, state: dict, path: Path, info: ModelInfo) -> N
             detail.append(f"{len(missing)} missing keys (first: {missing[0]})")
         if unexpected:
             detail.append(f"{len(unexpected)} unexpected keys (first: {unexpected[0]})")
-        raise ModelError(f"weights '{path}' do not fit {info.name} (width_mult={info.width_mult}, "
-                         f"num_classes={info.num_classes}): {'; '.join(detail)}; pass the width_mult/num_classes "
-                         f"the weights were trained with, or weights for this model")
+        raise ModelError(f"weights '{path}' do not fit {info.name} (width {info.width_mult:g}, {info.num_classes} "
+                         f"classes): {'; '.join(detail)}; pass --width-mult and --num-classes as the weights were "
+                         f"trained, or weights for this model")
     model.load_state_dict(state)
 
 

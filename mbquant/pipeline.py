@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,10 @@ import torch
 from torch import nn
 
 from . import calibrate
-from ._io import write_json
+from ._io import RunFolder, write_json
 from .calibrate import CalibrationResult, CalibrationSet
 from .config import QATConfig, QuantConfig, RunConfig
-from .data import ImageFolderDataset, load_folder, make_loader
+from .data import MAX_IMAGE_PIXELS, ImageFolderDataset, load_folder, make_loader
 from .errors import ConfigError, DataError
 from .evaluate import Comparison, compare
 from .mobile import table
@@ -54,7 +55,8 @@ def _timed(seconds: dict[str, float], stage: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def calibration_set(calib: CalibrationSet | Path | str, info: ModelInfo, config: QuantConfig) -> CalibrationSet:
+def calibration_set(calib: CalibrationSet | Path | str, info: ModelInfo, config: QuantConfig, *,
+                    max_pixels: int = MAX_IMAGE_PIXELS) -> CalibrationSet:
     """``calib`` as a CalibrationSet of ``config.num_calib`` samples drawn with ``config.seed``."""
     if isinstance(calib, CalibrationSet):
         if (calib.requested, calib.seed) != (config.num_calib, config.seed):
@@ -63,7 +65,7 @@ def calibration_set(calib: CalibrationSet | Path | str, info: ModelInfo, config:
                               f"instead (it is sampled from the config) or a matching set")
         return calib
     return calibrate.from_folder(calib, info.preset, config.num_calib, seed=config.seed,
-                                 expected_classes=list(info.classes) or None)
+                                 expected_classes=list(info.classes) or None, max_pixels=max_pixels)
 
 
 def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: CalibrationSet, *,
@@ -102,14 +104,15 @@ def samples_digest(ds: ImageFolderDataset) -> str:
     return h.hexdigest()[:16]
 
 
-def load_eval_set(root: Path, info: ModelInfo, limit: int | None, *, seed: int = 0) -> ImageFolderDataset:
+def load_eval_set(root: Path, info: ModelInfo, limit: int | None, *, seed: int = 0,
+                  max_pixels: int = MAX_IMAGE_PIXELS) -> ImageFolderDataset:
     """The labelled evaluation images; with ``limit``, a seeded class-stratified subset of that many."""
-    ds = load_folder(root, info.preset, expected_classes=list(info.classes) or None)
+    ds = load_folder(root, info.preset, expected_classes=list(info.classes) or None, max_pixels=max_pixels)
     if not ds.labelled:
         raise DataError(f"evaluation folder '{root}' has no class subfolders; pass a labelled ImageFolder")
     if limit is not None and limit < len(ds):
         keep = calibrate.stratified_indices([s.label for s in ds.samples], limit, seed)
-        ds = ImageFolderDataset([ds.samples[i] for i in keep], ds.classes, ds.transform)
+        ds = ImageFolderDataset([ds.samples[i] for i in keep], ds.classes, ds.transform, max_pixels=max_pixels)
     return ds
 
 
@@ -139,8 +142,8 @@ class Finetune:
 
 
 def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: QuantConfig, calib: CalibrationSet,
-           eval_set: ImageFolderDataset, out_dir: Path, report: Report, *, finetune: Finetune | None,
-           progress: bool) -> Built | None:
+           eval_set: ImageFolderDataset, staging: Path | None, ckpt_dir: Path | None, report: Report, *,
+           finetune: Finetune | None, progress: bool) -> Built | None:
     """prepare -> calibrate or fine-tune -> convert -> write -> load, for one backend (None on other ranks)."""
     backend = table.load(spec)
     cfg = table.resolve(config, spec, qat=finetune is not None)
@@ -153,7 +156,8 @@ def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: Qua
         if q.calibration.skipped_unreadable:
             report.warn(f"{q.calibration.skipped_unreadable} unreadable calibration images were skipped")
     else:
-        int8, seconds = _finetune(backend, fm, info, cfg, calib, eval_set, out_dir, report, finetune, facts, progress)
+        int8, seconds = _finetune(backend, fm, info, cfg, calib, eval_set, ckpt_dir, report, finetune, facts,
+                                  progress)
         if int8 is None:
             return None
     if cfg.keep_float:
@@ -165,7 +169,7 @@ def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: Qua
         unexpected = sorted(set(backend.float_layers(int8)) - set(facts.get("kept_float", [])))
         if unexpected:
             report.warn(f"{spec.name}: layers left in float that were not asked for: {', '.join(unexpected)}")
-        stem = out_dir / artifact_name(info, "int8", "")
+        stem = staging / artifact_name(info, "int8", "")
         written = _timed(seconds, "write", lambda: backend.write(int8, stem, resolution=info.resolution))
         files = [(w, _timed(seconds, "load", lambda w=w: backend.load(w.path))) for w in written]
     facts["seconds"] = seconds
@@ -173,7 +177,7 @@ def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: Qua
 
 
 def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfig, calib: CalibrationSet,
-              eval_set: ImageFolderDataset, out_dir: Path, report: Report, ft: Finetune, facts: dict,
+              eval_set: ImageFolderDataset, ckpt_dir: Path | None, report: Report, ft: Finetune, facts: dict,
               progress: bool):
     """prepare_qat -> range init -> fit_qat -> convert; returns (int8, seconds), (None, ...) on ranks > 0."""
     from . import distributed, finetune
@@ -190,7 +194,7 @@ def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfi
                 facts["calibration"] = {"samples": seen, "use": "initial fake-quantize ranges"}
             result, warnings = _timed(seconds, "finetune", lambda: finetune.fit_qat(
                 qm, info, ft.train_set, eval_set, config=ft.config, quant=cfg,
-                float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=out_dir if dist.is_main else None,
+                float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=ckpt_dir if dist.is_main else None,
                 resume=ft.resume, progress=progress, on_step=ft.on_step,
                 teacher=copy.deepcopy(fm.module).eval() if ft.config.distill > 0 else None))
     finally:
@@ -230,7 +234,7 @@ def _result(cmp: Comparison, built: Built, w: Written, pred: Predictor, eval_set
               "top1_reference_minus_artifact": cmp.paired_accuracy(ref, art).to_dict(),
               "agreement_float_reference_minus_artifact": cmp.paired_agreement(FLOAT, ref, art).to_dict()}
     return ArtifactResult(
-        backend=built.backend.name, file=w.path.name, path=str(w.path), bytes=w.bytes, runtime=pred.runtime,
+        backend=built.backend.name, file=w.path.name, bytes=w.bytes, runtime=pred.runtime,
         images=cmp.count, top1=round(cmp.top1(art), 3), top5=round(cmp.top5(art), 3),
         drop_pp=round(cmp.drop(FLOAT, art), 3), agreement_float=round(cmp.agree(FLOAT, art), 3),
         reference_top1=round(cmp.top1(ref), 3), reference_agreement_float=round(cmp.agree(FLOAT, ref), 3),
@@ -278,19 +282,19 @@ def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, r
     if cmp.count == 0 or not cmp.labelled:
         raise DataError(f"no readable labelled evaluation images among {len(eval_set)} ({cmp.skipped} unreadable); "
                         f"pass a labelled ImageFolder with readable images")
-    x1 = next(b for b in make_loader(eval_set, 1) if b is not None)[0]
-    results = [_result(cmp, b, w, pred, eval_set, run, x1) for b in built for w, pred in b.files]
+    x8 = next(b for b in make_loader(eval_set, 8) if b is not None)[0]
+    results = [_result(cmp, b, w, pred, eval_set, run, x8[:1]) for b in built for w, pred in b.files]
     fl = FloatResult(cmp.count, round(cmp.top1(FLOAT), 3), round(cmp.top5(FLOAT), 3))
     if float_file is not None:
         w, pred = float_file
-        fl = FloatResult(fl.images, fl.top1, fl.top5, str(w.path), w.bytes,
-                         {**pred.latency(x1, run.latency_runs, run.latency_threads), "threads": run.latency_threads})
-    return cmp, results, fl
+        fl = FloatResult(fl.images, fl.top1, fl.top5, w.path.name, w.bytes,
+                         {**pred.latency(x8[:1], run.latency_runs, run.latency_threads), "threads": run.latency_threads})
+    return cmp, results, fl, x8
 
 
-def _sidecar(r: ArtifactResult, built: Built, info: ModelInfo, digests: dict[str, str]) -> None:
+def _sidecar(path: Path, r: ArtifactResult, built: Built, info: ModelInfo, digests: dict[str, str]) -> None:
     """``<artifact>.json``: what the file is and how it was made (read by apps and by ``mbquant check``)."""
-    write_json(Path(f"{r.path}.json"), {
+    write_json(Path(f"{path}.json"), {
         "artifact": r.file, "backend": r.backend, "runtime": r.runtime, "model": info.to_dict(),
         "config": built.config.to_dict(), "preset": info.preset.to_dict(), "classes": list(info.classes),
         "input_shape": [1, 3, info.resolution, info.resolution], **digests,
@@ -302,16 +306,36 @@ def _sidecar(r: ArtifactResult, built: Built, info: ModelInfo, digests: dict[str
 def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_set: ImageFolderDataset,
             out_dir: Path, config: QuantConfig = QuantConfig(), run: RunConfig = RunConfig(),
             finetune: Finetune | None = None, progress: bool = False, command: str = "",
-            warnings: tuple[str, ...] = ()) -> Report | None:
-    """The whole job (see the module doc). Returns the report (written to ``out_dir``), None on torchrun ranks > 0."""
+            warnings: tuple[str, ...] = (), overwrite: bool = False) -> Report | None:
+    """The whole job (see the module doc), written with the run-folder protocol (:class:`mbquant._io.RunFolder`):
+    ``out_dir`` appears, complete, only when every artifact is verified and every gate passed; a run that fails
+    a gate leaves its report in ``<out_dir>.failed/``. Returns the report; None on torchrun ranks > 0."""
     specs = table.select(run.target, run.formats)
     for spec in specs:  # every config problem is found before any work
         table.resolve(config, spec, qat=finetune is not None)
     if finetune is not None and len(specs) != 1:
         raise ConfigError(f"QAT trains one model for one engine, got formats {list(run.formats)}; run `mbquant qat` "
                           f"once per format")
+    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: trains its shard, writes nothing
+        _job(model, info, specs, calib=calib, eval_set=eval_set, staging=None, ckpt_dir=None, config=config, run=run,
+             finetune=finetune, progress=progress, report=Report(command))
+        return None
+    resume = finetune is not None and finetune.resume is not None
+    with RunFolder(Path(out_dir), overwrite=overwrite, resume=resume) as folder:
+        report = Report(command, warnings=[*warnings, *folder.notes])
+        _job(model, info, specs, calib=calib, eval_set=eval_set, staging=folder.staging, ckpt_dir=folder.work,
+             config=config, run=run, finetune=finetune, progress=progress, report=report)
+        if report.ok:
+            report.location = folder.publish()
+        else:
+            report.location = folder.fail()
+    return report
+
+
+def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSet, eval_set: ImageFolderDataset,
+         staging: Path | None, ckpt_dir: Path | None, config: QuantConfig, run: RunConfig, finetune: Finetune | None,
+         progress: bool, report: Report) -> None:
     fm = FloatModel(model, info.resolution)
-    report = Report(command, warnings=list(warnings))
     for name, section in (("model", info.to_dict()), ("config", config.to_dict()), ("run", run.to_dict()),
                           ("qat_config", finetune.config.to_dict() if finetune else None), ("host", host())):
         if section is not None:
@@ -321,27 +345,28 @@ def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_se
                         "eval_images": len(eval_set), **digests})
     built: list[Built] = []
     for spec in specs:
-        b = _build(spec, fm, info, config, calib, eval_set, out_dir, report, finetune=finetune, progress=progress)
+        b = _build(spec, fm, info, config, calib, eval_set, staging, ckpt_dir, report, finetune=finetune,
+                   progress=progress)
         if b is None:
-            return None
+            return
         built.append(b)
     float_file = None
     if run.float_program and any(b.backend.spec.float_program for b in built):
         b = next(b for b in built if b.backend.spec.float_program)
-        w = b.backend.write(fm.graph, out_dir / artifact_name(info, "fp32", ""), resolution=info.resolution)[0]
+        w = b.backend.write(fm.graph, staging / artifact_name(info, "fp32", ""), resolution=info.resolution)[0]
         float_file = (w, b.backend.load(w.path))
     try:
-        cmp, results, fl = _measure(fm, built, eval_set, run, float_file, progress)
+        cmp, results, fl, x8 = _measure(fm, built, eval_set, run, float_file, progress)
     finally:
         for b in built:
             for _, pred in b.files:
                 pred.close()
-    x8 = next(bt for bt in make_loader(eval_set, 8) if bt is not None)[0]
     report.add("backends", {b.backend.name: {**b.facts, **b.backend.diagnose(fm, b.int8, x8)} for b in built})
     report.add("float", fl)
     report.add("artifacts", [r.to_dict() for r in results])
     if cmp.skipped:
-        report.warn(f"{cmp.skipped} unreadable evaluation images were skipped")
+        report.warn(f"{cmp.skipped} unreadable evaluation images were skipped (first: "
+                    f"{', '.join(sorted(p.name for p in eval_set.skipped)[:3])})")
     for r in results:
         for note in r.details.get("notes", []):
             report.warn(f"{r.backend}: {note}")
@@ -349,6 +374,5 @@ def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_se
         report.fail(failure)
     by_name = {b.backend.name: b for b in built}
     for r in results:
-        _sidecar(r, by_name[r.backend], info, digests)
-    report.write(out_dir)
-    return report
+        _sidecar(staging / r.file, r, by_name[r.backend], info, digests)
+    report.write(staging)

@@ -49,8 +49,7 @@ class ArtifactResult:
     flipped images and their margins, and the paired differences the parity gate tests)."""
 
     backend: str
-    file: str
-    path: str
+    file: str                      # the file's name in the run folder
     bytes: int
     runtime: str
     images: int
@@ -76,7 +75,7 @@ class FloatResult:
     images: int
     top1: float
     top5: float
-    path: str | None = None
+    file: str | None = None        # the fp32 program's name in the run folder
     bytes: int | None = None
     latency: dict[str, Any] | None = None
 
@@ -92,6 +91,7 @@ class Report:
     sections: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
+    location: Path | None = None    # where the report ended: the run folder, or <out>.failed/report.json
 
     def add(self, name: str, value: Any) -> None:
         self.sections[name] = value.to_dict() if hasattr(value, "to_dict") else value

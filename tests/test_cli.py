@@ -93,7 +93,8 @@ def test_ptq_all_corrupt_calibration_images(tiny_ckpt, tmp_path, capsys):
     for i in range(3):
         (tmp_path / "bad" / f"{i}.png").write_bytes(b"not an image")  # a flat (unlabelled) calibration folder
     assert _ptq(ck, tmp_path / "bad", tmp_path / "out", "--eval", str(tiny_ckpt[0] / "val")) != 0
-    assert re.search(r"no readable calibration images in '.*bad' \(3 unreadable\)", capsys.readouterr().err)
+    assert re.search(r"no readable calibration images in '.*bad' \(3 unreadable; first: 0.png: Unidentified",
+                     capsys.readouterr().err)
     assert _no_pte(tmp_path)
 
 
@@ -102,7 +103,7 @@ def test_ptq_unwritable_out(tiny_ckpt, tmp_path, capsys):
     blocker = tmp_path / "file"
     blocker.write_text("a file, not a folder")
     assert _ptq(ck, root / "train", blocker / "out") == 1
-    assert re.search(r"cannot create output folder '.*file/out'", capsys.readouterr().err)
+    assert re.search(r"cannot create folder of --out '.*file': it exists and is a file", capsys.readouterr().err)
     assert _no_pte(tmp_path)
 
 
@@ -117,7 +118,7 @@ def _result(**changes) -> ArtifactResult:
 
         return PairedDifference(n, only_a, only_b).to_dict()
 
-    base = dict(backend="pte-xnnpack", file="m.pte", path="m.pte", bytes=1, runtime="rt", images=1000, top1=90.0,
+    base = dict(backend="pte-xnnpack", file="m.pte", bytes=1, runtime="rt", images=1000, top1=90.0,
                 top5=99.0, drop_pp=0.4, agreement_float=99.0, reference_top1=90.0, reference_agreement_float=99.0,
                 parity={"agreement": 99.5, "top1_reference_minus_artifact": paired(3, 2),
                         "agreement_float_reference_minus_artifact": paired(2, 3)},

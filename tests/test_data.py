@@ -75,7 +75,7 @@ def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         scan_folder(tmp_path / "nope")
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"has no images \(looked for .jpg .jpeg .png .bmp .webp\)"):
+    with pytest.raises(DataError, match=r"has no images \(looked for .jpg .jpeg .png .bmp .webp .tif .tiff\)"):
         scan_folder(tmp_path / "empty")
 
 
@@ -84,7 +84,7 @@ def test_flat_folder_only_when_allowed(tmp_path, small_folder):
     flat.mkdir()
     for p in sorted(small_folder.rglob("*.png"))[:5]:
         (flat / p.name).write_bytes(p.read_bytes())
-    with pytest.raises(DataError, match="expected one subfolder per class"):
+    with pytest.raises(DataError, match="has 5 images but no class subfolders; this needs labelled images"):
         scan_folder(flat)
     samples, classes = scan_folder(flat, allow_unlabeled=True)
     assert len(samples) == 5 and classes == [] and all(s.label == -1 for s in samples)

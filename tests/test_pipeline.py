@@ -58,7 +58,7 @@ def _job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, **config):
 def phone_run(fmnist, tmp_path_factory):
     """The default recipe on the shipped phone checkpoint: 256 calibration images from train, 2,000 stratified val
     images."""
-    out = tmp_path_factory.mktemp("phone")
+    out = tmp_path_factory.mktemp("phone") / "run"
     return out, _job(fmnist, out)
 
 
@@ -127,13 +127,13 @@ def test_cli_ptq_small_width_json(fmnist, tmp_path, capsys):
     parity gate while agreeing with the float model better than the INT8 module did (issue 9)."""
     rc = main(["ptq", "mobilenet_v2", "--weights", "mobilenet_v2_w0.35_r64_fmnist", "--calib", str(fmnist / "train"),
                "--eval", str(fmnist / "val"), "--num-calib", "128", "--eval-limit", "500", "--no-float-program",
-               "--latency-runs", "3", "--out", str(tmp_path), "--json"])
+               "--latency-runs", "3", "--out", str(tmp_path / "run"), "--json"])
     rep = json.loads(capsys.readouterr().out)
     assert rc == 0 and rep["status"] == "ok", rep["failures"]
     (art,) = rep["artifacts"]
     assert art["images"] == 500 and rep["backends"]["pte-xnnpack"]["calibration"]["samples"] == 128
     assert rep["backends"]["pte-xnnpack"]["bias_correction"]["layers_corrected"] == 53
-    assert rep["float"]["path"] is None and art["delegated"] == 1.0
+    assert rep["float"]["file"] is None and art["delegated"] == 1.0
     assert rep["command"].startswith("mbquant ptq mobilenet_v2 --weights mobilenet_v2_w0.35_r64_fmnist")
 
 
@@ -142,9 +142,9 @@ def test_phone_ptq_full_val_meets_the_issue_targets(fmnist, tmp_path):
     """The default `mbquant ptq` on the phone checkpoint, 512 calibration images from train, all 10,000 val images:
     drop <= 0.1 pp and float~.pte agreement >= 99.3 % (issues 3 and 9); TorchScript drop <= 0.5 pp."""
     rc = main(["ptq", "mobilenet_v2", "--calib", str(fmnist / "train"), "--eval", str(fmnist / "val"),
-               "--format", "pte,torchscript", "--no-float-program", "--latency-runs", "5", "--out", str(tmp_path),
+               "--format", "pte,torchscript", "--no-float-program", "--latency-runs", "5", "--out", str(tmp_path / "run"),
                "--quiet"])
-    rep = json.loads((tmp_path / "report.json").read_text())
+    rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rc == 0 and rep["status"] == "ok", rep["failures"]
     arts = {a["file"].rsplit(".", 1)[1]: a for a in rep["artifacts"]}
     assert arts["pte"]["images"] == 10000

@@ -8,7 +8,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from ..data import ImageFolderDataset, Preset, build_transform, make_loader, scan_folder
+from ..data import MAX_IMAGE_PIXELS, ImageFolderDataset, Preset, build_transform, make_loader, scan_folder
 from ..errors import DataError
 
 
@@ -33,8 +33,10 @@ class CalibrationSet:
         if self._images is None:
             chunks = [b[0] for b in make_loader(self.dataset, 64) if b is not None]
             if not chunks:
+                first = next(iter(self.dataset.skipped.items()), None)
                 raise DataError(f"no readable calibration images in '{self.root}' ({len(self.dataset.skipped)} "
-                                f"unreadable); pass a folder of valid images (.jpg .jpeg .png .bmp .webp)")
+                                f"unreadable" + (f"; first: {first[0].name}: {first[1]}" if first else "") +
+                                "); pass a folder of valid images (.jpg .jpeg .png .bmp .webp .tif)")
             self._images = torch.cat(chunks)
         return self._images
 
@@ -74,7 +76,7 @@ def stratified_indices(labels: Sequence[int], n: int, seed: int) -> list[int]:
 
 
 def from_folder(root: Path | str, preset: Preset, num_samples: int, *, seed: int = 0,
-                expected_classes: Sequence[str] | None = None) -> CalibrationSet:
+                expected_classes: Sequence[str] | None = None, max_pixels: int = MAX_IMAGE_PIXELS) -> CalibrationSet:
     """Pick ``num_samples`` images from an ImageFolder (stratified by class) or a flat folder (seeded shuffle)."""
     root = Path(root)
     samples, classes = scan_folder(root, allow_unlabeled=True)
@@ -87,5 +89,5 @@ def from_folder(root: Path | str, preset: Preset, num_samples: int, *, seed: int
         g = torch.Generator().manual_seed(seed)
         idx = sorted(torch.randperm(len(samples), generator=g)[:num_samples].tolist())
     chosen = [samples[i] for i in idx]
-    ds = ImageFolderDataset(chosen, classes, build_transform(preset, train=False))
+    ds = ImageFolderDataset(chosen, classes, build_transform(preset, train=False), max_pixels=max_pixels)
     return CalibrationSet(root, ds, num_samples, seed, bool(classes), len(samples))

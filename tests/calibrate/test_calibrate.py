@@ -82,7 +82,7 @@ def test_all_unreadable_calibration_images(tmp_path):
         (tmp_path / "c" / "x" / f"{i}.png").write_bytes(b"garbage")
     prepared = _prepared(create("mobilenet_v2", num_classes=10, width_mult=0.35), QuantConfig())
     cs = from_folder(tmp_path / "c", small_preset(32), 3)
-    with pytest.raises(DataError, match=r"no readable calibration images .*\(3 unreadable\)"):
+    with pytest.raises(DataError, match=r"no readable calibration images .*\(3 unreadable; first: 0.png: "):
         calibrate.run(prepared, cs)
 
 
