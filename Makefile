@@ -26,7 +26,7 @@ $(DATA)/train/.complete $(DATA)/val/.complete: | $(STAMP)
 # The main job on the shipped phone checkpoint with the default (best measured) recipe: 512 calibration
 # images from data/train, accuracy drop on all 10,000 data/val images, verified INT8 .pte (and TorchScript
 # .pt/.ptl) + report in $(OUT).
-DEMO_FLAGS ?= --format pte,torchscript
+DEMO_FLAGS ?= --format pte,torchscript --overwrite
 demo: $(STAMP) data
 	$(BIN)/mbquant ptq mobilenet_v2 --calib $(DATA)/train --eval $(DATA)/val $(DEMO_FLAGS) --out $(OUT)
 
