@@ -28,6 +28,7 @@ VARIANTS = {  # name: QuantConfig fields (recipe + overrides)
     "percentile+fp32-logits": dict(fuse_relu6=False, bias_correction=False),
     "relu6+percentile+fp32-logits": dict(bias_correction=False),
     "best": dict(),                                                              # the default recipe
+    "best+equalize": dict(equalize=True),
     "best-histogram": dict(observer="histogram"),
     "relu6+minmax": {**STOCK, "fuse_relu6": True, "observer": "minmax"},
     "per-tensor-stock": {**STOCK, "granularity": "per-tensor"},
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
         cfg = QuantConfig(num_calib=args.num_calib, **VARIANTS[name])
         r = results[name] = summary(job(model, info, args.data, config=cfg, run=run, command=f"benchmark {name}"))
         c = r["config"]
-        rows.append((name, "yes" if c["fuse_relu6"] else "no", c["observer"], ",".join(c["keep_float"]) or "-",
+        rows.append((name + (" (eq)" if c["equalize"] else ""), "yes" if c["fuse_relu6"] else "no", c["observer"],
+                     ",".join(c["keep_float"]) or "-",
                      "yes" if c["bias_correction"] else "no", c["granularity"], f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}",
                      f"{r['agreement_float']:.2f}", f"{r['parity']:.2f}", str(r["quantize_ops"])))
         print(f"[{name}] done in {r['wall_seconds']} s: {rows[-1]}", flush=True)

@@ -23,7 +23,9 @@ from mbquant.pipeline import Finetune
 from mbquant.report import format_table, host, library_versions
 from mbquant.resolve import resolve_model
 
-PTQ_RECIPES = {"relu6": dict(recipe="stock", fuse_relu6=True), "best": dict(), "stock": dict(recipe="stock")}
+PTQ_RECIPES = {"relu6": dict(recipe="stock", fuse_relu6=True), "best": dict(), "stock": dict(recipe="stock"),
+               "best+equalize": dict(equalize=True), "equalize+bias-correction": dict(recipe="stock", fuse_relu6=True,
+                                                                                       equalize=True, bias_correction=True)}
 
 
 def main(argv=None) -> int:
@@ -52,7 +54,8 @@ def main(argv=None) -> int:
         results = json.loads(args.out.read_text())["results"]
     for gran in args.granularities.split(","):
         for method in args.methods.split(","):
-            name = f"{method} {gran}" + (f" distill {args.distill:g}" if method == "qat" and args.distill else "")
+            name = f"{method} {gran}" + (f" distill {args.distill:g}" if method == "qat" and args.distill else "") \
+                + (f" {args.ptq_recipe}" if method == "ptq" and args.ptq_recipe != "relu6" else "")
             if method == "ptq":
                 rep = job(model, info, args.data, config=QuantConfig(granularity=gran, **PTQ_RECIPES[args.ptq_recipe]),
                           run=run, command=name)

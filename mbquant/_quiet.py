@@ -15,7 +15,9 @@ import sys
 import threading
 from typing import Iterator
 
-NOISE = re.compile(rb"^(\[(cpuinfo_utils|threadpool)\.cpp:\d+\] |W\d{4} [\d:. ]+\d+ \S*_pytree\.py:\d+\] .*KernelPreference)")
+NOISE = re.compile(rb"^(\[(cpuinfo_utils|threadpool)\.cpp:\d+\] "
+                   rb"|W\d{4} [\d:. ]+\d+ \S*_pytree\.py:\d+\] <enum '\w+'> is an Enum subclass"
+                   rb"|WARNING:executorch\.exir\.pass_manager:PassManager is deprecated)")
 
 
 def _pump(read_fd: int, out_fd: int) -> None:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from . import __version__
-from .config import GRANULARITIES, LOGITS, MODEL_NAMES, OBSERVERS
+from .config import CPUS, GRANULARITIES, LOGITS, MODEL_NAMES, OBSERVERS
 from .errors import ConfigError, MbquantError
 
 
@@ -149,6 +149,8 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--keep-float", type=_names, default=None, metavar="NAME[,NAME]|none",
                    help=f"layers that run in fp32 on their INT8 inputs: module names, or '{LOGITS}' for the layer "
                         f"producing the output (recipe: {LOGITS} on pte)")
+    p.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=None,
+                   help="cross-layer equalization of the float model before quantizing (recipe: on for mcu)")
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset (and of training)")
 
 
@@ -173,6 +175,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--float-program", action=argparse.BooleanOptionalAction, default=True,
                    help="also write the float program for size/latency comparison")
     p.add_argument("--latency-runs", type=int, default=20)
+    p.add_argument("--cpu", default="cortex-m4", choices=list(CPUS), help="--target mcu: the Cortex-M core")
+    p.add_argument("--int8-input", action="store_true",
+                   help="--target mcu: the program takes the quantized image (scale/zero point in the sidecar)")
+    p.add_argument("--strict", action=argparse.BooleanOptionalAction, default=True,
+                   help="fail when an op of an MCU program is not an INT8 kernel (default on)")
+    p.add_argument("--flash-kb", type=float, default=None, help="--target mcu: fail when the program is larger")
+    p.add_argument("--ram-kb", type=float, default=None,
+                   help="--target mcu: fail when the RAM peak (arena: activations, scratch, input/output) is larger")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/<model>-<timestamp>/); "
                    "written only when the run succeeds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder, whole, when this run "
@@ -344,7 +354,8 @@ def _run_config(args: argparse.Namespace):
 
     return RunConfig(target=args.target, formats=args.format, min_delegated=args.min_delegated, max_drop=args.max_drop,
                      min_parity=args.min_parity, parity_z=args.parity_z, eval_limit=args.eval_limit,
-                     latency_runs=args.latency_runs, float_program=args.float_program)
+                     latency_runs=args.latency_runs, float_program=args.float_program, cpu=args.cpu,
+                     int8_input=args.int8_input, strict=args.strict, flash_kb=args.flash_kb, ram_kb=args.ram_kb)
 
 
 def _finish(args: argparse.Namespace, report) -> int:
@@ -377,7 +388,7 @@ def _cmd_ptq(args: argparse.Namespace) -> int:
     config = QuantConfig(recipe=args.recipe, observer=args.observer, granularity=args.granularity,
                          num_calib=args.num_calib, seed=args.seed, batch_size=args.batch_size,
                          fuse_relu6=args.fuse_relu6, keep_float=args.keep_float, percentile=args.percentile,
-                         bias_correction=args.bias_correction)
+                         bias_correction=args.bias_correction, equalize=args.equalize)
     run = _run_config(args)
     model, info = _model(args)
     out = args.out or default_out_dir(args.model)
@@ -427,7 +438,7 @@ def _cmd_qat(args: argparse.Namespace) -> int:
         raise ConfigError(f"qat fine-tunes a trained float model: pass --weights (a checkpoint path or a shipped "
                           f"name: {', '.join(shipped_names())}); train one with `mbquant train`")
     config = QuantConfig(recipe="qat", granularity=args.granularity, num_calib=args.num_calib, seed=args.seed,
-                         fuse_relu6=args.fuse_relu6, keep_float=args.keep_float)
+                         fuse_relu6=args.fuse_relu6, keep_float=args.keep_float, equalize=args.equalize)
     qat = QATConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum,
                     weight_decay=args.weight_decay, freeze_bn_after=args.freeze_bn_after,
                     freeze_observers_after=args.freeze_observers_after, init_ranges=args.init_ranges,

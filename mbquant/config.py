@@ -14,6 +14,7 @@ MODEL_NAMES = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_
 OBSERVERS = ("histogram", "minmax", "percentile", "moving-average")
 GRANULARITIES = ("per-channel", "per-tensor")
 FORMATS = ("pte", "torchscript")
+CPUS = ("cortex-m4", "cortex-m7", "cortex-m33", "cortex-m55")
 RECIPES = ("best", "stock", "qat")
 LOGITS = "logits"  # --keep-float alias: the layer(s) whose output is the model's output (the classifier)
 
@@ -69,6 +70,7 @@ class QuantConfig(_Config):
     point of quantization-aware training (ReLU6 fused, everything INT8).
 
     ``fuse_relu6``: quantize conv(-BN)-ReLU6 as one unit, after the clamp (ReLU6 is never replaced by ReLU).
+    ``equalize``: cross-layer equalization of the float model first (:mod:`mbquant.quant.equalize`).
     ``keep_float``: layers (module names, or ``"logits"`` for the layer producing the model output) that run
     in fp32 on their dequantized INT8 inputs. ``num_calib`` counts samples, not batches.
     """
@@ -79,6 +81,7 @@ class QuantConfig(_Config):
     fuse_relu6: bool | None = None
     keep_float: tuple[str, ...] | None = None
     bias_correction: bool | None = None
+    equalize: bool | None = None
     percentile: float = 99.99
     num_calib: int = 512
     seed: int = 0
@@ -89,7 +92,7 @@ class QuantConfig(_Config):
         if self.observer is not None:
             _choice(self.observer, OBSERVERS, "observer")
         _choice(self.granularity, GRANULARITIES, "weight granularity")
-        for name in ("fuse_relu6", "bias_correction"):
+        for name in ("fuse_relu6", "bias_correction", "equalize"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ConfigError(f"{name} must be true, false or unset (the recipe decides), got {v!r}")
@@ -186,6 +189,9 @@ class RunConfig(_Config):
     (top-1 and agreement with the float model; paired test, ``parity_z`` standard errors);
     ``min_parity``: an optional floor on top-1 agreement (%) between the artifact and that INT8 model.
     ``eval_limit``: evaluate on a seeded, class-stratified subset of this many images (None: all).
+    MCU backends: ``cpu`` (the Cortex-M core the program is planned for), ``int8_input`` (the program takes the
+    quantized image; the caller applies the input scale/zero point), ``strict`` (fail when an op is not an INT8
+    kernel), ``flash_kb``/``ram_kb`` (budgets: fail when the program or its RAM peak is larger).
     """
 
     target: str = "phone"
@@ -199,6 +205,11 @@ class RunConfig(_Config):
     latency_runs: int = 20
     latency_threads: int = 1
     float_program: bool = True
+    cpu: str = "cortex-m4"
+    int8_input: bool = False
+    strict: bool = True
+    flash_kb: float | None = None
+    ram_kb: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", tuple(self.formats))
@@ -217,3 +228,8 @@ class RunConfig(_Config):
         _positive_int(self.eval_batch_size, "eval batch size", "--eval-batch-size")
         _positive_int(self.latency_runs, "latency runs", "--latency-runs")
         _positive_int(self.latency_threads, "latency threads", "--latency-threads")
+        _choice(self.cpu, CPUS, "CPU")
+        for name in ("flash_kb", "ram_kb"):
+            if getattr(self, name) is not None:
+                _number(getattr(self, name), f"{name} budget", f"--{name.replace('_', '-')} (KiB, e.g. 300)", lo=0.0,
+                        lo_open=True, hi=1e7)

@@ -31,6 +31,7 @@ from .mobile import table
 from .mobile.backend import Backend, ModulePredictor, Predictor, Written, artifact_name
 from .models import ModelInfo
 from .quant.bias_correction import BiasCorrectionResult, correct_biases
+from .quant.equalize import EqualizationResult, equalize
 from .quant.export import FloatModel
 from .report import ArtifactResult, FloatResult, Report, host, library_versions
 
@@ -46,6 +47,8 @@ class Quantized:
     calibration: CalibrationResult | None
     bias_correction: BiasCorrectionResult | None = None
     seconds: dict[str, float] = field(default_factory=dict)
+    source: FloatModel | None = None       # the float model quantized (equalized when the config asks)
+    equalization: EqualizationResult | None = None
 
 
 def _timed(seconds: dict[str, float], stage: str, fn: Callable[[], Any]) -> Any:
@@ -68,10 +71,21 @@ def calibration_set(calib: CalibrationSet | Path | str, info: ModelInfo, config:
                                  expected_classes=list(info.classes) or None, max_pixels=max_pixels)
 
 
+def source_model(fm: FloatModel, config: QuantConfig, calib: CalibrationSet,
+                 seconds: dict[str, float]) -> tuple[FloatModel, EqualizationResult | None]:
+    """The float model a backend quantizes: ``fm``, or its cross-layer-equalized copy when the config asks."""
+    if not config.equalize:
+        return fm, None
+    eq, result = _timed(seconds, "equalize", lambda: equalize(fm.module, list(calib.batches(config.batch_size))))
+    return FloatModel(eq, fm.resolution), result
+
+
 def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: CalibrationSet, *,
                   progress: bool = False) -> Quantized:
-    """prepare -> calibrate -> convert (-> bias correction) for one backend; ``config`` resolved for it."""
+    """[equalize ->] prepare -> calibrate -> convert [-> bias correction] for one backend; ``config`` resolved for
+    it."""
     seconds: dict[str, float] = {}
+    fm, eq = source_model(fm, config, calib, seconds)
     with backend.session():
         _timed(seconds, "export", lambda: fm.graph)
         prepared = _timed(seconds, "prepare", lambda: backend.prepare(fm, config))
@@ -82,18 +96,20 @@ def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: 
         if config.bias_correction:
             bias = _timed(seconds, "bias_correction", lambda: correct_biases(
                 int8, fm.graph, list(calib.batches(config.batch_size))))
-    return Quantized(int8, config, result, bias, seconds)
+    return Quantized(int8, config, result, bias, seconds, fm, eq)
 
 
 def quantize(model: nn.Module, calib: CalibrationSet | Path | str, *, info: ModelInfo,
-             config: QuantConfig = QuantConfig(), backend: str = "pte-xnnpack", progress: bool = False) -> Quantized:
+             config: QuantConfig = QuantConfig(), backend: str = "pte-xnnpack", run: RunConfig | None = None,
+             progress: bool = False) -> Quantized:
     """Float model + real calibration images -> INT8 model for ``backend`` (default recipe: the best measured).
 
     ``calib`` is a folder (sampled with ``config.num_calib`` and ``config.seed``) or a matching CalibrationSet."""
     spec = table.get_spec(backend)
     resolved = table.resolve(config, spec)
     calib_set = calibration_set(calib, info, resolved)
-    return quantize_with(table.load(spec), FloatModel(model, info.resolution), resolved, calib_set, progress=progress)
+    return quantize_with(table.load(spec, run), FloatModel(model, info.resolution), resolved, calib_set,
+                         progress=progress)
 
 
 def samples_digest(ds: ImageFolderDataset) -> str:
@@ -129,6 +145,7 @@ class Built:
     int8: nn.Module
     files: list[tuple[Written, Predictor]]
     facts: dict[str, Any]
+    source: FloatModel                     # the float model that was quantized
 
 
 @dataclass(frozen=True)
@@ -141,23 +158,28 @@ class Finetune:
     on_step: Callable[[int, int], None] | None = None
 
 
-def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: QuantConfig, calib: CalibrationSet,
-           eval_set: ImageFolderDataset, staging: Path | None, ckpt_dir: Path | None, report: Report, *,
-           finetune: Finetune | None, progress: bool) -> Built | None:
-    """prepare -> calibrate or fine-tune -> convert -> write -> load, for one backend (None on other ranks)."""
-    backend = table.load(spec)
+def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunConfig,
+           calib: CalibrationSet, eval_set: ImageFolderDataset, staging: Path | None, ckpt_dir: Path | None,
+           report: Report, *, finetune: Finetune | None, progress: bool) -> Built | None:
+    """[equalize ->] prepare -> calibrate or fine-tune -> convert -> write -> load, for one backend (None on other
+    ranks)."""
+    backend = table.load(spec, run)
     cfg = table.resolve(config, spec, qat=finetune is not None)
     facts: dict[str, Any] = {"config": cfg.to_dict()}
     if finetune is None:
         q = quantize_with(backend, fm, cfg, calib, progress=progress)
-        int8, seconds = q.int8, q.seconds
+        int8, seconds, src = q.int8, q.seconds, q.source
         facts.update(calibration=q.calibration.to_dict(),
-                     bias_correction=q.bias_correction.to_dict() if q.bias_correction else None)
+                     bias_correction=q.bias_correction.to_dict() if q.bias_correction else None,
+                     equalization=q.equalization.to_dict() if q.equalization else None)
         if q.calibration.skipped_unreadable:
             report.warn(f"{q.calibration.skipped_unreadable} unreadable calibration images were skipped")
     else:
-        int8, seconds = _finetune(backend, fm, info, cfg, calib, eval_set, ckpt_dir, report, finetune, facts,
-                                  progress)
+        seconds = {}
+        src, eq = source_model(fm, cfg, calib, seconds)
+        facts["equalization"] = eq.to_dict() if eq else None
+        int8 = _finetune(backend, src, info, cfg, calib, eval_set, ckpt_dir, report, finetune, facts, progress,
+                         seconds)
         if int8 is None:
             return None
     if cfg.keep_float:
@@ -173,16 +195,15 @@ def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: Qua
         written = _timed(seconds, "write", lambda: backend.write(int8, stem, resolution=info.resolution))
         files = [(w, _timed(seconds, "load", lambda w=w: backend.load(w.path))) for w in written]
     facts["seconds"] = seconds
-    return Built(backend, cfg, int8, files, facts)
+    return Built(backend, cfg, int8, files, facts, src)
 
 
 def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfig, calib: CalibrationSet,
               eval_set: ImageFolderDataset, ckpt_dir: Path | None, report: Report, ft: Finetune, facts: dict,
-              progress: bool):
-    """prepare_qat -> range init -> fit_qat -> convert; returns (int8, seconds), (None, ...) on ranks > 0."""
+              progress: bool, seconds: dict[str, float]):
+    """prepare_qat -> range init -> fit_qat -> convert; returns the INT8 model, None on ranks > 0."""
     from . import distributed, finetune
 
-    seconds: dict[str, float] = {}
     dist = distributed.from_env()
     try:
         with backend.session():
@@ -200,13 +221,13 @@ def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfi
     finally:
         distributed.shutdown(dist)
     if not dist.is_main:
-        return None, seconds
+        return None
     for w in warnings:
         report.warn(w)
     report.add("qat", {**result.to_dict(), "train_images_available": len(ft.train_set)})
     qm.module.to("cpu")
     with backend.session():
-        return _timed(seconds, "convert", qm.convert), seconds
+        return _timed(seconds, "convert", qm.convert)
 
 
 def _flips(cmp: Comparison, ref: str, art: str, eval_set: ImageFolderDataset, limit: int = 20) -> dict[str, Any]:
@@ -239,8 +260,13 @@ def _result(cmp: Comparison, built: Built, w: Written, pred: Predictor, eval_set
         drop_pp=round(cmp.drop(FLOAT, art), 3), agreement_float=round(cmp.agree(FLOAT, art), 3),
         reference_top1=round(cmp.top1(ref), 3), reference_agreement_float=round(cmp.agree(FLOAT, ref), 3),
         parity=parity, delegated=None if w.delegated is None else round(w.delegated, 4),
-        latency={**pred.latency(x1, run.latency_runs, run.latency_threads), "threads": run.latency_threads},
+        latency=_latency(pred, x1, run),
         details=w.details)
+
+
+def _latency(pred: Predictor, x1: torch.Tensor, run: RunConfig) -> dict | None:
+    lat = pred.latency(x1, run.latency_runs, run.latency_threads)
+    return None if lat is None else {**lat, "threads": run.latency_threads}
 
 
 def gate_failures(results: list[ArtifactResult], run: RunConfig) -> list[str]:
@@ -264,10 +290,33 @@ def gate_failures(results: list[ArtifactResult], run: RunConfig) -> list[str]:
                     f"was written from ({p['only_a']} vs {p['only_b']} images on {p['images']}; more than "
                     f"--parity-z {run.parity_z} standard errors of {p['se_pp']:.2f} pp): it does not compute what "
                     f"was quantized")
+        if run.strict and r.details.get("non_int8_ops"):
+            failures.append(f"{name}: ops that are not INT8 kernels: {', '.join(r.details['non_int8_ops'])} (--strict); "
+                            f"the program would run them in float or not at all on the device")
+        failures += _budget_failures(name, r.details.get("memory"), run)
         if run.min_parity is not None and r.parity["agreement"] < run.min_parity:
             failures.append(f"{name}: agrees with its INT8 model on {r.parity['agreement']} % of images (< --min-parity "
                             f"{run.min_parity} %)")
     return failures
+
+
+def _budget_failures(name: str, memory: dict | None, run: RunConfig) -> list[str]:
+    """--flash-kb / --ram-kb against a program's memory report, naming what is largest and what to shrink."""
+    if not memory:
+        return []
+    out = []
+    flash = memory["flash"]["program_bytes"]
+    if run.flash_kb is not None and flash > run.flash_kb * 1024:
+        big = ", ".join(f"{c['dtype']} {c['shape']} {c['bytes']:,} B" for c in memory["flash"]["largest_constants"][:3])
+        out.append(f"{name}: the program is {flash:,} B, over --flash-kb {run.flash_kb:g} ({run.flash_kb * 1024:,.0f} B); "
+                   f"largest constants: {big}; shrink the width (--width-mult of the trained model) or the classes")
+    ram = memory["ram"]["arena_bytes"]
+    if run.ram_kb is not None and ram > run.ram_kb * 1024:
+        live = ", ".join(f"{t['written_by']} {t['shape']} {t['bytes']:,} B" for t in memory["ram"]["peak_tensors"][:3])
+        out.append(f"{name}: the RAM peak (planned arena: activations, scratch, input/output) is {ram:,} B, over "
+                   f"--ram-kb {run.ram_kb:g} ({run.ram_kb * 1024:,.0f} B); at the peak, set by "
+                   f"{memory['ram']['peak_set_by']}: {live}; shrink the resolution or the width, or pass --int8-input")
+    return out
 
 
 def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, run: RunConfig,
@@ -287,8 +336,7 @@ def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, r
     fl = FloatResult(cmp.count, round(cmp.top1(FLOAT), 3), round(cmp.top5(FLOAT), 3))
     if float_file is not None:
         w, pred = float_file
-        fl = FloatResult(fl.images, fl.top1, fl.top5, w.path.name, w.bytes,
-                         {**pred.latency(x8[:1], run.latency_runs, run.latency_threads), "threads": run.latency_threads})
+        fl = FloatResult(fl.images, fl.top1, fl.top5, w.path.name, w.bytes, _latency(pred, x8[:1], run))
     return cmp, results, fl, x8
 
 
@@ -345,7 +393,7 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
                         "eval_images": len(eval_set), **digests})
     built: list[Built] = []
     for spec in specs:
-        b = _build(spec, fm, info, config, calib, eval_set, staging, ckpt_dir, report, finetune=finetune,
+        b = _build(spec, fm, info, config, run, calib, eval_set, staging, ckpt_dir, report, finetune=finetune,
                    progress=progress)
         if b is None:
             return
@@ -361,7 +409,7 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
         for b in built:
             for _, pred in b.files:
                 pred.close()
-    report.add("backends", {b.backend.name: {**b.facts, **b.backend.diagnose(fm, b.int8, x8)} for b in built})
+    report.add("backends", {b.backend.name: {**b.facts, **b.backend.diagnose(b.source, b.int8, x8)} for b in built})
     report.add("float", fl)
     report.add("artifacts", [r.to_dict() for r in results])
     if cmp.skipped:
@@ -375,4 +423,5 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
     by_name = {b.backend.name: b for b in built}
     for r in results:
         _sidecar(staging / r.file, r, by_name[r.backend], info, digests)
+        by_name[r.backend].backend.companions(staging / r.file, info, r.details)
     report.write(staging)

@@ -146,6 +146,16 @@ def summary_table(report: dict) -> str:
         lines.append(f"{a['images']} images; 'agree float': same top-1 as the float model; 'parity': same top-1 as the "
                      f"in-process INT8 model the file was written from; latency: batch 1, {lat.get('threads', '-')} "
                      f"thread(s), {report.get('host', {}).get('cpu', 'this host')} (not a phone)")
+    for a in arts:
+        mem = (a.get("details") or {}).get("memory")
+        if mem:
+            f, r = mem["flash"], mem["ram"]
+            lines.append(f"{a['file']}: flash {f['program_bytes']:,} B (constants "
+                         + ", ".join(f"{k} {v:,} B" for k, v in f["constants_by_dtype"].items())
+                         + f"); RAM peak {r['arena_bytes']:,} B planned (input {r['input']['bytes']:,} B "
+                         f"{r['input']['dtype']}, scratch up to {(r['scratch_max'] or {}).get('bytes', 0):,} B), set by "
+                         f"{r['peak_set_by']}; {(a.get('details') or {}).get('cpu', '')}; accuracy from the host "
+                         f"reference kernels, not a device")
     for name, b in (report.get("backends") or {}).items():
         worst = ", ".join(f"{r['module'] or r['node']} {r['sqnr_db']:.1f} dB" for r in b.get("layer_sqnr_worst5", [])[:3])
         if worst:

@@ -58,7 +58,7 @@ def test_ptq_bad_inputs_fail_cleanly(tiny_ckpt, tmp_path, capsys):
         ([str(root / "train"), "--format", "pte,onnx"], 2, "format 'onnx' is not supported; choose one of: pte, torchscript"),
         ([str(root / "train"), "--format", "pte,pte"], 2, r"must name each artifact format once"),
         ([str(root / "train"), "--target", "x86"], 2, "format 'pte' is not supported on target 'x86'; supported: torchscript"),
-        ([str(root / "train"), "--target", "mcu9"], 2, "target 'mcu9' is not supported; supported: phone, x86"),
+        ([str(root / "train"), "--target", "mcu9"], 2, "target 'mcu9' is not supported; supported: mcu, phone, x86"),
         ([str(root / "train"), "--keep-float", "classifier.7"], 2, r"'classifier.7' is not a layer of MobileNetV1"),
         ([str(root / "train"), "--format", "torchscript", "--bias-correction"], 2,
          "--bias-correction is not supported by backend 'ts-qnnpack'"),

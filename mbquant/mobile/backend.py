@@ -26,7 +26,7 @@ from torch import nn
 from .table import BackendSpec
 
 if TYPE_CHECKING:
-    from ..config import QuantConfig
+    from ..config import QuantConfig, RunConfig
     from ..models import ModelInfo
     from ..quant.export import FloatModel
     from ..quant.qat import QatModel
@@ -86,7 +86,8 @@ class Predictor(abc.ABC):
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Logits (N x classes, float) of ``x`` (N x 3 x H x W)."""
 
-    def latency(self, x: torch.Tensor, runs: int, threads: int) -> dict:
+    def latency(self, x: torch.Tensor, runs: int, threads: int) -> dict | None:
+        """Host latency (None where the host cannot time the real runtime, e.g. an MCU program)."""
         with torch_threads(threads):
             return latency_ms(self, x, runs=runs)
 
@@ -108,8 +109,8 @@ class ModulePredictor(Predictor):
 class Backend(abc.ABC):
     """One runtime's quantize/write/load steps (see the module doc); ``spec`` is its row in the table."""
 
-    def __init__(self, spec: BackendSpec):
-        self.spec = spec
+    def __init__(self, spec: BackendSpec, run: "RunConfig"):
+        self.spec, self.run = spec, run
 
     @property
     def name(self) -> str:
@@ -161,3 +162,7 @@ class Backend(abc.ABC):
     def diagnose(self, fm: "FloatModel", int8: nn.Module, x: torch.Tensor) -> dict[str, Any]:
         """Numerical diagnostics for the report (e.g. per-layer SQNR against the float model)."""
         return {}
+
+    def companions(self, artifact: Path, info: "ModelInfo", details: dict[str, Any]) -> list[Path]:
+        """Files that travel with a verified artifact (e.g. a firmware header); written beside it."""
+        return []

@@ -22,9 +22,10 @@ from ..config import LOGITS, OBSERVERS, QuantConfig
 from ..errors import ConfigError
 
 if TYPE_CHECKING:
+    from ..config import RunConfig
     from .backend import Backend
 
-_ALL_OBSERVERS = tuple(o for o in OBSERVERS)
+_ALL_OBSERVERS = OBSERVERS
 
 
 @dataclass(frozen=True)
@@ -42,18 +43,20 @@ class BackendSpec:
     delegate: bool                     # has a delegate whose coverage is gated (--min-delegated)
     float_program: bool                # can write the fp32 model as a reference artifact
     recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    fixed: Mapping[str, Any] = field(default_factory=dict)   # choices its kernels make themselves
+    qat: bool = True                   # quantization-aware training offered
 
     def recipe(self, name: str) -> Mapping[str, Any]:
         return self.recipes[name]
 
 
-_STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False}
-_QAT = {"observer": "moving-average", "fuse_relu6": True, "keep_float": (), "bias_correction": False}
+_STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False, "equalize": False}
+_QAT = {"observer": "moving-average", "fuse_relu6": True, "keep_float": (), "bias_correction": False, "equalize": False}
 
 
-def _recipes(best: dict[str, Any]) -> Mapping[str, Mapping[str, Any]]:
-    return MappingProxyType({"best": MappingProxyType(best), "stock": MappingProxyType(dict(_STOCK)),
-                             "qat": MappingProxyType(dict(_QAT))})
+def _recipes(best: dict[str, Any], stock: dict[str, Any] | None = None) -> Mapping[str, Mapping[str, Any]]:
+    return MappingProxyType({"best": MappingProxyType({"equalize": False, **best}),
+                             "stock": MappingProxyType({**_STOCK, **(stock or {})}), "qat": MappingProxyType(dict(_QAT))})
 
 
 BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
@@ -75,6 +78,14 @@ BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
         "torchscript", (".pt", ".ptl"), ("per-channel", "per-tensor"), _ALL_OBSERVERS, keep_float=False,
         bias_correction=False, delegate=False, float_program=False,
         recipes=_recipes({"observer": "histogram", "fuse_relu6": True, "keep_float": (), "bias_correction": False})),
+    BackendSpec(
+        "pte-cortex-m", "mcu", "pte", "ExecuTorch runtime + CMSIS-NN INT8 kernels (cortex_m:: ops), Cortex-M MCUs",
+        "cortex_m", (".pte",), ("per-channel",), ("histogram",), keep_float=False, bias_correction=True,
+        delegate=False, float_program=False, fixed=MappingProxyType({"fuse_relu6": True}), qat=False,
+        # ExecuTorch's CortexMQuantizer: histogram observer, per-channel conv weights, ReLU/ReLU6 folded into the
+        # kernels' output range; measured (README, "MCU"): equalization + bias correction is the best combination
+        recipes=_recipes({"observer": "histogram", "fuse_relu6": True, "keep_float": (), "bias_correction": True,
+                          "equalize": True}, stock={"fuse_relu6": True})),
 )}
 
 
@@ -108,6 +119,11 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     With ``qat`` the observer is the training fake-quantize (moving-average) and bias correction is off
     (QAT learns that correction); asking for either explicitly is an error."""
     recipe = spec.recipe(config.recipe)
+    if qat and not spec.qat:
+        raise ConfigError(f"QAT is not offered for backend '{spec.name}': ExecuTorch's CortexMQuantizer has no QAT "
+                          f"configuration (and its patterns do not cover conv-BN training); fine-tune with "
+                          f"`mbquant qat --target phone` or use `mbquant ptq --target {spec.target}` (equalization + bias "
+                          f"correction)")
     if qat:
         if config.observer not in (None, "moving-average"):
             raise ConfigError(f"observer '{config.observer}' is for post-training quantization; QAT uses "
@@ -116,6 +132,10 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
             raise ConfigError("--bias-correction is a post-training fix; QAT learns the correction itself: drop the flag")
         recipe = {**recipe, "observer": "moving-average", "bias_correction": False}
     values = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in recipe.items()}
+    for k, v in spec.fixed.items():
+        if values[k] != v:
+            raise ConfigError(f"backend '{spec.name}' always has {k.replace('_', '-')} = {v} (its kernels do it); "
+                              f"drop the flag that asks for {values[k]}")
     if config.granularity not in spec.granularities:
         raise ConfigError(f"weight granularity '{config.granularity}' is not supported by backend '{spec.name}' "
                           f"({spec.runtime}); supported: {', '.join(spec.granularities)}")
@@ -135,8 +155,10 @@ def _having(capability: str) -> str:
     return ", ".join(s.name for s in BACKENDS.values() if getattr(s, capability))
 
 
-def load(spec: BackendSpec | str) -> "Backend":
-    """The backend object of a row (imports its package)."""
+def load(spec: BackendSpec | str, run: "RunConfig | None" = None) -> "Backend":
+    """The backend object of a row (imports its package), set up for ``run`` (target options such as the CPU)."""
+    from ..config import RunConfig
+
     spec = get_spec(spec) if isinstance(spec, str) else spec
     module = importlib.import_module(f"{__package__}.{spec.package}")
-    return module.backend(spec)
+    return module.backend(spec, run or RunConfig(target=spec.target, formats=(spec.format,)))

@@ -20,7 +20,7 @@ import torch.fx
 from torch.fx import GraphModule, Node
 
 from ..errors import QuantizationError
-from .ops import CONV_OPS, LINEAR_OPS
+from .ops import CONV_OPS, DEQUANTIZE_OPS, LINEAR_OPS
 
 
 @dataclass
@@ -74,10 +74,36 @@ def _attr(gm: GraphModule, target: str) -> torch.Tensor:
     return obj
 
 
+def _bias_update(gm: GraphModule, bias: Node | None) -> Callable[[torch.Tensor], None] | None:
+    """How to subtract a per-channel shift from a layer's bias: a float bias (``get_attr``), or an INT32 bias
+    dequantized in the graph (``dequantize(int32 get_attr, scale)``: the shift is rounded onto its grid, as the
+    backend's kernel adds it). None when the layer has no bias to correct."""
+    if not isinstance(bias, Node):
+        return None
+    if bias.op == "get_attr" and _attr(gm, bias.target).is_floating_point():
+        t = _attr(gm, bias.target)
+        return lambda shift: t.sub_(shift.to(t.dtype))
+    if bias.op == "call_function" and bias.target in DEQUANTIZE_OPS and isinstance(bias.args[0], Node) \
+            and bias.args[0].op == "get_attr":
+        q = _attr(gm, bias.args[0].target)
+        scale = bias.args[1]
+        scale = _attr(gm, scale.target) if isinstance(scale, Node) else torch.tensor(float(scale))
+        if q.dtype != torch.int32:
+            return None
+
+        def apply(shift: torch.Tensor) -> None:
+            step = scale.to(torch.float64).reshape(-1) if scale.numel() > 1 else scale.to(torch.float64)
+            q.sub_(torch.round(shift.to(torch.float64) / step).to(torch.int32))
+
+        return apply
+    return None
+
+
 def run_layerwise(gm: GraphModule, batches: list[torch.Tensor],
-                  visit: Callable[[Node, Callable[[], list]], list] | None = None) -> list:
-    """Run ``gm`` node by node over every batch; ``visit(node, compute)`` sees each call_function node and returns
-    its per-batch outputs (``compute()`` evaluates the node, again after a change). Returns the outputs."""
+                  visit: Callable[[Node, Callable[[], list], Callable[[Node], None]], list] | None = None) -> list:
+    """Run ``gm`` node by node over every batch; ``visit(node, compute, refresh)`` sees each call_function node and
+    returns its per-batch outputs (``compute()`` evaluates the node, again after a change; ``refresh(n)``
+    re-evaluates an earlier node ``n`` whose constant inputs changed). Returns the outputs."""
     env: dict[Node, list] = {}
     left = {n: len(n.users) for n in gm.graph.nodes}
 
@@ -86,19 +112,25 @@ def run_layerwise(gm: GraphModule, batches: list[torch.Tensor],
             return _attr(gm, a.target)
         return env[a][b]
 
+    def evaluate(node: Node) -> list:
+        fn = node.target if node.op == "call_function" else gm.get_submodule(node.target)
+        return [fn(*torch.fx.node.map_arg(node.args, lambda a: value(a, b)),
+                   **torch.fx.node.map_arg(node.kwargs, lambda a: value(a, b))) for b in range(len(batches))]
+
+    def refresh(node: Node) -> None:
+        if node in env:
+            env[node] = evaluate(node)
+
     result: list = []
     with torch.no_grad():
         for node in gm.graph.nodes:
             if node.op == "placeholder":
                 env[node] = list(batches)
             elif node.op in ("call_function", "call_module"):
-                fn = node.target if node.op == "call_function" else gm.get_submodule(node.target)
-
-                def compute(node=node, fn=fn):
-                    return [fn(*torch.fx.node.map_arg(node.args, lambda a: value(a, b)),
-                               **torch.fx.node.map_arg(node.kwargs, lambda a: value(a, b)))
-                            for b in range(len(batches))]
-                env[node] = visit(node, compute) if visit is not None and node.op == "call_function" else compute()
+                if visit is not None and node.op == "call_function":
+                    env[node] = visit(node, lambda node=node: evaluate(node), refresh)
+                else:
+                    env[node] = evaluate(node)
             elif node.op == "output":
                 result = [torch.fx.node.map_arg(node.args[0], lambda a: value(a, b)) for b in range(len(batches))]
             elif node.op != "get_attr":
@@ -125,18 +157,19 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: list[torch
     total = sum(int(x.shape[0]) for x in batches)
     result = BiasCorrectionResult(0, samples=total)
 
-    def visit(node: Node, compute: Callable[[], list]) -> list:
+    def visit(node: Node, compute: Callable[[], list], refresh: Callable[[Node], None]) -> list:
         outs = compute()
         if node.name not in layers:
             return outs
-        bias_node = node.args[2] if len(node.args) > 2 else None
-        if not isinstance(bias_node, Node) or bias_node.op != "get_attr":
+        bias = node.args[2] if len(node.args) > 2 else None
+        apply = _bias_update(int8, bias)
+        if apply is None:
             result.skipped_no_bias.append(node.name)
             return outs
         q_mean = sum(channel_mean(o) * o.shape[0] for o in outs) / total
         shift = q_mean - float_means[node.name]
-        bias = _attr(int8, bias_node.target)
-        bias.sub_(shift.to(bias.dtype))
+        apply(shift)
+        refresh(bias)   # an INT32 bias reaches the layer through its dequantize, computed before the change
         result.layers_corrected += 1
         result.max_abs_shift = max(result.max_abs_shift, float(shift.abs().max()))
         return compute()

@@ -19,18 +19,22 @@ def example_input(resolution: int, batch: int = 2) -> torch.Tensor:
     return torch.zeros(batch, 3, resolution, resolution)
 
 
-def export_float(model: nn.Module, resolution: int, *, train: bool = False) -> GraphModule:
+def export_float(model: nn.Module, resolution: int, *, train: bool = False,
+                 channels_last: bool = False) -> GraphModule:
     """``torch.export`` a copy of the float model in eval mode (``train``: train mode, for QAT), batch dimension
-    dynamic up to MAX_BATCH."""
+    dynamic up to MAX_BATCH; ``channels_last``: model and example in NHWC (what CMSIS-NN kernels take)."""
     model = copy.deepcopy(model).train(train)
+    x = example_input(resolution)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     name = next(iter(inspect.signature(model.forward).parameters))
     dyn = {name: {0: torch.export.Dim("batch", min=1, max=MAX_BATCH)}}
     try:
-        ep = torch.export.export(model, (example_input(resolution),), dynamic_shapes=dyn)
+        ep = torch.export.export(model, (x,), dynamic_shapes=dyn)
     except Exception as exc:
         raise QuantizationError(f"torch.export failed for {type(model).__name__} at {resolution}x{resolution}: "
                                 f"{type(exc).__name__}: {str(exc)[:300]}; the model must be export-traceable") from exc
-    return ep.module()
+    return ep.module(check_guards=False) if channels_last else ep.module()
 
 
 class FloatModel:
@@ -46,8 +50,13 @@ class FloatModel:
         """The exported eval-mode graph (batch dimension dynamic). Do not mutate it: use :meth:`graph_copy`."""
         return export_float(self.module, self.resolution)
 
-    def graph_copy(self) -> GraphModule:
-        return copy.deepcopy(self.graph)
+    @functools.cached_property
+    def graph_channels_last(self) -> GraphModule:
+        """The same export in NHWC (without the guard node, which the Cortex-M passes do not take)."""
+        return export_float(self.module, self.resolution, channels_last=True)
+
+    def graph_copy(self, *, channels_last: bool = False) -> GraphModule:
+        return copy.deepcopy(self.graph_channels_last if channels_last else self.graph)
 
     def train_graph(self) -> GraphModule:
         """A train-mode export (BN batch statistics, dropout) for quantization-aware training."""

@@ -7,7 +7,7 @@ from mbquant.mobile import table
 
 
 def test_unknown_target_and_format_list_what_is_supported():
-    with pytest.raises(ConfigError, match="target 'tpu' is not supported; supported: phone, x86"):
+    with pytest.raises(ConfigError, match="target 'tpu' is not supported; supported: mcu, phone, x86"):
         table.select("tpu", ("pte",))
     with pytest.raises(ConfigError, match="format 'pte' is not supported on target 'x86'; supported: torchscript"):
         table.select("x86", ("pte",))
@@ -17,8 +17,12 @@ def test_unknown_target_and_format_list_what_is_supported():
 def test_every_recipe_is_valid_for_its_backend():
     for spec in table.BACKENDS.values():
         for recipe in ("best", "stock", "qat"):
+            if recipe == "qat" and not spec.qat:
+                with pytest.raises(ConfigError, match=f"QAT is not offered for backend '{spec.name}'"):
+                    table.resolve(QuantConfig(recipe=recipe), spec, qat=True)
+                continue
             cfg = table.resolve(QuantConfig(recipe=recipe), spec, qat=recipe == "qat")
-            assert None not in (cfg.observer, cfg.fuse_relu6, cfg.keep_float, cfg.bias_correction)
+            assert None not in (cfg.observer, cfg.fuse_relu6, cfg.keep_float, cfg.bias_correction, cfg.equalize)
 
 
 def test_best_recipe_on_the_phone_is_the_measured_one_and_stock_is_the_stock_flow():
@@ -49,3 +53,14 @@ def test_table_import_stays_light():
 
     code = "import sys, mbquant.mobile.table, mbquant.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_the_mcu_row_fixes_what_its_kernels_decide():
+    mcu = table.get_spec("pte-cortex-m")
+    assert table.select("mcu", ("pte",)) == [mcu]
+    best = table.resolve(QuantConfig(), mcu)
+    assert (best.equalize, best.bias_correction, best.fuse_relu6, best.observer) == (True, True, True, "histogram")
+    with pytest.raises(ConfigError, match="always has fuse-relu6 = True"):
+        table.resolve(QuantConfig(fuse_relu6=False), mcu)
+    with pytest.raises(ConfigError, match="granularity 'per-tensor' is not supported by backend 'pte-cortex-m'"):
+        table.resolve(QuantConfig(granularity="per-tensor"), mcu)

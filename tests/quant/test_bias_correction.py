@@ -63,3 +63,27 @@ def test_reference_has_no_batch_norm_and_matches_float(fmnist):
     x = torch.randn(2, 3, info.resolution, info.resolution)  # a numerics check of BN folding, not calibration
     with torch.no_grad():
         assert torch.allclose(f(x), ref(x), atol=1e-4)
+
+
+def test_int32_biases_of_the_mcu_graph_are_corrected_on_their_grid(fmnist):
+    """CortexMQuantizer quantizes biases to INT32 in the graph (dequantize(int32, s_in * s_w)); the correction
+    moves those integers, and later layers see the corrected values (one pass, no stale bias)."""
+    from mbquant.mobile import table
+    from mbquant.config import QuantConfig
+    from mbquant.pipeline import quantize_with
+
+    model, info = resolve_model("mobilenet_v1", None)
+    calib = calibrate.from_folder(fmnist / "train", info.preset, 64, seed=0, expected_classes=info.classes)
+    spec = table.get_spec("pte-cortex-m")
+    cfg = table.resolve(QuantConfig(num_calib=64, bias_correction=False, equalize=False), spec)
+    fm = FloatModel(model, info.resolution)
+    int8 = quantize_with(table.load(spec), fm, cfg, calib).int8
+    batches = list(calib.batches(32))
+    ref = folded_reference(fm.graph)
+    convs = [n.name for n in int8.graph.nodes if n.op == "call_function" and n.target in CONV_OPS]
+    late = convs[-1]
+    shift = lambda: (node_means(int8, {late}, batches)[late] - node_means(ref, {late}, batches)[late]).abs().mean()
+    before = shift()
+    res = correct_biases(int8, fm.graph, batches)
+    assert res.layers_corrected == len(convs) + 1 and res.skipped_no_bias == []
+    assert shift() < 0.5 * before

@@ -67,5 +67,5 @@ class TorchScriptBackend(Backend):
                 "relu6": "fused (clamp)" if config.fuse_relu6 else "separate"}
 
 
-def backend(spec) -> TorchScriptBackend:
-    return TorchScriptBackend(spec)
+def backend(spec, run) -> TorchScriptBackend:
+    return TorchScriptBackend(spec, run)

@@ -68,5 +68,5 @@ class XnnpackBackend(Backend):
         return {"layer_sqnr_worst5": rows[:5], "layer_sqnr_all": rows}
 
 
-def backend(spec) -> XnnpackBackend:
-    return XnnpackBackend(spec)
+def backend(spec, run) -> XnnpackBackend:
+    return XnnpackBackend(spec, run)

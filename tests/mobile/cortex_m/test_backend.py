@@ -1,0 +1,192 @@
+"""pte-cortex-m: every op a cortex_m:: INT8 kernel, the memory report and budgets, the host reference (batched
+kernels identical to ExecuTorch's), int8 input, the firmware header."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from mbquant.config import QuantConfig, RunConfig
+from mbquant.mobile import table
+from mbquant.models import load_checkpoint
+from mbquant.pipeline import quantize_with
+from mbquant.quant.export import FloatModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _backend(int8_input: bool):
+    run = RunConfig(target="mcu", formats=("pte",), cpu="cortex-m4", int8_input=int8_input)
+    return table.load("pte-cortex-m", run)
+
+
+@pytest.fixture(scope="module")
+def programs(tiny_ckpt, tmp_path_factory):
+    """The tiny MobileNetV1 (0.25, 32x32) quantized once, written with a float and with an int8 input."""
+    from mbquant import calibrate
+
+    root, ck = tiny_ckpt
+    model, info = load_checkpoint(ck)
+    calib = calibrate.from_folder(root / "train", info.preset, 32, seed=0)
+    spec = table.get_spec("pte-cortex-m")
+    cfg = table.resolve(QuantConfig(num_calib=32, batch_size=16), spec)
+    q = quantize_with(_backend(False), FloatModel(model, info.resolution), cfg, calib)
+    out = tmp_path_factory.mktemp("mcu")
+    made = {}
+    for int8_input in (False, True):
+        backend = _backend(int8_input)
+        (w,) = backend.write(q.int8, out / f"m_{int8_input}", resolution=info.resolution)
+        made[int8_input] = (backend, w)
+    images = torch.cat([b[0] for b in __import__("mbquant.data", fromlist=["x"]).make_loader(
+        __import__("mbquant.data", fromlist=["x"]).load_folder(root / "val", info.preset), 50) if b is not None])
+    return q, made, images, info, out
+
+
+def test_every_op_is_a_cortex_m_int8_kernel(programs):
+    _, made, *_ = programs
+    for backend, w in made.values():
+        ops = w.details["operators"]
+        assert w.details["non_int8_ops"] == [] and all(op.startswith("cortex_m::") for op in ops), ops
+        assert "cortex_m::quantized_conv2d.out" in ops and "cortex_m::quantized_depthwise_conv2d.out" in ops
+    assert "cortex_m::quantize_per_tensor.out" not in made[True][1].details["operators"]   # the caller quantizes
+
+
+def test_memory_report_reads_the_program(programs):
+    _, made, *_ = programs
+    mem = made[False][1].details["memory"]
+    assert mem["flash"]["program_bytes"] == made[False][1].bytes
+    assert mem["flash"]["constants_by_dtype"]["char"] > 10_000 and "float" not in mem["flash"]["constants_by_dtype"]
+    ram = mem["ram"]
+    assert ram["input"] == {"dtype": "float", "shape": [1, 3, 32, 32], "bytes": 12288}
+    assert made[True][1].details["memory"]["ram"]["input"]["bytes"] == 3072   # int8: a quarter
+    assert ram["peak_live_bytes"] <= ram["arena_bytes"] and ram["peak_tensors"]
+
+
+def test_best_fit_plan_never_overlaps_live_tensors(programs):
+    """Re-plan the program and check every pair of tensors alive at the same time sits at disjoint offsets."""
+    from executorch.exir.memory_planning import get_node_tensor_specs
+
+    q, _, _, info, _ = programs
+    from executorch.backends.cortex_m.edge_compile_config import cortex_m_edge_compile_config
+    from executorch.backends.cortex_m.passes.cortex_m_pass_manager import CortexMPassManager
+    from executorch.backends.cortex_m.target_config import CortexMTargetConfig
+    from executorch.exir import ExecutorchBackendConfig, to_edge_transform_and_lower
+    from executorch.exir.memory_planning import MemoryPlanningAlgorithmSuite
+    from executorch.exir.passes import MemoryPlanningPass
+
+    from mbquant.mobile.cortex_m.memory import best_fit
+
+    x = torch.zeros(1, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    edge = to_edge_transform_and_lower(torch.export.export(q.int8, (x,)), compile_config=cortex_m_edge_compile_config())
+    edge._edge_programs["forward"] = CortexMPassManager(
+        edge.exported_program(), target_config=CortexMTargetConfig.from_target_string("cortex-m4")).transform()
+    et = edge.to_executorch(ExecutorchBackendConfig(
+        memory_planning_pass=MemoryPlanningPass(memory_planning_algo=MemoryPlanningAlgorithmSuite([best_fit]))))
+    specs = {id(s): s for n in et.exported_program().graph_module.graph.nodes for s in get_node_tensor_specs(n)
+             if s.mem_id is not None and not s.const and s.storage_base is None}
+    specs = list(specs.values())
+    for i, a in enumerate(specs):
+        for b in specs[i + 1:]:
+            if a.lifetime[1] < b.lifetime[0] or b.lifetime[1] < a.lifetime[0]:
+                continue
+            assert a.mem_offset + a.allocated_memory <= b.mem_offset or b.mem_offset + b.allocated_memory <= a.mem_offset
+    planned = et.executorch_program.execution_plan[0].non_const_buffer_sizes[1]
+    assert planned == max(s.mem_offset + s.allocated_memory for s in specs)
+
+
+def test_batched_kernels_equal_executorchs_reference_implementations(programs):
+    q, made, images, _, _ = programs
+    backend, w = made[False]
+    fast = backend.load(w.path)
+    from mbquant.mobile.cortex_m import HostProgram
+
+    lowered = backend._lowered[w.path][1]
+    shipped = HostProgram(lowered.program, lowered.input_qparams, False, vectorised=False)
+    x = images[:12]
+    assert torch.equal(fast(x), shipped(x))
+    assert torch.equal(fast(x)[3:4], fast(x[3:4]))          # a batch gives what single images give
+    agree = (fast(images).argmax(1) == q.int8(images).argmax(1)).float().mean()
+    assert agree >= 0.95                                    # the program is the PT2E INT8 model, on a kernel family
+
+
+def test_int8_input_programs_predict_what_float_input_programs_predict(programs):
+    _, made, images, *_ = programs
+    (b0, w0), (b1, w1) = made[False], made[True]
+    assert w1.details["input_qparams"] == w0.details["input_qparams"] and w1.details["input_qparams"]["scale"] > 0
+    assert torch.equal(b0.load(w0.path)(images), b1.load(w1.path)(images))
+
+
+def test_the_pte_on_disk_is_checked_against_the_lowered_program(programs, tmp_path):
+    from mbquant.errors import VerificationError
+
+    _, made, *_ = programs
+    backend, w = made[False]
+    original = w.path.read_bytes()
+    try:
+        w.path.write_bytes(original[:-8] + b"\0" * 8)
+        with pytest.raises(VerificationError, match="differs from the program that was lowered"):
+            backend.load(w.path)
+    finally:
+        w.path.write_bytes(original)
+
+
+def test_firmware_header_holds_the_program_and_its_contract(programs, tmp_path):
+    _, made, _, info, _ = programs
+    backend, w = made[True]
+    (h,) = backend.companions(w.path, info, w.details)
+    text = h.read_text()
+    data = bytes(int(b, 16) for b in re.findall(r"0x([0-9a-f]{2})", text.split("_pte[")[1]))
+    assert data == w.path.read_bytes()
+    assert re.search(r"#define M_TRUE_INPUT_INT8 1", text) and "__attribute__((aligned(16)))" in text
+    assert f"INPUT_ZERO_POINT {w.details['input_qparams']['zero_point']}" in text and '"ankle_boot"' in text
+    gcc = shutil.which("arm-none-eabi-gcc")
+    if gcc is None:
+        pytest.skip("arm-none-eabi-gcc is not installed (.ci/run installs gcc-arm-none-eabi)")
+    src = tmp_path / "use.c"
+    src.write_text(f'#include "{h}"\nint main(void) {{ return (int)m_true_pte[0] + M_TRUE_PTE_SIZE; }}\n')
+    subprocess.run([gcc, "-mcpu=cortex-m4", "-mthumb", "-std=c99", "-Wall", "-Werror", "-fsyntax-only", str(src)],
+                   check=True)
+
+
+def test_budgets_fail_the_run_naming_what_is_largest(tiny_ckpt, tmp_path, capsys):
+    from mbquant.cli import main
+
+    root, ck = tiny_ckpt
+    rc = main(["ptq", "mobilenet_v1", "--weights", str(ck), "--target", "mcu", "--calib", str(root / "train"),
+               "--eval", str(root / "val"), "--num-calib", "16", "--eval-limit", "20", "--flash-kb", "8",
+               "--ram-kb", "4", "--out", str(tmp_path / "run"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert re.search(r"the program is [\d,]+ B, over --flash-kb 8 \(8,192 B\); largest constants: char \[", err)
+    assert re.search(r"RAM peak .* over --ram-kb 4 \(4,096 B\); at the peak, set by \S+: \w+ \[1, 3, 32, 32\]", err)
+    assert "shrink the resolution or the width, or pass --int8-input" in err
+    rep = json.loads((tmp_path / "run.failed" / "report.json").read_text())
+    assert rep["artifacts"][0]["details"]["memory"]["flash"]["program_bytes"] > 8192
+
+
+def test_firmware_sketch_compiles_against_the_wheels_runtime_headers(programs, tmp_path):
+    """examples/mcu/main.cpp with a header mbquant wrote, syntax-checked for a Cortex-M4 (not linked: the runtime
+    and CMSIS-NN for Cortex-M are not available here)."""
+    gxx = shutil.which("arm-none-eabi-g++")
+    if gxx is None:
+        pytest.skip("arm-none-eabi-g++ is not installed (.ci/run installs gcc-arm-none-eabi)")
+    import executorch
+
+    _, made, _, info, _ = programs
+    backend, w = made[True]
+    pte = tmp_path / "model_int8.pte"
+    shutil.copy(w.path, pte)
+    (h,) = backend.companions(pte, info, w.details)
+    shutil.copy(h, tmp_path / "model_pte.h")
+    inc = Path(list(executorch.__path__)[0]) / "include"
+    proc = subprocess.run([gxx, "-mcpu=cortex-m4", "-mthumb", "-std=c++17", "-Wall", "-Werror", "-fsyntax-only",
+                           "-DC10_USING_CUSTOM_GENERATED_MACROS", f"-I{inc}",
+                           f"-I{inc}/executorch/runtime/core/portable_type/c10", f"-I{tmp_path}",
+                           str(Path(__file__).parents[3] / "examples" / "mcu" / "main.cpp")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
