@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.mbquant-installed
 DATA   := data
 OUT    ?= runs/demo
 
-.PHONY: demo test test-slow bench setup data clean toolchains
+.PHONY: demo test test-slow bench setup data clean toolchains arm kotlin
 
 setup: $(STAMP)
 
@@ -26,7 +26,7 @@ $(DATA)/train/.complete $(DATA)/val/.complete: | $(STAMP)
 # The main job on the shipped phone checkpoint with the default (best measured) recipe: 512 calibration
 # images from data/train, accuracy drop on all 10,000 data/val images, verified INT8 .pte (and TorchScript
 # .pt/.ptl) + report in $(OUT).
-DEMO_FLAGS ?= --format pte,torchscript --overwrite
+DEMO_FLAGS ?= --format pte,torchscript --overwrite --bundle $(OUT)-bundle
 demo: $(STAMP) data
 	$(BIN)/mbquant ptq mobilenet_v2 --calib $(DATA)/train --eval $(DATA)/val $(DEMO_FLAGS) --out $(OUT)
 
@@ -39,10 +39,55 @@ toolchains:
 	       libstdc++-arm-none-eabi-newlib >/dev/null; }); \
 	  else echo "note: arm-none-eabi-g++ missing and not installable here; the firmware syntax checks will be skipped"; fi; }
 
-test: $(STAMP) data toolchains
+# The bundle's program on ARM: the C++ runner built against the executorch wheel's runtime for this host and
+# cross-built for aarch64 (Debian's g++-aarch64-linux-gnu, the aarch64 executorch wheel from PyPI), run under
+# qemu-aarch64-static. Cached in build/; a fresh machine pays ~1 minute (apt + an 18 MB wheel), later runs nothing.
+ET_LIB    = $(shell $(BIN)/python -c "import executorch, pathlib; print(pathlib.Path(list(executorch.__path__)[0]))" 2>/dev/null)
+RUNNER    := mbquant/mobile/xnnpack/runner/pte_runner.cpp
+ARM_WHEEL := build/arm/executorch-1.5.1-cp311-cp311-manylinux_2_28_aarch64.whl
+RUNNER_FLAGS = -std=c++17 -O2 -DC10_USING_CUSTOM_GENERATED_MACROS
+RUNNER_LIBS  = -Wl,--no-as-needed -lexecutorch -lexecutorch_backend_xnnpack -lexecutorch_kernels_optimized -lexecutorch_threadpool
+
+arm: build/host/pte_runner build/arm/pte_runner
+
+build/host/pte_runner: $(RUNNER) | $(STAMP)
+	@mkdir -p build/host
+	g++ $(RUNNER_FLAGS) -I$(ET_LIB)/include -I$(ET_LIB)/include/executorch/runtime/core/portable_type/c10 $(RUNNER) \
+	  -o $@ -L$(ET_LIB)/lib $(RUNNER_LIBS) -Wl,-rpath,$(ET_LIB)/lib
+
+$(ARM_WHEEL): | $(STAMP)
+	@command -v aarch64-linux-gnu-g++ >/dev/null && command -v qemu-aarch64-static >/dev/null || \
+	  (apt-get install -y -qq g++-aarch64-linux-gnu qemu-user-static >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq g++-aarch64-linux-gnu qemu-user-static >/dev/null))
+	@mkdir -p build/arm
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --platform manylinux_2_28_aarch64 --python-version 3.11 \
+	  executorch==1.5.1 -d build/arm
+
+build/arm/et/.unpacked: $(ARM_WHEEL)
+	rm -rf build/arm/et && mkdir -p build/arm/et && cd build/arm/et && ../../../$(BIN)/python -m zipfile -e ../$(notdir $(ARM_WHEEL)) .
+	touch $@
+
+build/arm/pte_runner: $(RUNNER) build/arm/et/.unpacked
+	aarch64-linux-gnu-g++ $(RUNNER_FLAGS) -Ibuild/arm/et/executorch/include \
+	  -Ibuild/arm/et/executorch/include/executorch/runtime/core/portable_type/c10 $(RUNNER) -o $@ \
+	  -Lbuild/arm/et/executorch/lib $(RUNNER_LIBS) -Wl,-rpath,'$$ORIGIN/et/executorch/lib'
+
+# The Android app's plain-Kotlin classes, compiled with Debian's kotlinc and run on the JVM by the tests.
+KOTLIN_SRC := $(wildcard examples/android/app/src/main/java/org/mbquant/demo/core/*.kt) examples/android/host/HostCheck.kt
+kotlin: build/kotlin/host-check.jar
+
+build/kotlin/host-check.jar: $(KOTLIN_SRC)
+	@command -v kotlinc >/dev/null && command -v java >/dev/null || \
+	  (apt-get install -y -qq openjdk-17-jdk-headless kotlin >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless kotlin >/dev/null))
+	@mkdir -p build/kotlin
+	kotlinc $(KOTLIN_SRC) -include-runtime -d $@ 2>&1 | grep -v "^OpenJDK.*deprecated" || true
+	@test -f $@
+
+test: $(STAMP) data toolchains arm kotlin
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP) data toolchains
+test-slow: $(STAMP) data toolchains arm kotlin
 	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP) data

@@ -115,6 +115,20 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p)
     _add_common(p)
 
+    p = sub.add_parser("bundle", help="an app bundle (model.pte, labels.txt, preprocess.json, report.json, README) "
+                       "from a verified run folder")
+    p.add_argument("run_dir", type=Path, help="the --out folder of a finished `mbquant ptq`/`qat` run")
+    p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    _add_common(p)
+
+    p = sub.add_parser("verify-arm", help="run a bundle's program on aarch64 (qemu) and on this host on real images "
+                       "preprocessed by the bundle's contract; compare image by image")
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--data", type=Path, required=True, help="labelled ImageFolder (e.g. data/val)")
+    p.add_argument("--limit", type=int, default=None, help="every k-th image, N in all (default: all)")
+    _add_common(p)
+
     p = sub.add_parser("qat", help="quantization-aware fine-tuning -> verified .pte (or TorchScript) + report "
                        "(resumable; scale out with torchrun --nproc_per_node=N -m mbquant qat ...)")
     _add_model_args(p)
@@ -187,6 +201,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
                    "written only when the run succeeds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out folder, whole, when this run "
                    "succeeds (it is left untouched when the run fails)")
+    p.add_argument("--bundle", type=Path, default=None, help="also write an app bundle of the .pte there (on success)")
 
 
 @contextlib.contextmanager
@@ -226,7 +241,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     import math
 
     for name, lo in (("threads", 1), ("batch_size", 1), ("max_image_pixels", 1), ("num_classes", 1),
-                     ("resolution", 8), ("epochs", 1), ("latency_runs", 1)):
+                     ("resolution", 8), ("epochs", 1), ("latency_runs", 1), ("limit", 1)):
         v = getattr(args, name, None)
         if v is not None and v < lo:
             flag = "--" + name.replace("_", "-")
@@ -362,6 +377,11 @@ def _finish(args: argparse.Namespace, report) -> int:
     from ._io import strict
     from .report import summary_table
 
+    if report.ok and args.bundle is not None:
+        from .mobile.bundle import write_bundle
+
+        write_bundle(report.location, args.bundle, overwrite=args.overwrite)
+        report.warnings.append(f"app bundle written to {args.bundle}")
     rep = report.to_dict()
     if args.json:
         print(json.dumps(strict(rep), indent=2, allow_nan=False))
@@ -483,4 +503,38 @@ def _run_of(resume: Path) -> Path:
     return parent
 
 
-COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq, "qat": _cmd_qat}
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from .mobile.bundle import read_bundle, write_bundle
+    from .mobile.client import host_runner
+
+    out = write_bundle(args.run_dir, args.out, overwrite=args.overwrite)
+    runner = host_runner()
+    bundle = read_bundle(out, runner if runner.binary.is_file() else None)
+    _emit(args, {"bundle": str(out), "labels": len(bundle.labels), "input": bundle.spec["input"]["shape"]},
+          [f"bundle written to {out}: model.pte, labels.txt ({len(bundle.labels)} classes), preprocess.json "
+           f"(input {bundle.spec['input']['shape']}), report.json, README.md"])
+    return 0
+
+
+def _cmd_verify_arm(args: argparse.Namespace) -> int:
+    from .mobile.client import compare_runners
+
+    res = compare_runners(args.bundle, args.data, limit=args.limit)
+    lines = [f"{res['images']} images preprocessed by the bundle's contract; {res['host_runner']}: top-1 "
+             f"{res['top1_host']:.2f} %, {res['arm_runner']}: top-1 {res['top1_arm']:.2f} %; same prediction on "
+             f"{res['agreement']:.2f} % (max |logit difference| {res['max_abs_logit_diff']:.2g}); the report measured "
+             f"{res['report_top1']:.2f} % on {res['report_images']} images",
+             "emulated CPU: this checks the numbers on ARM, not a phone's speed"]
+    for r in res["disagreeing_images"]:
+        lines.append(f"  differs: {r['image']} ({r['label']}): host {r['host']} (margin {r['host_margin']:.2g}) "
+                     f"{r['host_logits']}, arm {r['arm']} {r['arm_logits']}")
+    _emit(args, res, lines)
+    if res["unexplained"]:
+        print(f"mbquant verify-arm: error: {res['unexplained']} images get another prediction on ARM although the "
+              f"host's top-2 margin is above {res['near_tie_margin']} (listed above)", file=sys.stderr)
+        return 1
+    return 0
+
+
+COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq, "qat": _cmd_qat,
+            "bundle": _cmd_bundle, "verify-arm": _cmd_verify_arm}

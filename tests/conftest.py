@@ -99,3 +99,34 @@ def calib32(small_folder):
     from mbquant.data import small_preset
 
     return calibrate.from_folder(small_folder, small_preset(32), 40, seed=0)
+
+
+def phone_job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, **config):
+    """The whole job on the shipped phone checkpoint (default recipe): calibration from train, a seeded
+    stratified slice of val; returns the report dict."""
+    from mbquant import calibrate
+    from mbquant.config import QuantConfig, RunConfig
+    from mbquant.pipeline import load_eval_set, run_job
+    from mbquant.resolve import resolve_model
+
+    model, info = resolve_model("mobilenet_v2", weights)
+    cfg = QuantConfig(num_calib=calib, **config)
+    return run_job(model, info, calib=calibrate.from_folder(fmnist / "train", info.preset, calib, seed=0,
+                                                              expected_classes=info.classes),
+                   eval_set=load_eval_set(fmnist / "val", info, eval_limit), out_dir=out, config=cfg,
+                   run=RunConfig(latency_runs=5)).to_dict()
+
+
+@pytest.fixture(scope="session")
+def phone_run(fmnist, tmp_path_factory):
+    """The default recipe on the shipped phone checkpoint: 256 calibration images from train, 2,000 stratified val
+    images; (run folder, report)."""
+    out = tmp_path_factory.mktemp("phone") / "run"
+    return out, phone_job(fmnist, out)
+
+
+@pytest.fixture(scope="session")
+def phone_bundle(phone_run, tmp_path_factory):
+    from mbquant.mobile.bundle import write_bundle
+
+    return write_bundle(phone_run[0], tmp_path_factory.mktemp("bundle") / "phone")

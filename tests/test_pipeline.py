@@ -45,23 +45,6 @@ def test_defaults_point_at_shipped_checkpoints():
     assert sum(e["bytes"] for e in m["checkpoints"].values()) < 10 * 2 ** 20
 
 
-def _job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, **config):
-    model, info = resolve_model("mobilenet_v2", weights)
-    cfg = QuantConfig(num_calib=calib, **config)
-    return run_job(model, info, calib=calibrate.from_folder(fmnist / "train", info.preset, calib, seed=0,
-                                                              expected_classes=info.classes),
-                   eval_set=load_eval_set(fmnist / "val", info, eval_limit), out_dir=out, config=cfg,
-                   run=RunConfig(latency_runs=5)).to_dict()
-
-
-@pytest.fixture(scope="module")
-def phone_run(fmnist, tmp_path_factory):
-    """The default recipe on the shipped phone checkpoint: 256 calibration images from train, 2,000 stratified val
-    images."""
-    out = tmp_path_factory.mktemp("phone") / "run"
-    return out, _job(fmnist, out)
-
-
 def test_phone_ptq_regression(phone_run):
     out, rep = phone_run
     base = BASELINES["phone_ptq_best_256calib_2000eval"]
@@ -143,13 +126,18 @@ def test_phone_ptq_full_val_meets_the_issue_targets(fmnist, tmp_path):
     drop <= 0.1 pp and float~.pte agreement >= 99.3 % (issues 3 and 9); TorchScript drop <= 0.5 pp."""
     rc = main(["ptq", "mobilenet_v2", "--calib", str(fmnist / "train"), "--eval", str(fmnist / "val"),
                "--format", "pte,torchscript", "--no-float-program", "--latency-runs", "5", "--out", str(tmp_path / "run"),
-               "--quiet"])
+               "--bundle", str(tmp_path / "bundle"), "--quiet"])
     rep = json.loads((tmp_path / "run" / "report.json").read_text())
     assert rc == 0 and rep["status"] == "ok", rep["failures"]
     arts = {a["file"].rsplit(".", 1)[1]: a for a in rep["artifacts"]}
     assert arts["pte"]["images"] == 10000
     assert arts["pte"]["drop_pp"] <= 0.1 and arts["pte"]["agreement_float"] >= 99.3
     assert arts["pt"]["drop_pp"] <= 0.5 and arts["ptl"]["drop_pp"] <= 0.5
+    # issue 12: the torch-free client (bundle's own preprocessing, the C++ runtime) reproduces the report's top-1
+    from mbquant.mobile.client import evaluate, host_runner
+
+    res = evaluate(tmp_path / "bundle", fmnist / "val", host_runner())
+    assert res["images"] == 10000 and abs(res["top1"] - arts["pte"]["top1"]) <= 0.02   # 2 near-tie images at most
 
 
 def _mcu(fmnist, out, eval_limit):
