@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.mbquant-installed
 DATA   := data
 OUT    ?= runs/demo
 
-.PHONY: demo test test-slow bench setup data clean toolchains arm kotlin
+.PHONY: demo test test-slow bench baselines setup data clean toolchains arm kotlin
 
 setup: $(STAMP)
 
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,plot]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist (installed with apt-get when missing) -> data/{train,val}
@@ -90,9 +90,20 @@ test: $(STAMP) data toolchains arm kotlin
 test-slow: $(STAMP) data toolchains arm kotlin
 	$(BIN)/python -m pytest -m slow
 
+# The benchmark suite: every shipped checkpoint, mbquant against the stock PT2E flow in one run (sizes, latency at
+# 1 and 2 threads, Cortex-M flash/RAM, PTQ stage times, peak RSS, calibration throughput) -> benchmarks/results/
+# suite.{json,md} and README's table; then the phone checkpoint's plots (per-layer SQNR, accuracy vs calibration
+# images, recipes) -> docs/plots; then the recipe wall-time ratio. About 25 minutes on 2 cores.
 bench: $(STAMP) data
+	$(BIN)/python benchmarks/suite.py --readme
+	$(BIN)/mbquant ptq mobilenet_v2 --calib $(DATA)/train --eval $(DATA)/val --overwrite --quiet --out runs/bench-phone
+	$(BIN)/mbquant report runs/bench-phone --calibration-sweep default --recipes default --plot --plot-dir docs/plots --quiet
+	cp runs/bench-phone/calibration_sweep.json runs/bench-phone/recipes.json benchmarks/results/
 	$(BIN)/python benchmarks/recipe_walltime.py
-	$(BIN)/python benchmarks/ptq_accuracy.py
+
+# Re-measure mbquant's own accuracy baselines (tests/baselines/*.json) and their tolerances; nothing else writes them.
+baselines: $(STAMP) data
+	$(BIN)/python -m tests.baselines.record
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -19,22 +19,9 @@ from _common import REPO, job, summary
 from mbquant.config import QuantConfig, RunConfig
 from mbquant.report import format_table, host, library_versions
 from mbquant.resolve import resolve_model
+from mbquant.sweep import RECIPE_VARIANTS
 
-STOCK = dict(recipe="stock")
-VARIANTS = {  # name: QuantConfig fields (recipe + overrides)
-    "stock": STOCK,                                                              # XNNPACKQuantizer as shipped
-    "relu6": {**STOCK, "fuse_relu6": True},
-    "relu6+percentile": {**STOCK, "fuse_relu6": True, "observer": "percentile"},
-    "percentile+fp32-logits": dict(fuse_relu6=False, bias_correction=False),
-    "relu6+percentile+fp32-logits": dict(bias_correction=False),
-    "best": dict(),                                                              # the default recipe
-    "best+equalize": dict(equalize=True),
-    "best-histogram": dict(observer="histogram"),
-    "relu6+minmax": {**STOCK, "fuse_relu6": True, "observer": "minmax"},
-    "per-tensor-stock": {**STOCK, "granularity": "per-tensor"},
-    "per-tensor-relu6": {**STOCK, "fuse_relu6": True, "granularity": "per-tensor"},
-    "per-tensor-best": dict(granularity="per-tensor"),
-}
+VARIANTS = RECIPE_VARIANTS     # name: QuantConfig fields (recipe + overrides), shared with `mbquant report --recipes`
 
 
 def main(argv=None) -> int:

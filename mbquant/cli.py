@@ -14,7 +14,7 @@ from typing import Iterator, Sequence
 
 from . import __version__
 from .config import CPUS, GRANULARITIES, LOGITS, MODEL_NAMES, OBSERVERS
-from .errors import ConfigError, MbquantError
+from .errors import ConfigError, DataError, MbquantError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +32,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_image_args(p: argparse.ArgumentParser) -> None:
-    from .data import MAX_IMAGE_PIXELS
+    from .config import MAX_IMAGE_PIXELS
 
     p.add_argument("--max-image-pixels", type=int, default=MAX_IMAGE_PIXELS,
                    help="images with more pixels are skipped and counted (decompression bombs)")
@@ -44,6 +44,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--verbose", action="store_true", help="also show third-party log lines on stderr")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
+
+
+def _add_check_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("artifact", type=Path, help="a .pte/.pt/.ptl written by mbquant (with its sidecar) or a bundle folder")
+    p.add_argument("--data", type=Path, required=True, help="labelled ImageFolder (e.g. data/val)")
+    p.add_argument("--float-weights", default=None, help="the float model (checkpoint path or shipped name) to compare "
+                   "with")
+    p.add_argument("--limit", type=int, default=None, help="a seeded, class-stratified slice of N images")
 
 
 def _epochs_or_never(value: str) -> int | None:
@@ -120,6 +128,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir", type=Path, help="the --out folder of a finished `mbquant ptq`/`qat` run")
     p.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing bundle folder")
+    _add_common(p)
+
+    p = sub.add_parser("check", help="accuracy-drop regression check of an artifact or bundle on a labelled folder "
+                       "(exit 1 on regression): for CI")
+    _add_check_args(p)
+    p.add_argument("--baseline", type=Path, default=None, help="a baseline.json written by `mbquant baseline write`")
+    p.add_argument("--max-drop", type=float, default=None, help="largest top-1 drop vs the float model (pp)")
+    p.add_argument("--min-agreement", type=float, default=None, help="smallest top-1 agreement with the float model (%%)")
+    p.add_argument("--tolerance", type=float, default=None, help="pp below the baseline still accepted "
+                   "(default: the baseline's own)")
+    p.add_argument("--strict-ci", action="store_true", help="apply --max-drop to the upper end of the 95 %% CI of the "
+                   "drop (paired, McNemar) instead of the point estimate")
+    p.add_argument("--out", type=Path, default=None, help="also write the verdict as JSON there")
+    _add_common(p)
+
+    p = sub.add_parser("baseline", help="record a baseline for `mbquant check` (only this command writes one)")
+    bsub = p.add_subparsers(dest="action", required=True)
+    w = bsub.add_parser("write", help="measure an artifact or bundle and write baseline.json")
+    _add_check_args(w)
+    w.add_argument("--out", type=Path, required=True, help="baseline file to write")
+    w.add_argument("--tolerance", type=float, required=True, help="pp below the baseline a later check still accepts: "
+                   "state what spread it covers (run-to-run, machine-to-machine)")
+    w.add_argument("--why", default="", help="the reason for the tolerance, recorded next to it")
+    _add_common(w)
+
+    p = sub.add_parser("report", help="a run's summary; --plot draws its per-layer SQNR and the sweeps as PNG; "
+                       "--calibration-sweep and --recipes measure those sweeps first")
+    p.add_argument("run_dir", type=Path, help="a folder `mbquant ptq --out` (or qat) wrote")
+    p.add_argument("--plot", action="store_true", help="write PNGs (needs matplotlib: pip install 'mbquant[plot]')")
+    p.add_argument("--plot-dir", type=Path, default=None, help="where the PNGs go (default RUN_DIR/plots)")
+    p.add_argument("--calibration-sweep", default=None, metavar="N[,N...]|default",
+                   help="measure top-1 and agreement with each number of calibration images (default: "
+                   "32,64,128,256,512,1024,2048); written to RUN_DIR/calibration_sweep.json")
+    p.add_argument("--recipes", default=None, metavar="NAME[,NAME...]|default",
+                   help="measure each recipe variant with the run's calibration count; written to RUN_DIR/recipes.json")
     _add_common(p)
 
     p = sub.add_parser("verify-arm", help="run a bundle's program on aarch64 (qemu) and on this host on real images "
@@ -240,7 +283,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     """Numeric flags that no config validates, checked before any work."""
     import math
 
-    for name, lo in (("threads", 1), ("batch_size", 1), ("max_image_pixels", 1), ("num_classes", 1),
+    for name, lo in (("threads", 1), ("batch_size", 1), ("max_image_pixels", 1), ("num_classes", 1), ("tolerance", 0),
                      ("resolution", 8), ("epochs", 1), ("latency_runs", 1), ("limit", 1)):
         v = getattr(args, name, None)
         if v is not None and v < lo:
@@ -516,6 +559,32 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_check(args: argparse.Namespace) -> int:
+    from ._io import strict, write_json
+    from .check import check
+
+    v = check(args.artifact, args.data, float_model=args.float_weights, baseline=args.baseline, max_drop=args.max_drop,
+              min_agreement=args.min_agreement, tolerance=args.tolerance, strict_ci=args.strict_ci, limit=args.limit)
+    if args.out is not None:
+        write_json(args.out, v.to_dict())
+    if args.json:
+        print(json.dumps(strict(v.to_dict()), indent=2))
+    elif not args.quiet or not v.ok:
+        print(v.text(), file=sys.stdout if v.ok else sys.stderr)
+    return 0 if v.ok else 1
+
+
+def _cmd_baseline(args: argparse.Namespace) -> int:
+    from .check import write_baseline
+
+    rec = write_baseline(args.artifact, args.data, args.out, tolerance=args.tolerance, float_model=args.float_weights,
+                         limit=args.limit, why=args.why)
+    _emit(args, rec, [f"baseline written to {args.out}: top-1 {rec['top1']:.2f} % on {rec['images']:,} images"
+                      + (f", agreement {rec['agreement']:.2f} %" if rec["agreement"] is not None else "")
+                      + f"; tolerance {rec['tolerance_pp']:g} pp"])
+    return 0
+
+
 def _cmd_verify_arm(args: argparse.Namespace) -> int:
     from .mobile.client import compare_runners
 
@@ -536,5 +605,59 @@ def _cmd_verify_arm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _csv(value: str, default: tuple, cast=str, flag: str = "") -> tuple:
+    if value == "default":
+        return default
+    try:
+        out = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+    except ValueError:
+        out = ()
+    if not out:
+        raise ConfigError(f"{flag} {value!r} is not a comma-separated list; pass e.g. {','.join(map(str, default[:3]))}")
+    return out
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from . import sweep
+    from .report import summary_table
+
+    run_dir = args.run_dir
+    rep_path = run_dir / "report.json"
+    if not rep_path.is_file():
+        raise DataError(f"'{run_dir}' holds no report.json; pass a folder `mbquant ptq --out` wrote (a failed run's "
+                        f"report is in '<out>.failed/')")
+    try:
+        rep = json.loads(rep_path.read_text())
+    except ValueError as exc:
+        raise DataError(f"'{rep_path}' is not valid JSON ({exc})") from exc
+    say = (lambda m: None) if args.quiet or args.json else print
+    if args.plot:
+        from .plot import pyplot
+
+        pyplot()                        # a missing matplotlib is reported before any sweep runs
+    if args.calibration_sweep is not None:
+        counts = _csv(args.calibration_sweep, sweep.DEFAULT_COUNTS, int, "--calibration-sweep")
+        sweep.calibration_sweep(run_dir, counts, progress=say)
+    if args.recipes is not None:
+        sweep.recipe_sweep(run_dir, _csv(args.recipes, sweep.DEFAULT_RECIPES, str, "--recipes"), progress=say)
+    written = []
+    if args.plot:
+        from . import plot
+
+        out = args.plot_dir or run_dir / "plots"
+        if any(b.get("layer_sqnr_all") for b in rep.get("backends", {}).values()):
+            written.append(plot.layer_sqnr(rep, out / "layer_sqnr.png"))
+        for name, draw in (("calibration_sweep", plot.calibration), ("recipes", plot.recipes)):
+            if (run_dir / f"{name}.json").is_file():
+                written.append(draw(json.loads((run_dir / f"{name}.json").read_text()), out / f"{name}.png"))
+        if not written:
+            raise DataError(f"nothing to plot in '{run_dir}': its report has no per-layer SQNR and no sweep was "
+                            f"measured; pass --calibration-sweep default and/or --recipes default")
+    _emit(args, {"report": rep, "plots": [str(p) for p in written]},
+          [summary_table(rep), *(f"plot written to {p}" for p in written)])
+    return 0
+
+
 COMMANDS = {"data": _cmd_data, "train": _cmd_train, "eval": _cmd_eval, "ptq": _cmd_ptq, "qat": _cmd_qat,
-            "bundle": _cmd_bundle, "verify-arm": _cmd_verify_arm}
+            "bundle": _cmd_bundle, "verify-arm": _cmd_verify_arm, "check": _cmd_check, "baseline": _cmd_baseline,
+            "report": _cmd_report}

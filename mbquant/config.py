@@ -16,6 +16,7 @@ GRANULARITIES = ("per-channel", "per-tensor")
 FORMATS = ("pte", "torchscript")
 CPUS = ("cortex-m4", "cortex-m7", "cortex-m33", "cortex-m55")
 RECIPES = ("best", "stock", "qat")
+MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb bound; larger images are skipped and counted
 LOGITS = "logits"  # --keep-float alias: the layer(s) whose output is the model's output (the classifier)
 
 T = TypeVar("T", bound="_Config")

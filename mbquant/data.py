@@ -13,10 +13,10 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset
 
+from .config import MAX_IMAGE_PIXELS
 from .errors import ConfigError, DataError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb bound; larger images are skipped and counted
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 PRESET_KINDS = ("imagenet", "small")

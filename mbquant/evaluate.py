@@ -192,7 +192,7 @@ def layer_sqnr(float_gm, int8_gm, x: torch.Tensor) -> list[dict]:
     """SQNR (dB) of every quantized activation in the INT8 graph against the same activation of the float graph.
 
     An activation is quantized where a compute op's output goes through quantize -> dequantize; that
-    dequantized tensor is what the next layer sees. Sorted worst first.
+    dequantized tensor is what the next layer sees. Sorted worst first; ``index`` is the graph order.
     """
     from .quant.ops import COMPUTE_OPS, DEQUANTIZE_OPS, QUANTIZE_OPS, module_path
 
@@ -211,6 +211,6 @@ def layer_sqnr(float_gm, int8_gm, x: torch.Tensor) -> list[dict]:
         if a.shape != b.shape:
             continue
         rows.append({"node": n.name, "module": module_path(n), "op": str(n.target).replace("aten.", ""),
-                     "sqnr_db": round(sqnr_db(a, b), 2)})
+                     "sqnr_db": round(sqnr_db(a, b), 2), "index": len(rows)})
     rows.sort(key=lambda r: r["sqnr_db"])
     return rows

@@ -112,12 +112,18 @@ def quantize(model: nn.Module, calib: CalibrationSet | Path | str, *, info: Mode
                          progress=progress)
 
 
-def samples_digest(ds: ImageFolderDataset) -> str:
-    """A short hash of which files (path and size) a dataset holds: names the data in reports and sidecars."""
+def files_digest(items) -> str:
+    """A short hash of which labelled files (name, label, size; in order) ``items`` of (path, label) are: names the
+    data in reports, sidecars and baselines."""
     h = hashlib.sha256()
-    for s in ds.samples:
-        h.update(f"{s.path.name}:{s.label}:{s.path.stat().st_size}\n".encode())
+    for path, label in items:
+        h.update(f"{Path(path).name}:{label}:{Path(path).stat().st_size}\n".encode())
     return h.hexdigest()[:16]
+
+
+def samples_digest(ds: ImageFolderDataset) -> str:
+    """:func:`files_digest` of a dataset's samples."""
+    return files_digest((s.path, s.label) for s in ds.samples)
 
 
 def load_eval_set(root: Path, info: ModelInfo, limit: int | None, *, seed: int = 0,
@@ -258,6 +264,7 @@ def _result(cmp: Comparison, built: Built, w: Written, pred: Predictor, eval_set
         backend=built.backend.name, file=w.path.name, bytes=w.bytes, runtime=pred.runtime,
         images=cmp.count, top1=round(cmp.top1(art), 3), top5=round(cmp.top5(art), 3),
         drop_pp=round(cmp.drop(FLOAT, art), 3), agreement_float=round(cmp.agree(FLOAT, art), 3),
+        drop_paired=cmp.paired_accuracy(FLOAT, art).to_dict(),
         reference_top1=round(cmp.top1(ref), 3), reference_agreement_float=round(cmp.agree(FLOAT, ref), 3),
         parity=parity, delegated=None if w.delegated is None else round(w.delegated, 4),
         latency=_latency(pred, x1, run),
@@ -398,18 +405,22 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
         if b is None:
             return
         built.append(b)
-    float_file = None
+    float_file, seconds = None, {}
     if run.float_program and any(b.backend.spec.float_program for b in built):
         b = next(b for b in built if b.backend.spec.float_program)
-        w = b.backend.write(fm.graph, staging / artifact_name(info, "fp32", ""), resolution=info.resolution)[0]
+        w = _timed(seconds, "float_program", lambda: b.backend.write(
+            fm.graph, staging / artifact_name(info, "fp32", ""), resolution=info.resolution)[0])
         float_file = (w, b.backend.load(w.path))
     try:
-        cmp, results, fl, x8 = _measure(fm, built, eval_set, run, float_file, progress)
+        cmp, results, fl, x8 = _timed(seconds, "verify", lambda: _measure(fm, built, eval_set, run, float_file,
+                                                                           progress))
     finally:
         for b in built:
             for _, pred in b.files:
                 pred.close()
-    report.add("backends", {b.backend.name: {**b.facts, **b.backend.diagnose(b.source, b.int8, x8)} for b in built})
+    report.add("backends", {b.backend.name: {**b.facts, **_timed(seconds, "diagnose", lambda: b.backend.diagnose(
+        b.source, b.int8, x8))} for b in built})
+    report.add("seconds", seconds)
     report.add("float", fl)
     report.add("artifacts", [r.to_dict() for r in results])
     if cmp.skipped:

@@ -44,9 +44,10 @@ def host() -> dict[str, Any]:
 class ArtifactResult:
     """One artifact file, measured with its own runtime on the evaluation images.
 
-    ``top1``/``drop_pp``/``agreement_float`` are the artifact's own (what ships); ``reference_*`` are the
-    in-process INT8 model it was written from; ``parity`` compares the two (agreement, largest logit difference,
-    flipped images and their margins, and the paired differences the parity gate tests)."""
+    ``top1``/``drop_pp``/``agreement_float`` are the artifact's own (what ships); ``drop_paired`` is the paired
+    difference behind ``drop_pp`` (images only the float model gets right, only the artifact; 95 % CI);
+    ``reference_*`` are the in-process INT8 model it was written from; ``parity`` compares the two (agreement,
+    largest logit difference, flipped images and their margins, and the paired differences the parity gate tests)."""
 
     backend: str
     file: str                      # the file's name in the run folder
@@ -60,6 +61,7 @@ class ArtifactResult:
     reference_top1: float
     reference_agreement_float: float
     parity: dict[str, Any]
+    drop_paired: dict[str, Any] = field(default_factory=dict)   # float vs artifact: discordant images, 95 % CI
     delegated: float | None = None
     latency: dict[str, Any] | None = None
     details: dict[str, Any] = field(default_factory=dict)

@@ -1,6 +1,7 @@
 """Shared fixtures. Real data only: Fashion-MNIST prepared by `make test` into ./data (or $MBQUANT_DATA)."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -101,7 +102,7 @@ def calib32(small_folder):
     return calibrate.from_folder(small_folder, small_preset(32), 40, seed=0)
 
 
-def phone_job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, **config):
+def phone_job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, float_program=True, **config):
     """The whole job on the shipped phone checkpoint (default recipe): calibration from train, a seeded
     stratified slice of val; returns the report dict."""
     from mbquant import calibrate
@@ -114,15 +115,39 @@ def phone_job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, **config
     return run_job(model, info, calib=calibrate.from_folder(fmnist / "train", info.preset, calib, seed=0,
                                                               expected_classes=info.classes),
                    eval_set=load_eval_set(fmnist / "val", info, eval_limit), out_dir=out, config=cfg,
-                   run=RunConfig(latency_runs=5)).to_dict()
+                   run=RunConfig(latency_runs=5, eval_limit=eval_limit,
+                                 float_program=float_program)).to_dict()
+
+
+class FlowRuns:
+    """Each flow of tests/baselines (its CLI command on real data) run at most once per session and size."""
+
+    def __init__(self, data: Path, work: Path):
+        self.data, self.work, self.done = data, work, {}
+
+    def get(self, key: str, images: int = 2000) -> tuple[Path, dict]:
+        from mbquant.cli import main
+        from tests.baselines.flows import FLOWS
+
+        if (key, images) not in self.done:
+            out = self.work / f"{key}.{images}"
+            rc = main(FLOWS[key].argv(self.data, out, images))
+            rep = json.loads((out / "report.json").read_text())
+            assert rc == 0 and rep["status"] == "ok", rep["failures"]
+            self.done[key, images] = out, rep
+        return self.done[key, images]
 
 
 @pytest.fixture(scope="session")
-def phone_run(fmnist, tmp_path_factory):
-    """The default recipe on the shipped phone checkpoint: 256 calibration images from train, 2,000 stratified val
-    images; (run folder, report)."""
-    out = tmp_path_factory.mktemp("phone") / "run"
-    return out, phone_job(fmnist, out)
+def flow_runs(fmnist, tmp_path_factory) -> FlowRuns:
+    return FlowRuns(fmnist, tmp_path_factory.mktemp("flows"))
+
+
+@pytest.fixture(scope="session")
+def phone_run(flow_runs):
+    """`mbquant ptq mobilenet_v2 --latency-runs 5 --eval-limit 2000` (the default recipe on the shipped phone
+    checkpoint, 512 calibration images from train, 2,000 stratified val images): (run folder, report)."""
+    return flow_runs.get("mobilenet_v2_w0.5_r64_fmnist.ptq-phone")
 
 
 @pytest.fixture(scope="session")
@@ -130,3 +155,13 @@ def phone_bundle(phone_run, tmp_path_factory):
     from mbquant.mobile.bundle import write_bundle
 
     return write_bundle(phone_run[0], tmp_path_factory.mktemp("bundle") / "phone")
+
+
+@pytest.fixture(scope="session")
+def degraded_run(fmnist, tmp_path_factory):
+    """A deliberately broken quantization: the width-0.35 checkpoint with per-tensor weights (depthwise included),
+    the stock recipe and no cross-layer equalization; published (no --max-drop gate), so checks can catch it.
+    (run folder, report)."""
+    out = tmp_path_factory.mktemp("degraded") / "run"
+    return out, phone_job(fmnist, out, weights="mobilenet_v2_w0.35_r64_fmnist", calib=64, eval_limit=200,
+                          recipe="stock", granularity="per-tensor", equalize=False, float_program=False)

@@ -27,6 +27,20 @@ def test_help_and_version(capsys):
     assert "--keep-float" in out and "--recipe" in out
 
 
+def test_help_of_every_command_imports_no_torch():
+    """Start-up stays fast: parsing (and --help) imports neither torch nor the ExecuTorch stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, contextlib, io\nfrom mbquant.cli import COMMANDS, main\n"
+            "for argv in [['--help']] + [c.split() + ['--help'] for c in COMMANDS] + [['baseline', 'write', '--help']]:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "        main(argv)\n"
+            "print(sorted(m for m in ('torch', 'executorch', 'torchao', 'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
 def test_train_then_eval_reproduces_the_checkpoint_accuracy(tiny_ckpt, capsys):
     from mbquant.models import read_checkpoint_info
 
