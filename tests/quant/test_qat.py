@@ -111,9 +111,11 @@ def test_freeze_bn_stops_statistics_in_train_mode_and_survives_mode_switches(bat
     assert all(torch.equal(v, means[k]) for k, v in _bn_means(qg).items())
 
 
+# QAT convert_pt2e costs ~20 s each; `make test` converts a per-channel QAT graph end to end in the QAT flow of
+# tests/baselines (its accuracy against the baseline), these check the converted graph's structure in test-slow
 @pytest.mark.parametrize("granularity,qscheme", [
-    ("per-channel", torch.per_channel_symmetric),
-    pytest.param("per-tensor", torch.per_tensor_symmetric, marks=pytest.mark.slow),  # QAT convert_pt2e: ~15 s each
+    pytest.param("per-channel", torch.per_channel_symmetric, marks=pytest.mark.slow),
+    pytest.param("per-tensor", torch.per_tensor_symmetric, marks=pytest.mark.slow),
 ])
 def test_convert_folds_bn_and_keeps_the_weight_granularity(batches, granularity, qscheme):
     qg = _prepared(batches, granularity=granularity)
