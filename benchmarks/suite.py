@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import torch
 from _common import REPO
 from mbquant import calibrate, checkpoints
 from mbquant._quiet import filtered_stderr
-from mbquant.mobile.backend import torch_threads
+from mbquant.mobile.backend import latency_summary, times_ms, torch_threads
 from mbquant.mobile.torchscript.engine import quantized_engine
 from mbquant.mobile.xnnpack import PteModel
 from mbquant.mobile.xnnpack.runtime import runtime_threads
@@ -62,16 +61,6 @@ def mbquant_cmd(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("mbquant")), *args]
 
 
-def _times(fn, x: torch.Tensor, runs: int) -> list[float]:
-    out = []
-    with torch.no_grad():
-        for _ in range(runs):
-            t = time.perf_counter()
-            fn(x)
-            out.append((time.perf_counter() - t) * 1000)
-    return out
-
-
 def latencies(fp32: Path, int8: Path, ts: Path, x: torch.Tensor, runs: int, rounds: int = 5) -> dict:
     """median / p90 (ms) per model and thread count, from ``rounds`` interleaved blocks of ``runs / rounds``."""
     ts_module = torch.jit.load(str(ts))
@@ -84,17 +73,15 @@ def latencies(fp32: Path, int8: Path, ts: Path, x: torch.Tensor, runs: int, roun
                 if kind == "pte":
                     with runtime_threads(threads):
                         fn(x)                                   # reload after a threadpool reset; warm-up
-                        block = _times(fn, x, runs // rounds)
+                        block = times_ms(fn, x, runs // rounds)
                 else:
                     with torch_threads(threads), quantized_engine("qnnpack"):
-                        _times(fn, x, 3)
-                        block = _times(fn, x, runs // rounds)
+                        times_ms(fn, x, 3)
+                        block = times_ms(fn, x, runs // rounds)
                 samples.setdefault((name, threads), []).extend(block)
     out = {}
     for (name, threads), t in samples.items():
-        t.sort()
-        out.setdefault(name, {})[f"{threads}"] = {"median_ms": round(statistics.median(t), 3),
-                                                  "p90_ms": round(t[int(0.9 * (len(t) - 1))], 3), "runs": len(t)}
+        out.setdefault(name, {})[f"{threads}"] = latency_summary(t)
     return out
 
 

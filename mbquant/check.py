@@ -127,14 +127,15 @@ def _bundle_select(bundle):
     import numpy as np
     from PIL import Image
 
-    from .calibrate import stratified_indices
     from .mobile.client import labelled_images
     from .mobile.preprocess import preprocess
+    from .pipeline import eval_indices
 
     def select(data: Path, limit: int | None):
         items = labelled_images(data, bundle.labels)
-        if limit is not None and limit < len(items):          # the slice `mbquant ptq --eval-limit` evaluates
-            items = [items[i] for i in stratified_indices([y for _, y in items], limit, 0)]
+        keep = eval_indices([y for _, y in items], limit)     # the slice `mbquant ptq --eval-limit` evaluates
+        if keep is not None:
+            items = [items[i] for i in keep]
 
         def batches():
             for i in range(0, len(items), 100):
@@ -280,9 +281,7 @@ def judge(v: Verdict, *, baseline: dict | Path | str | None = None, max_drop: fl
     """Apply the checks to a measured verdict (see the module doc); ``tolerance`` (pp) overrides the baseline's."""
     if isinstance(baseline, (str, Path)):
         baseline = read_baseline(baseline)
-    if (max_drop is not None or min_agreement is not None) and v.float_top1 is None:
-        raise ConfigError("--max-drop and --min-agreement compare with the float model; pass --float-weights "
-                          "(a checkpoint or shipped name), or check against a --baseline")
+    _require_checks(max_drop, min_agreement, baseline, has_float=v.float_top1 is not None)
     if max_drop is not None:
         used = v.drop_ci95[1] if strict_ci else v.drop_pp
         what = "upper end of the 95 % CI of the drop" if strict_ci else "drop"
@@ -293,10 +292,18 @@ def judge(v: Verdict, *, baseline: dict | Path | str | None = None, max_drop: fl
                          "what": f"agreement {v.agreement:.2f} % >= --min-agreement {min_agreement:g} %"})
     if baseline is not None:
         _against_baseline(v, baseline, tolerance)
-    if not v.checks:
+    return v
+
+
+def _require_checks(max_drop: float | None, min_agreement: float | None, baseline: dict | None, *,
+                    has_float: bool) -> None:
+    """A check asks for something, and what it asks can be measured."""
+    if (max_drop is not None or min_agreement is not None) and not has_float:
+        raise ConfigError("--max-drop and --min-agreement compare with the float model; pass --float-weights "
+                          "(a checkpoint or shipped name), or check against a --baseline")
+    if max_drop is None and min_agreement is None and baseline is None:
         raise ConfigError("nothing to check: pass --max-drop and/or --min-agreement with --float-weights, or a "
                           "--baseline")
-    return v
 
 
 def check(artifact: Path | str, data: Path | str, *, float_model: nn.Module | str | Path | None = None,
@@ -308,12 +315,8 @@ def check(artifact: Path | str, data: Path | str, *, float_model: nn.Module | st
         baseline = read_baseline(baseline)
     if baseline is not None and limit is None:
         limit = baseline.get("limit")
-    if (max_drop is not None or min_agreement is not None) and float_model is None and not _from_report(artifact):
-        raise ConfigError("--max-drop and --min-agreement compare with the float model; pass --float-weights "
-                          "(a checkpoint or shipped name), or check against a --baseline")
-    if max_drop is None and min_agreement is None and baseline is None:
-        raise ConfigError("nothing to check: pass --max-drop and/or --min-agreement with --float-weights, or a "
-                          "--baseline")
+    # before the measurement: a request that cannot be judged fails before any image is run
+    _require_checks(max_drop, min_agreement, baseline, has_float=float_model is not None or _from_report(artifact))
     v = measure(artifact, data, float_model=float_model, limit=limit)
     return judge(v, baseline=baseline, max_drop=max_drop, min_agreement=min_agreement, tolerance=tolerance,
                  strict_ci=strict_ci)

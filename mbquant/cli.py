@@ -10,7 +10,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from . import __version__
 from .config import CPUS, GRANULARITIES, LOGITS, MODEL_NAMES, OBSERVERS
@@ -63,10 +63,15 @@ def _epochs_or_never(value: str) -> int | None:
         raise argparse.ArgumentTypeError(f"'{value}' is not a number of epochs; pass N >= 0 or 'never'") from None
 
 
+def _split(value: str, cast: Callable[[str], Any] = str) -> tuple:
+    """A comma-separated list (blanks dropped), each item through ``cast``."""
+    return tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+
+
 def _names(value: str) -> tuple[str, ...]:
     if value.strip() in ("", "none"):
         return ()
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+    return _split(value)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -211,15 +216,11 @@ def _add_quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the calibration subset (and of training)")
 
 
-def _formats(value: str) -> tuple[str, ...]:
-    return tuple(v.strip() for v in value.split(",") if v.strip())
-
-
 def _add_run_args(p: argparse.ArgumentParser) -> None:
     from .mobile.table import BACKENDS, targets
 
     p.add_argument("--target", default="phone", help=f"deployment target: {', '.join(targets())}")
-    p.add_argument("--format", type=_formats, default=("pte",), metavar="pte|torchscript|pte,torchscript",
+    p.add_argument("--format", type=_split, default=("pte",), metavar="pte|torchscript|pte,torchscript",
                    help="artifacts; with --target they pick the backends: "
                         + ", ".join(f"{s.target}+{s.format}={s.name}" for s in BACKENDS.values()))
     p.add_argument("--min-delegated", type=float, default=0.99, help="fail below this delegated-op ratio")
@@ -609,7 +610,7 @@ def _csv(value: str, default: tuple, cast=str, flag: str = "") -> tuple:
     if value == "default":
         return default
     try:
-        out = tuple(cast(v.strip()) for v in value.split(",") if v.strip())
+        out = _split(value, cast)
     except ValueError:
         out = ()
     if not out:

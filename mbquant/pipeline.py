@@ -132,10 +132,18 @@ def load_eval_set(root: Path, info: ModelInfo, limit: int | None, *, seed: int =
     ds = load_folder(root, info.preset, expected_classes=list(info.classes) or None, max_pixels=max_pixels)
     if not ds.labelled:
         raise DataError(f"evaluation folder '{root}' has no class subfolders; pass a labelled ImageFolder")
-    if limit is not None and limit < len(ds):
-        keep = calibrate.stratified_indices([s.label for s in ds.samples], limit, seed)
+    keep = eval_indices([s.label for s in ds.samples], limit, seed)
+    if keep is not None:
         ds = ImageFolderDataset([ds.samples[i] for i in keep], ds.classes, ds.transform, max_pixels=max_pixels)
     return ds
+
+
+def eval_indices(labels: list[int], limit: int | None, seed: int = 0) -> list[int] | None:
+    """Which of the labelled images ``--eval-limit`` evaluates: a seeded class-stratified subset of ``limit``, or
+    None for all of them."""
+    if limit is None or limit >= len(labels):
+        return None
+    return calibrate.stratified_indices(labels, limit, seed)
 
 
 def default_out_dir(model_name: str) -> Path:

@@ -8,6 +8,7 @@ dicts, kept as JSON beside the run (``calibration_sweep.json``, ``recipes.json``
 """
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import replace
@@ -46,6 +47,7 @@ class RunContext:
         from .resolve import resolve_model
 
         self.run_dir = Path(run_dir)
+        self._calibration: dict[tuple[int, int], Any] = {}
         try:
             self.report = json.loads((self.run_dir / "report.json").read_text())
         except (OSError, ValueError) as exc:
@@ -69,25 +71,51 @@ class RunContext:
             raise DataError(f"the evaluation images under '{rep['data']['eval_root']}' are not those the run measured "
                             f"(digest differs); sweep where the run's data is")
 
+    @functools.cached_property
+    def float_model(self):
+        """The run's float model, exported once for every point of a sweep."""
+        from .quant.export import FloatModel
+
+        return FloatModel(self.model, self.info.resolution)
+
+    @functools.cached_property
+    def float_outcomes(self):
+        """The float model's predictions on the run's images: the same for every point, so measured once."""
+        from .data import make_loader
+        from .evaluate import compare
+        from .mobile.backend import ModulePredictor
+
+        return compare({"float": ModulePredictor(self.float_model.graph, "float")},
+                       make_loader(self.eval_set, self.run.eval_batch_size))
+
+    def calibration(self, num_calib: int, seed: int):
+        """The calibration subset of that size and seed, decoded once per sweep (recipes share one)."""
+        from . import calibrate
+
+        if (num_calib, seed) not in self._calibration:
+            self._calibration[num_calib, seed] = calibrate.from_folder(
+                self.calib_root, self.info.preset, num_calib, seed=seed, expected_classes=list(self.info.classes))
+        return self._calibration[num_calib, seed]
+
     def measure(self, config) -> dict[str, Any]:
         """Quantize with ``config`` and evaluate the INT8 model next to the float model on the run's images."""
-        from . import calibrate
         from .data import make_loader
         from .evaluate import compare
         from .mobile import table
-        from .mobile.backend import ModulePredictor
         from .pipeline import quantize_with
-        from .quant.export import FloatModel
+
+        import torch
 
         t = time.perf_counter()
         resolved = table.resolve(config, self.spec)
-        calib = calibrate.from_folder(self.calib_root, self.info.preset, resolved.num_calib, seed=resolved.seed,
-                                      expected_classes=list(self.info.classes))
         backend = table.load(self.spec, self.run)
-        fm = FloatModel(self.model, self.info.resolution)
-        q = quantize_with(backend, fm, resolved, calib)
-        cmp = compare({"float": ModulePredictor(fm.graph, "float"), "int8": backend.reference(q.int8)},
-                      make_loader(self.eval_set, self.run.eval_batch_size))
+        q = quantize_with(backend, self.float_model, resolved, self.calibration(resolved.num_calib, resolved.seed))
+        fl = self.float_outcomes
+        int8 = compare({"int8": backend.reference(q.int8)}, make_loader(self.eval_set, self.run.eval_batch_size))
+        if not torch.equal(int8.labels, fl.labels):
+            raise DataError(f"the images under '{self.report['data']['eval_root']}' changed during the sweep (another "
+                            f"set was read for this point); sweep again when the data stays put")
+        cmp = replace(fl, preds={**fl.preds, **int8.preds})
         drop = cmp.paired_accuracy("float", "int8").to_dict()
         return {"config": resolved.to_dict(), "calibration_images": q.calibration.samples, "images": cmp.count,
                 "float_top1": round(cmp.top1("float"), 3), "top1": round(cmp.top1("int8"), 3),

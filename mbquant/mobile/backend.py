@@ -50,19 +50,28 @@ class Written:
         return self.path.stat().st_size
 
 
-def latency_ms(fn, x: torch.Tensor, *, warmup: int = 3, runs: int = 20) -> dict:
-    """Median / p90 wall time of ``fn(x)`` in milliseconds."""
+def times_ms(fn, x: torch.Tensor, runs: int) -> list[float]:
+    """Wall time of each of ``runs`` calls ``fn(x)``, in milliseconds."""
+    out = []
     with torch.no_grad():
-        for _ in range(warmup):
-            fn(x)
-        times = []
         for _ in range(runs):
             t = time.perf_counter()
             fn(x)
-            times.append((time.perf_counter() - t) * 1000)
-    times.sort()
+            out.append((time.perf_counter() - t) * 1000)
+    return out
+
+
+def latency_summary(times: list[float]) -> dict:
+    """Median / p90 (ms) of measured call times."""
+    times = sorted(times)
     return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 3),
-            "runs": runs, "batch": int(x.shape[0])}
+            "runs": len(times)}
+
+
+def latency_ms(fn, x: torch.Tensor, *, warmup: int = 3, runs: int = 20) -> dict:
+    """Median / p90 wall time of ``fn(x)`` in milliseconds."""
+    times_ms(fn, x, warmup)
+    return {**latency_summary(times_ms(fn, x, runs)), "batch": int(x.shape[0])}
 
 
 @contextlib.contextmanager
