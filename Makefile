@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.mbquant-installed
 DATA   := data
 OUT    ?= runs/demo
 
-.PHONY: demo test test-slow bench baselines setup data clean toolchains arm kotlin
+.PHONY: demo test test-unit test-slow bench baselines setup data clean toolchains arm kotlin
 
 setup: $(STAMP)
 
@@ -72,20 +72,28 @@ build/arm/pte_runner: $(RUNNER) build/arm/et/.unpacked
 	  -Ibuild/arm/et/executorch/include/executorch/runtime/core/portable_type/c10 $(RUNNER) -o $@ \
 	  -Lbuild/arm/et/executorch/lib $(RUNNER_LIBS) -Wl,-rpath,'$$ORIGIN/et/executorch/lib'
 
-# The Android app's plain-Kotlin classes, compiled with Debian's kotlinc and run on the JVM by the tests.
+# The Android app's plain-Kotlin classes, compiled with Debian's kotlinc against the platform's org.json (Debian's
+# libandroid-json-java, the same API android.jar ships) and run on the JVM by the tests.
 KOTLIN_SRC := $(wildcard examples/android/app/src/main/java/org/mbquant/demo/core/*.kt) examples/android/host/HostCheck.kt
+ORG_JSON   := /usr/share/java/com.android.json.jar
 kotlin: build/kotlin/host-check.jar
 
 build/kotlin/host-check.jar: $(KOTLIN_SRC)
-	@command -v kotlinc >/dev/null && command -v java >/dev/null || \
-	  (apt-get install -y -qq openjdk-17-jdk-headless kotlin >/dev/null 2>&1 || \
-	   (apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless kotlin >/dev/null))
+	@command -v kotlinc >/dev/null && command -v java >/dev/null && test -f $(ORG_JSON) || \
+	  (apt-get install -y -qq openjdk-17-jdk-headless kotlin libandroid-json-java >/dev/null 2>&1 || \
+	   (apt-get update -qq && apt-get install -y -qq openjdk-17-jdk-headless kotlin libandroid-json-java >/dev/null))
 	@mkdir -p build/kotlin
-	kotlinc $(KOTLIN_SRC) -include-runtime -d $@ 2>&1 | grep -v "^OpenJDK.*deprecated" || true
+	kotlinc -cp $(ORG_JSON) $(KOTLIN_SRC) -include-runtime -d $@ 2>&1 | grep -v "^OpenJDK.*deprecated" || true
 	@test -f $@
 
+# Every real-data check (Fashion-MNIST, the ARM runners, the Kotlin classes, the Arm toolchain): what CI runs.
 test: $(STAMP) data toolchains arm kotlin
 	$(BIN)/python -m pytest
+
+# The contributors' quick tier: no apt tools and no data download; tiny models on synthetic images (a few minutes).
+# Tests that need the real data or a tool are skipped with the reason.
+test-unit: $(STAMP)
+	MBQUANT_TIER=unit $(BIN)/python -m pytest
 
 test-slow: $(STAMP) data toolchains arm kotlin
 	$(BIN)/python -m pytest -m slow

@@ -11,7 +11,8 @@ sys.path.insert(0, str(REPO))
 
 from mbquant import calibrate  # noqa: E402
 from mbquant.config import QuantConfig, RunConfig  # noqa: E402
-from mbquant.pipeline import Finetune, load_eval_set, run_job  # noqa: E402
+from mbquant.data.dataset import eval_set  # noqa: E402
+from mbquant.pipeline import Finetune, run_job  # noqa: E402
 
 
 def job(model, info, data: Path, *, config: QuantConfig, run: RunConfig, finetune: Finetune | None = None,
@@ -20,9 +21,9 @@ def job(model, info, data: Path, *, config: QuantConfig, run: RunConfig, finetun
     start = time.perf_counter()
     calib_set = calibrate.from_folder(calib or data / "train", info.preset, config.num_calib, seed=config.seed,
                                       expected_classes=list(info.classes) or None)
-    eval_set = load_eval_set(data / "val", info, run.eval_limit, seed=config.seed)
+    images = eval_set(data / "val", info.preset, classes=info.classes, limit=run.eval_limit, seed=config.seed)
     with tempfile.TemporaryDirectory() as tmp:
-        rep = run_job(model, info, calib=calib_set, eval_set=eval_set, out_dir=Path(tmp) / "run", config=config, run=run,
+        rep = run_job(model, info, calib=calib_set, eval_set=images, out_dir=Path(tmp) / "run", config=config, run=run,
                       finetune=finetune, command=command, progress=progress).to_dict()
     rep["wall_seconds"] = round(time.perf_counter() - start, 1)
     return rep

@@ -16,12 +16,13 @@ import torch
 
 from _common import REPO, job, summary
 from mbquant import calibrate
-from mbquant.config import CPUS, QuantConfig, RunConfig
+from mbquant.config import QuantConfig, RunConfig
+from mbquant.mobile.table import CPUS
 from mbquant.mobile import table
 from mbquant.pipeline import quantize_with
 from mbquant.quant.export import FloatModel
 from mbquant.report import format_table, host, library_versions
-from mbquant.resolve import resolve_model
+from mbquant.models import resolve_model
 
 VARIANTS = {  # MCU recipe "stock" = CortexMQuantizer as shipped (histogram, ReLU6 folded into the kernels)
     "plain PTQ": dict(recipe="stock"),
@@ -42,7 +43,7 @@ def memory_per_cpu(model, info, data: Path, num_calib: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for cpu in CPUS:
             for int8_input in (False, True):
-                backend = table.load(spec, RunConfig(target="mcu", cpu=cpu, int8_input=int8_input))
+                backend = table.load(spec, RunConfig(target="mcu", options={"cpu": cpu, "int8_input": int8_input}))
                 (w,) = backend.write(q.int8, Path(tmp) / f"{cpu}_{int8_input}", resolution=info.resolution)
                 mem = w.details["memory"]
                 out[f"{cpu}{' int8-input' if int8_input else ''}"] = {
@@ -69,7 +70,7 @@ def main(argv=None) -> int:
         rows, acc = [], {}
         for name, cfg in VARIANTS.items():
             rep = job(model, info, args.data, config=QuantConfig(num_calib=args.num_calib, **cfg),
-                      run=RunConfig(target="mcu", eval_limit=args.eval_limit, int8_input=True), command=name)
+                      run=RunConfig(target="mcu", eval_limit=args.eval_limit, options={"int8_input": True}), command=name)
             r = acc[name] = summary(rep)
             rows.append((name, f"{r['float_top1']:.2f}", f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}",
                          f"{r['agreement_float']:.2f}", f"{r['parity']:.2f}"))

@@ -18,10 +18,10 @@ import torch
 from _common import REPO, job, summary
 from mbquant.config import QuantConfig, RunConfig
 from mbquant.report import format_table, host, library_versions
-from mbquant.resolve import resolve_model
-from mbquant.sweep import RECIPE_VARIANTS
+from mbquant.models import resolve_model
+from mbquant.mobile import table
 
-VARIANTS = RECIPE_VARIANTS     # name: QuantConfig fields (recipe + overrides), shared with `mbquant report --recipes`
+VARIANTS = table.get_spec("pte-xnnpack").sweep_variants   # name: QuantConfig fields, as `mbquant report --recipes`
 
 
 def main(argv=None) -> int:

@@ -18,10 +18,10 @@ import torch
 
 from _common import REPO, job, summary
 from mbquant.config import QATConfig, QuantConfig, RunConfig
-from mbquant.data import load_folder
+from mbquant.data.dataset import load_folder
 from mbquant.pipeline import Finetune
 from mbquant.report import format_table, host, library_versions
-from mbquant.resolve import resolve_model
+from mbquant.models import resolve_model
 
 PTQ_RECIPES = {"relu6": dict(recipe="stock", fuse_relu6=True), "best": dict(), "stock": dict(recipe="stock"),
                "best+equalize": dict(equalize=True), "equalize+bias-correction": dict(recipe="stock", fuse_relu6=True,

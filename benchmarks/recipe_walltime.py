@@ -21,7 +21,7 @@ import torch
 from _common import REPO, job
 from mbquant.config import QuantConfig, RunConfig
 from mbquant.report import format_table, host, library_versions
-from mbquant.resolve import resolve_model
+from mbquant.models import resolve_model
 
 
 def startup_seconds(runs: int = 5) -> float:

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from mbquant.checkpoints import HERE  # noqa: E402
-from mbquant.data import load_folder  # noqa: E402
+from mbquant.data.dataset import load_folder  # noqa: E402
 from mbquant.models import count_macs, count_params, file_sha256, load_checkpoint, read_checkpoint_info  # noqa: E402
 from mbquant.report import format_table  # noqa: E402
 from mbquant.train import evaluate_float  # noqa: E402

@@ -30,14 +30,15 @@ import torch
 from _common import REPO
 from mbquant import calibrate, checkpoints
 from mbquant._quiet import filtered_stderr
-from mbquant.mobile.backend import latency_summary, times_ms, torch_threads
+from mbquant.mobile.backend import torch_threads
+from mbquant.timing import latency_summary, times_ms
 from mbquant.mobile.torchscript.engine import quantized_engine
 from mbquant.mobile.xnnpack import PteModel
 from mbquant.mobile.xnnpack.runtime import runtime_threads
 from mbquant.models import read_checkpoint_info
-from mbquant.pipeline import load_eval_set
+from mbquant.data.dataset import eval_set
 from mbquant.report import host, library_versions
-from mbquant.resolve import resolve_model
+from mbquant.models import resolve_model
 
 RESULTS = REPO / "benchmarks" / "results"
 MARK = "<!-- bench:suite -->"
@@ -101,7 +102,7 @@ def bench_checkpoint(name: str, data: Path, work: Path, args) -> dict:
 
     print(f"[{name}] stock PT2E", flush=True)
     calib = calibrate.from_folder(data / "train", info.preset, 512, seed=0, expected_classes=list(info.classes))
-    ev = load_eval_set(data / "val", info, args.eval_images)
+    ev = eval_set(data / "val", info.preset, classes=info.classes, limit=args.eval_images)
     images = {"calibration": [str(s.path) for s in calib.dataset.samples],
               "eval": [[str(s.path), s.label] for s in ev.samples]}
     (work / "images.json").write_text(json.dumps(images))

@@ -19,7 +19,7 @@ import torch
 from _common import REPO, job, summary
 from mbquant.config import QuantConfig, RunConfig
 from mbquant.report import format_table, host, library_versions
-from mbquant.resolve import resolve_model
+from mbquant.models import resolve_model
 
 VARIANTS = {  # name: (ReLU6 fused, granularity, target)
     "clamp-pc-qnnpack": (True, "per-channel", "phone"),

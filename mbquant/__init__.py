@@ -14,9 +14,10 @@ _API = {
     "MbquantError": "errors", "ConfigError": "errors", "DataError": "errors", "ModelError": "errors",
     "QuantizationError": "errors", "ExportError": "errors", "VerificationError": "errors",
     "ModelInfo": "models", "available_models": "models", "create": "models", "create_with_info": "models",
-    "load_checkpoint": "models", "save_checkpoint": "models",
+    "load_checkpoint": "models", "save_checkpoint": "models", "resolve_model": "models",
     "Quantized": "pipeline", "quantize": "pipeline", "run_job": "pipeline",
-    "ArtifactResult": "report",
+    "ArtifactResult": "records", "RunReport": "records", "Sidecar": "records", "Baseline": "records",
+    "check": "check", "measure": "check",
 }
 
 __all__ = ["__version__", *_API]

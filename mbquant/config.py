@@ -5,18 +5,15 @@ This module imports nothing heavy (no torch): the CLI builds its parser from the
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
-from typing import Any, TypeVar
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Mapping, TypeVar
 
 from .errors import ConfigError
 
-MODEL_NAMES = ("mobilenet_v1", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "resnet18", "resnet50")
 OBSERVERS = ("histogram", "minmax", "percentile", "moving-average")
 GRANULARITIES = ("per-channel", "per-tensor")
-FORMATS = ("pte", "torchscript")
-CPUS = ("cortex-m4", "cortex-m7", "cortex-m33", "cortex-m55")
 RECIPES = ("best", "stock", "qat")
-MAX_IMAGE_PIXELS = 89_478_485  # Pillow's decompression-bomb bound; larger images are skipped and counted
+SEED_MAX = 2 ** 32 - 1  # a 32-bit generator seed (mbquant.data.slicing)
 LOGITS = "logits"  # --keep-float alias: the layer(s) whose output is the model's output (the classifier)
 
 T = TypeVar("T", bound="_Config")
@@ -103,14 +100,19 @@ class QuantConfig(_Config):
                                   f"e.g. --keep-float logits or --keep-float classifier.1,features.0")
             object.__setattr__(self, "keep_float", tuple(self.keep_float))
         _positive_int(self.num_calib, "num_calib (calibration samples)", "--num-calib")
-        _number(self.seed, "seed", "--seed", lo=0, integer=True)
+        _number(self.seed, "seed", "--seed", lo=0, hi=SEED_MAX, integer=True)
         _positive_int(self.batch_size, "calibration batch size", "--batch-size")
         _number(self.percentile, "percentile", "--percentile", lo=50.0, hi=100.0, lo_open=True)
 
 
 @dataclass(frozen=True)
 class TrainConfig(_Config):
-    """Float training recipe: SGD with Nesterov momentum, linear warmup then cosine decay."""
+    """Float training recipe: SGD with Nesterov momentum, linear warmup then cosine decay.
+
+    After the last epoch every BatchNorm's running statistics are re-estimated on ``bn_recalibration`` training
+    images (cumulative average, train-mode BN, no gradient step; 0 skips it), and the eval-mode top-1 on those
+    images may not fall more than ``max_eval_gap_pp`` below the last epoch's train-mode top-1: a model whose eval
+    mode does not compute what training measured is not written."""
 
     epochs: int = 5
     batch_size: int = 128
@@ -121,10 +123,15 @@ class TrainConfig(_Config):
     label_smoothing: float = 0.0
     seed: int = 0
     max_train_samples: int | None = None
+    bn_recalibration: int = 2048
+    max_eval_gap_pp: float = 20.0
 
     def __post_init__(self) -> None:
         _check_training(self)
         _number(self.label_smoothing, "label_smoothing", "--label-smoothing", lo=0.0, hi=1.0)
+        _number(self.bn_recalibration, "bn_recalibration (training images)", "--bn-recalibration (0 to skip)", lo=0,
+                integer=True)
+        _number(self.max_eval_gap_pp, "max_eval_gap_pp", "--max-eval-gap (percentage points)", lo=0.0, hi=100.0)
 
 
 @dataclass(frozen=True)
@@ -169,11 +176,11 @@ class QATConfig(_Config):
 def _check_training(cfg: TrainConfig | QATConfig) -> None:
     _positive_int(cfg.epochs, "epochs", "--epochs 1 or more")
     _positive_int(cfg.batch_size, "training batch size", "--batch-size")
-    _number(cfg.lr, "learning rate", "--lr", lo=0.0, lo_open=True)
+    _number(cfg.lr, "learning rate", "--lr", lo=0.0, lo_open=True, hi=10.0)
     _number(cfg.momentum, "momentum", "--momentum", lo=0.0, hi=0.999)
     _number(cfg.weight_decay, "weight_decay", "--weight-decay", lo=0.0, hi=1.0)
     _number(cfg.warmup_frac, "warmup_frac", "--warmup-frac", lo=0.0, hi=0.99)
-    _number(cfg.seed, "seed", "--seed", lo=0, integer=True)
+    _number(cfg.seed, "seed", "--seed", lo=0, hi=SEED_MAX, integer=True)
     if cfg.max_train_samples is not None:
         _positive_int(cfg.max_train_samples, "max_train_samples", "--max-train-samples")
 
@@ -182,22 +189,22 @@ def _check_training(cfg: TrainConfig | QATConfig) -> None:
 class RunConfig(_Config):
     """What a quantize-and-export run builds, checks and measures beyond how it quantizes.
 
-    ``target`` and ``formats`` pick the backends (rows of :mod:`mbquant.mobile.table`).
-    Gates, applied to every artifact in one place (:func:`mbquant.pipeline.gate_failures`):
-    ``min_delegated``: smallest share of ops inside the delegate (0..1; backends with a delegate);
+    ``target`` and ``formats`` pick the backends (the default rows of :mod:`mbquant.mobile.table`); ``backends``
+    names rows directly instead. ``options`` are the backend options the user set (name -> value; each row declares
+    its own, e.g. ``cpu`` and ``flash_kb`` for pte-cortex-m, ``min_delegated`` for pte-xnnpack); the table validates
+    them and fills the defaults.
+    Gates every artifact gets, in one place (:func:`mbquant.pipeline.gate_failures`), besides its backend's own:
     ``max_drop``: largest top-1 drop in percentage points, float model -> the artifact itself;
     the artifact may not be significantly worse than the in-process INT8 model it was written from
     (top-1 and agreement with the float model; paired test, ``parity_z`` standard errors);
     ``min_parity``: an optional floor on top-1 agreement (%) between the artifact and that INT8 model.
     ``eval_limit``: evaluate on a seeded, class-stratified subset of this many images (None: all).
-    MCU backends: ``cpu`` (the Cortex-M core the program is planned for), ``int8_input`` (the program takes the
-    quantized image; the caller applies the input scale/zero point), ``strict`` (fail when an op is not an INT8
-    kernel), ``flash_kb``/``ram_kb`` (budgets: fail when the program or its RAM peak is larger).
     """
 
-    target: str = "phone"
+    target: str | None = "phone"
     formats: tuple[str, ...] = ("pte",)
-    min_delegated: float = 0.99
+    backends: tuple[str, ...] = ()
+    options: Mapping[str, Any] = field(default_factory=dict)
     max_drop: float | None = None
     min_parity: float | None = None
     parity_z: float = 3.0
@@ -206,19 +213,19 @@ class RunConfig(_Config):
     latency_runs: int = 20
     latency_threads: int = 1
     float_program: bool = True
-    cpu: str = "cortex-m4"
-    int8_input: bool = False
-    strict: bool = True
-    flash_kb: float | None = None
-    ram_kb: float | None = None
+
+    _OPTIONS_V1 = ("cpu", "int8_input", "strict", "flash_kb", "ram_kb", "min_delegated")   # fields before options
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "formats", tuple(self.formats))
-        if not self.formats or len(set(self.formats)) != len(self.formats):
+        object.__setattr__(self, "backends", tuple(self.backends))
+        if not isinstance(self.options, Mapping) or not all(isinstance(k, str) for k in self.options):
+            raise ConfigError(f"options must map option names to values, got {self.options!r}")
+        object.__setattr__(self, "options", {k: v for k, v in self.options.items() if v is not None})
+        if self.target is not None and not isinstance(self.target, str):
+            raise ConfigError(f"target must be a name (e.g. phone), got {self.target!r}")
+        if not self.backends and (not self.formats or len(set(self.formats)) != len(self.formats)):
             raise ConfigError(f"formats {list(self.formats)} must name each artifact format once; e.g. --format pte,torchscript")
-        for fmt in self.formats:
-            _choice(fmt, FORMATS, "format")
-        _number(self.min_delegated, "min_delegated", "--min-delegated (a ratio, e.g. 0.99)", lo=0.0, hi=1.0)
         if self.max_drop is not None:
             _number(self.max_drop, "max_drop (percentage points)", "--max-drop (e.g. 0.5)", lo=0.0, hi=100.0)
         if self.min_parity is not None:
@@ -229,8 +236,17 @@ class RunConfig(_Config):
         _positive_int(self.eval_batch_size, "eval batch size", "--eval-batch-size")
         _positive_int(self.latency_runs, "latency runs", "--latency-runs")
         _positive_int(self.latency_threads, "latency threads", "--latency-threads")
-        _choice(self.cpu, CPUS, "CPU")
-        for name in ("flash_kb", "ram_kb"):
-            if getattr(self, name) is not None:
-                _number(getattr(self, name), f"{name} budget", f"--{name.replace('_', '-')} (KiB, e.g. 300)", lo=0.0,
-                        lo_open=True, hi=1e7)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = super().to_dict()
+        d["options"] = dict(self.options)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunConfig":
+        """Also reads the ``run`` section of format-1 reports, whose backend options were fields."""
+        d = dict(d)
+        old = {k: d.pop(k) for k in cls._OPTIONS_V1 if k in d}
+        if old:
+            d["options"] = {**old, **d.get("options", {})}
+        return super().from_dict.__func__(cls, d)  # type: ignore[attr-defined]

@@ -36,5 +36,10 @@ class ExportError(MbquantError):
     """Lowering or writing an artifact failed."""
 
 
+class TrainingError(MbquantError):
+    """Training produced a model that cannot be shipped (e.g. one whose eval mode does not compute what training
+    measured)."""
+
+
 class VerificationError(MbquantError):
     """A reloaded artifact does not match the model it was made from, or a quality gate failed."""

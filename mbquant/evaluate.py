@@ -3,7 +3,7 @@ that say how much of a difference between two of them is noise.
 
 ``compare({"float": f, "int8": q}, loader)`` keeps, per image, each predictor's top-1 class, whether top-5
 holds the label, and its top-2 logit margin, and per pair of predictors the largest logit difference. From
-those: accuracy, drop, agreement, and :class:`PairedDifference` (McNemar-style: with n images, a
+those: accuracy, drop, agreement, and :class:`~mbquant.stats.PairedDifference` (McNemar-style: with n images, a
 difference is noise below about sqrt(discordant pairs) / n).
 """
 from __future__ import annotations
@@ -15,42 +15,11 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from .stats import PairedDifference, paired, top2_margin
+
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
-
-@dataclass(frozen=True)
-class PairedDifference:
-    """Paired difference of two 0/1 outcomes on the same n images (a correct - b correct), in percentage
-    points, with the Wald standard error of a paired difference of proportions."""
-
-    n: int
-    only_a: int      # images where only a is right
-    only_b: int      # images where only b is right
-
-    @property
-    def diff_pp(self) -> float:
-        return 100.0 * (self.only_a - self.only_b) / self.n if self.n else 0.0
-
-    @property
-    def se_pp(self) -> float:
-        if not self.n:
-            return 0.0
-        d = self.only_a + self.only_b
-        return 100.0 * math.sqrt(max(0.0, d - (self.only_a - self.only_b) ** 2 / self.n)) / self.n
-
-    def interval(self, z: float = 1.96) -> tuple[float, float]:
-        return (self.diff_pp - z * self.se_pp, self.diff_pp + z * self.se_pp)
-
-    def to_dict(self, z: float = 1.96) -> dict:
-        lo, hi = self.interval(z)
-        return {"images": self.n, "only_a": self.only_a, "only_b": self.only_b, "diff_pp": round(self.diff_pp, 3),
-                "se_pp": round(self.se_pp, 3), "ci95_pp": [round(lo, 3), round(hi, 3)]}
-
-
-def paired(a: torch.Tensor, b: torch.Tensor) -> PairedDifference:
-    """:class:`PairedDifference` of two boolean vectors (same images)."""
-    a, b = a.bool(), b.bool()
-    return PairedDifference(int(a.numel()), int((a & ~b).sum()), int((b & ~a).sum()))
+__all__ = ["Comparison", "PairedDifference", "compare", "layer_sqnr", "paired", "sqnr_db"]
 
 
 @dataclass
@@ -98,13 +67,6 @@ class Comparison:
         return paired(self.preds[a] == self.preds[reference], self.preds[b] == self.preds[reference])
 
 
-def _margin(logits: torch.Tensor) -> torch.Tensor:
-    if logits.shape[1] < 2:
-        return torch.full((logits.shape[0],), math.inf)
-    top = logits.topk(2, 1).values
-    return top[:, 0] - top[:, 1]
-
-
 def compare(predictors: Mapping[str, Predictor], batches: Iterable, *, progress: bool = False,
             desc: str = "evaluate") -> Comparison:
     """Run every predictor on every batch ``(images, labels)`` (``None`` batches are skipped)."""
@@ -131,7 +93,7 @@ def compare(predictors: Mapping[str, Predictor], batches: Iterable, *, progress:
             for n, v in logits.items():
                 preds[n].append(v.argmax(1))
                 top5[n].append((v.topk(k, 1).indices == y[:, None]).any(1))
-                margins[n].append(_margin(v))
+                margins[n].append(torch.from_numpy(top2_margin(v.numpy())).float())
             for a, b in pairs:
                 diffs[(a, b)].append((logits[a] - logits[b]).abs().amax(1))
             labels.append(y)
@@ -214,3 +176,39 @@ def layer_sqnr(float_gm, int8_gm, x: torch.Tensor) -> list[dict]:
                      "sqnr_db": round(sqnr_db(a, b), 2), "index": len(rows)})
     rows.sort(key=lambda r: r["sqnr_db"])
     return rows
+
+
+def evaluate_dataset(predictors: Mapping[str, Predictor], dataset, batch_size: int, *, dist=None, workers: int = 0,
+                     progress: bool = False, desc: str = "evaluate") -> Comparison:
+    """:func:`compare` on every image of ``dataset`` (an :class:`~mbquant.data.dataset.ImageFolderDataset`), decoded by
+    ``workers`` processes. Under torchrun (``dist`` active) each rank measures its shard (every ``world``-th image)
+    and the per-image outcomes and unreadable images of all ranks are gathered, so every rank returns the
+    Comparison one process would (same images, same order)."""
+    from .data.dataset import make_loader
+
+    if dist is None or not dist.active:
+        return compare(predictors, make_loader(dataset, batch_size, workers=workers), progress=progress, desc=desc)
+    import torch.distributed as tdist
+
+    mine = dist.shard(len(dataset))
+    shard = dataset.subset(mine)
+    local = compare(predictors, make_loader(shard, batch_size, workers=workers), progress=progress and dist.is_main,
+                    desc=desc)
+    readable = [i for i, s in zip(mine, shard.samples) if s.path not in shard.skipped]
+    part = {"index": readable, "skipped": dict(shard.skipped), "labels": local.labels,
+            "preds": local.preds, "in_top5": local.in_top5, "margins": local.margins,
+            "max_abs_diff": local.max_abs_diff}
+    parts: list = [None] * dist.world
+    tdist.all_gather_object(parts, part)
+    order = torch.tensor([i for p in parts for i in p["index"]], dtype=torch.long).argsort()
+
+    def merge(key, name=None):
+        return torch.cat([p[key][name] if name is not None else p[key] for p in parts])[order]
+
+    for p in parts:
+        dataset.skipped.update(p["skipped"])
+    return Comparison(count=len(order), skipped=sum(len(p["skipped"]) for p in parts), labels=merge("labels"),
+                      preds={n: merge("preds", n) for n in predictors},
+                      in_top5={n: merge("in_top5", n) for n in predictors},
+                      margins={n: merge("margins", n) for n in predictors},
+                      max_abs_diff={k: merge("max_abs_diff", k) for k in local.max_abs_diff})

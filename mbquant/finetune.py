@@ -17,17 +17,18 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._io import write_bytes
+from .atomic import write_bytes
 from .config import QATConfig, QuantConfig
-from .data import ImageFolderDataset, make_loader
+from .data.dataset import ImageFolderDataset, make_loader
 from .distributed import Dist
 from .errors import ConfigError, DataError
-from .models import ModelInfo
+from .models.info import ModelInfo
 from .quant.qat import QatModel
-from .train import StepHook, TrainLoss, evaluate, param_groups, train_one_epoch, warmup_cosine
+from .records import paths
+from .train import StepHook, TrainLoss, param_groups, train_one_epoch, val_metrics, warmup_cosine
 
 CHECKPOINT_FORMAT = "mbquant-qat-checkpoint/1"
-CHECKPOINT_NAME = "qat_last.pt"
+CHECKPOINT_NAME = paths.QAT_CHECKPOINT
 
 
 @dataclass
@@ -84,7 +85,7 @@ def _train_loader(dataset, config: QATConfig, dist: Dist, epoch: int):
 def validate(qg: QatModel, val_set: ImageFolderDataset, batch_size: int, dist: Dist) -> dict:
     """Top-1 and loss of the fake-quantized model in eval mode (each rank a shard, reduced over ranks)."""
     qg.set_mode(False)
-    return evaluate(qg.module, val_set, batch_size, dist=dist)
+    return val_metrics(qg.module, val_set, batch_size, dist=dist)
 
 
 _IDENTITY = ("name", "width_mult", "resolution", "num_classes", "classes")
@@ -171,11 +172,11 @@ def _check_schema(ck: dict, path: Path) -> None:
 def resume_path(path: Path) -> Path:
     """The checkpoint ``--resume`` names: a file, or a run folder (finished, with ``qat_last.pt``, or killed, with
     the checkpoint kept beside it until the run succeeds)."""
-    from ._io import RunFolder
+    from .records.paths import OutPaths
 
     path = Path(path)
     if path.is_dir() or not path.exists():
-        for candidate in (path / CHECKPOINT_NAME, RunFolder(path).work / CHECKPOINT_NAME):
+        for candidate in (path / CHECKPOINT_NAME, OutPaths(path).work / CHECKPOINT_NAME):
             if candidate.is_file():
                 return candidate
     if not path.is_file():

@@ -1,19 +1,19 @@
 """The one road, for PTQ and QAT alike:
 
-    float model -> per backend: prepare -> calibrate (or fine-tune) -> convert -> write -> reload
+    float model -> per backend: prepare -> calibrate (or fine-tune) -> convert -> write -> open from the file
                 -> one measuring pass over the evaluation images for every artifact -> ArtifactResult each
-                -> gates, applied once to every result -> report (built from the list of results)
+                -> gates (the run's, then each backend's own) -> report (built from the list of results)
 
 ``quantize`` is the short way (a float model and real calibration images in, an INT8 model out); ``run_job`` is
-the whole job ``mbquant ptq`` and ``mbquant qat`` run.
+the whole job ``mbquant ptq`` and ``mbquant qat`` run. Nothing here knows a backend by name: the table picks
+them and each one writes, opens, gates and summarises its own artifacts.
 """
 from __future__ import annotations
 
 import copy
-import hashlib
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,21 +21,26 @@ import torch
 from torch import nn
 
 from . import calibrate
-from ._io import RunFolder, write_json
-from .calibrate import CalibrationResult, CalibrationSet
+from ._io import RunFolder
+from .atomic import sha256_file
+from .calibrate import CalibrationResult, CalibrationSet, calibration_set
 from .config import QATConfig, QuantConfig, RunConfig
-from .data import MAX_IMAGE_PIXELS, ImageFolderDataset, load_folder, make_loader
+from .data.dataset import ImageFolderDataset, make_loader, samples_digest
 from .errors import ConfigError, DataError
 from .evaluate import Comparison, compare
 from .mobile import table
-from .mobile.backend import Backend, ModulePredictor, Predictor, Written, artifact_name
-from .models import ModelInfo
+from .mobile.backend import Backend, ModulePredictor, Predictor, Written
+from .models.info import ModelInfo
+from .progress import resources, stage
 from .quant.bias_correction import BiasCorrectionResult, correct_biases
 from .quant.equalize import EqualizationResult, equalize
 from .quant.export import FloatModel
-from .report import ArtifactResult, FloatResult, Report, host, library_versions
+from .records import ArtifactResult, FloatResult, Sidecar, paths
+from .report import Report, host, library_versions
 
 FLOAT = "float"
+
+__all__ = ["Finetune", "Quantized", "default_out_dir", "gate_failures", "quantize", "quantize_with", "run_job"]
 
 
 @dataclass
@@ -58,25 +63,12 @@ def _timed(seconds: dict[str, float], stage: str, fn: Callable[[], Any]) -> Any:
     return out
 
 
-def calibration_set(calib: CalibrationSet | Path | str, info: ModelInfo, config: QuantConfig, *,
-                    max_pixels: int = MAX_IMAGE_PIXELS) -> CalibrationSet:
-    """``calib`` as a CalibrationSet of ``config.num_calib`` samples drawn with ``config.seed``."""
-    if isinstance(calib, CalibrationSet):
-        if (calib.requested, calib.seed) != (config.num_calib, config.seed):
-            raise ConfigError(f"the calibration set holds {calib.requested} samples drawn with seed {calib.seed}, but "
-                              f"the config asks for num_calib={config.num_calib}, seed={config.seed}; pass the folder "
-                              f"instead (it is sampled from the config) or a matching set")
-        return calib
-    return calibrate.from_folder(calib, info.preset, config.num_calib, seed=config.seed,
-                                 expected_classes=list(info.classes) or None, max_pixels=max_pixels)
-
-
 def source_model(fm: FloatModel, config: QuantConfig, calib: CalibrationSet,
                  seconds: dict[str, float]) -> tuple[FloatModel, EqualizationResult | None]:
     """The float model a backend quantizes: ``fm``, or its cross-layer-equalized copy when the config asks."""
     if not config.equalize:
         return fm, None
-    eq, result = _timed(seconds, "equalize", lambda: equalize(fm.module, list(calib.batches(config.batch_size))))
+    eq, result = _timed(seconds, "equalize", lambda: equalize(fm.module, calib.source(config.batch_size)))
     return FloatModel(eq, fm.resolution), result
 
 
@@ -95,55 +87,22 @@ def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: 
         bias = None
         if config.bias_correction:
             bias = _timed(seconds, "bias_correction", lambda: correct_biases(
-                int8, fm.graph, list(calib.batches(config.batch_size))))
+                int8, fm.graph, calib.source(config.batch_size), progress=progress))
     return Quantized(int8, config, result, bias, seconds, fm, eq)
 
 
 def quantize(model: nn.Module, calib: CalibrationSet | Path | str, *, info: ModelInfo,
-             config: QuantConfig = QuantConfig(), backend: str = "pte-xnnpack", run: RunConfig | None = None,
+             config: QuantConfig = QuantConfig(), backend: str | None = None, run: RunConfig | None = None,
              progress: bool = False) -> Quantized:
-    """Float model + real calibration images -> INT8 model for ``backend`` (default recipe: the best measured).
+    """Float model + real calibration images -> INT8 model for ``backend`` (default: the phone's default backend;
+    default recipe: the best measured for it).
 
     ``calib`` is a folder (sampled with ``config.num_calib`` and ``config.seed``) or a matching CalibrationSet."""
-    spec = table.get_spec(backend)
+    spec = table.get_spec(backend) if backend is not None else table.select(None)[0]
     resolved = table.resolve(config, spec)
     calib_set = calibration_set(calib, info, resolved)
     return quantize_with(table.load(spec, run), FloatModel(model, info.resolution), resolved, calib_set,
                          progress=progress)
-
-
-def files_digest(items) -> str:
-    """A short hash of which labelled files (name, label, size; in order) ``items`` of (path, label) are: names the
-    data in reports, sidecars and baselines."""
-    h = hashlib.sha256()
-    for path, label in items:
-        h.update(f"{Path(path).name}:{label}:{Path(path).stat().st_size}\n".encode())
-    return h.hexdigest()[:16]
-
-
-def samples_digest(ds: ImageFolderDataset) -> str:
-    """:func:`files_digest` of a dataset's samples."""
-    return files_digest((s.path, s.label) for s in ds.samples)
-
-
-def load_eval_set(root: Path, info: ModelInfo, limit: int | None, *, seed: int = 0,
-                  max_pixels: int = MAX_IMAGE_PIXELS) -> ImageFolderDataset:
-    """The labelled evaluation images; with ``limit``, a seeded class-stratified subset of that many."""
-    ds = load_folder(root, info.preset, expected_classes=list(info.classes) or None, max_pixels=max_pixels)
-    if not ds.labelled:
-        raise DataError(f"evaluation folder '{root}' has no class subfolders; pass a labelled ImageFolder")
-    keep = eval_indices([s.label for s in ds.samples], limit, seed)
-    if keep is not None:
-        ds = ImageFolderDataset([ds.samples[i] for i in keep], ds.classes, ds.transform, max_pixels=max_pixels)
-    return ds
-
-
-def eval_indices(labels: list[int], limit: int | None, seed: int = 0) -> list[int] | None:
-    """Which of the labelled images ``--eval-limit`` evaluates: a seeded class-stratified subset of ``limit``, or
-    None for all of them."""
-    if limit is None or limit >= len(labels):
-        return None
-    return calibrate.stratified_indices(labels, limit, seed)
 
 
 def default_out_dir(model_name: str) -> Path:
@@ -152,7 +111,7 @@ def default_out_dir(model_name: str) -> Path:
 
 @dataclass
 class Built:
-    """One backend's artifacts, written and loaded, before measurement."""
+    """One backend's artifacts, written and opened from their files, before measurement."""
 
     backend: Backend
     config: QuantConfig
@@ -172,10 +131,19 @@ class Finetune:
     on_step: Callable[[int, int], None] | None = None
 
 
-def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunConfig,
-           calib: CalibrationSet, eval_set: ImageFolderDataset, staging: Path | None, ckpt_dir: Path | None,
-           report: Report, *, finetune: Finetune | None, progress: bool) -> Built | None:
-    """[equalize ->] prepare -> calibrate or fine-tune -> convert -> write -> load, for one backend (None on other
+def _sidecar(w: Written, backend: Backend, cfg: QuantConfig, info: ModelInfo, digests: dict[str, str],
+             measured: dict[str, Any] | None = None) -> Sidecar:
+    from .data.contract import spec_of
+
+    return Sidecar(w.path.name, backend.name, backend.spec.runtime, info, cfg.to_dict(), spec_of(info.preset),
+                   (1, 3, info.resolution, info.resolution), sha256_file(w.path), digests["calibration_digest"],
+                   digests["eval_digest"], measured, w.details, library_versions())
+
+
+def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunConfig, calib: CalibrationSet,
+           eval_set: ImageFolderDataset, staging: Path | None, ckpt_dir: Path | None, report: Report,
+           digests: dict[str, str], *, finetune: Finetune | None, progress: bool) -> Built | None:
+    """[equalize ->] prepare -> calibrate or fine-tune -> convert -> write -> open, for one backend (None on other
     ranks)."""
     backend = table.load(spec, run)
     cfg = table.resolve(config, spec, qat=finetune is not None)
@@ -187,7 +155,8 @@ def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: Qua
                      bias_correction=q.bias_correction.to_dict() if q.bias_correction else None,
                      equalization=q.equalization.to_dict() if q.equalization else None)
         if q.calibration.skipped_unreadable:
-            report.warn(f"{q.calibration.skipped_unreadable} unreadable calibration images were skipped")
+            report.warn(f"{q.calibration.skipped_unreadable} unreadable calibration images were skipped (first: "
+                        f"{next(iter(calib.dataset.skipped)).name}); remove or fix them")
     else:
         seconds = {}
         src, eq = source_model(fm, cfg, calib, seconds)
@@ -204,10 +173,14 @@ def _build(spec: table.BackendSpec, fm: FloatModel, info: ModelInfo, config: Qua
         facts.update(backend.describe(int8, cfg))
         unexpected = sorted(set(backend.float_layers(int8)) - set(facts.get("kept_float", [])))
         if unexpected:
-            report.warn(f"{spec.name}: layers left in float that were not asked for: {', '.join(unexpected)}")
-        stem = staging / artifact_name(info, "int8", "")
-        written = _timed(seconds, "write", lambda: backend.write(int8, stem, resolution=info.resolution))
-        files = [(w, _timed(seconds, "load", lambda w=w: backend.load(w.path))) for w in written]
+            report.warn(f"{spec.name}: layers left in float that were not asked for: {', '.join(unexpected)}; "
+                        f"they run in fp32 on the device (check the quantizer's coverage of those ops)")
+        stem = staging / paths.artifact_name(info, "int8", "")
+        with stage(f"{spec.name}: lower and write", enabled=progress):
+            written = _timed(seconds, "write", lambda: backend.write(int8, stem, resolution=info.resolution))
+        files = [(w, _timed(seconds, "open", lambda w=w: backend.open(w.path, _sidecar(w, backend, cfg, info,
+                                                                                       digests))))
+                 for w in written]
     facts["seconds"] = seconds
     return Built(backend, cfg, int8, files, facts, src)
 
@@ -254,7 +227,7 @@ def _flips(cmp: Comparison, ref: str, art: str, eval_set: ImageFolderDataset, li
         fm = margins[flipped]
         out.update(margin_median=round(float(fm.median()), 4), margin_max=round(float(fm.max()), 4),
                    margin_max_percentile=round(100.0 * float((margins <= fm.max()).float().mean()), 2))
-        readable = [s for s in eval_set.samples if s.path not in eval_set.skipped]
+        readable = eval_set.readable_samples()
         out["images"] = [{"image": str(readable[i].path), "label": int(cmp.labels[i]), "reference": int(cmp.preds[ref][i]),
                           "artifact": int(cmp.preds[art][i]), "reference_margin": round(float(margins[i]), 4)}
                          for i in flipped[:limit].tolist()]
@@ -268,15 +241,15 @@ def _result(cmp: Comparison, built: Built, w: Written, pred: Predictor, eval_set
               "flips": _flips(cmp, ref, art, eval_set),
               "top1_reference_minus_artifact": cmp.paired_accuracy(ref, art).to_dict(),
               "agreement_float_reference_minus_artifact": cmp.paired_agreement(FLOAT, ref, art).to_dict()}
-    return ArtifactResult(
+    result = ArtifactResult(
         backend=built.backend.name, file=w.path.name, bytes=w.bytes, runtime=pred.runtime,
         images=cmp.count, top1=round(cmp.top1(art), 3), top5=round(cmp.top5(art), 3),
         drop_pp=round(cmp.drop(FLOAT, art), 3), agreement_float=round(cmp.agree(FLOAT, art), 3),
-        drop_paired=cmp.paired_accuracy(FLOAT, art).to_dict(),
+        drop_paired=cmp.paired_accuracy(FLOAT, art).to_dict(exact=True),
         reference_top1=round(cmp.top1(ref), 3), reference_agreement_float=round(cmp.agree(FLOAT, ref), 3),
         parity=parity, delegated=None if w.delegated is None else round(w.delegated, 4),
-        latency=_latency(pred, x1, run),
-        details=w.details)
+        latency=_latency(pred, x1, run), details=w.details, sha256=sha256_file(w.path))
+    return replace(result, summary=tuple(built.backend.summary_lines(result)))
 
 
 def _latency(pred: Predictor, x1: torch.Tensor, run: RunConfig) -> dict | None:
@@ -284,15 +257,12 @@ def _latency(pred: Predictor, x1: torch.Tensor, run: RunConfig) -> dict | None:
     return None if lat is None else {**lat, "threads": run.latency_threads}
 
 
-def gate_failures(results: list[ArtifactResult], run: RunConfig) -> list[str]:
-    """Every quality gate, applied to every artifact in one place (see :class:`~mbquant.config.RunConfig`)."""
+def gate_failures(results: list[ArtifactResult], run: RunConfig, backends: dict[str, Backend] | None = None) -> list[str]:
+    """Every quality gate, applied to every artifact in one place: the run's own (see
+    :class:`~mbquant.config.RunConfig`), then each artifact's backend's (``backends`` by name)."""
     failures = []
     for r in results:
         name = f"{r.file} ({r.backend})"
-        if r.delegated is not None and r.delegated < run.min_delegated:
-            outside = r.details.get("delegation", {}).get("ops_outside_delegate", {})
-            failures.append(f"{name}: only {r.delegated:.2%} of ops run in the delegate (< --min-delegated "
-                            f"{run.min_delegated}); outside it: {outside}")
         if run.max_drop is not None and r.drop_pp > run.max_drop:
             failures.append(f"{name}: top-1 drop {r.drop_pp:.3f} pp (float {r.top1 + r.drop_pp:.2f} % -> {r.top1:.2f} %"
                             f" on {r.images} images) is larger than --max-drop {run.max_drop}")
@@ -305,33 +275,26 @@ def gate_failures(results: list[ArtifactResult], run: RunConfig) -> list[str]:
                     f"was written from ({p['only_a']} vs {p['only_b']} images on {p['images']}; more than "
                     f"--parity-z {run.parity_z} standard errors of {p['se_pp']:.2f} pp): it does not compute what "
                     f"was quantized")
-        if run.strict and r.details.get("non_int8_ops"):
-            failures.append(f"{name}: ops that are not INT8 kernels: {', '.join(r.details['non_int8_ops'])} (--strict); "
-                            f"the program would run them in float or not at all on the device")
-        failures += _budget_failures(name, r.details.get("memory"), run)
         if run.min_parity is not None and r.parity["agreement"] < run.min_parity:
             failures.append(f"{name}: agrees with its INT8 model on {r.parity['agreement']} % of images (< --min-parity "
                             f"{run.min_parity} %)")
+        if backends is not None and r.backend in backends:
+            failures += backends[r.backend].gate_failures(r, run)
     return failures
 
 
-def _budget_failures(name: str, memory: dict | None, run: RunConfig) -> list[str]:
-    """--flash-kb / --ram-kb against a program's memory report, naming what is largest and what to shrink."""
-    if not memory:
-        return []
-    out = []
-    flash = memory["flash"]["program_bytes"]
-    if run.flash_kb is not None and flash > run.flash_kb * 1024:
-        big = ", ".join(f"{c['dtype']} {c['shape']} {c['bytes']:,} B" for c in memory["flash"]["largest_constants"][:3])
-        out.append(f"{name}: the program is {flash:,} B, over --flash-kb {run.flash_kb:g} ({run.flash_kb * 1024:,.0f} B); "
-                   f"largest constants: {big}; shrink the width (--width-mult of the trained model) or the classes")
-    ram = memory["ram"]["arena_bytes"]
-    if run.ram_kb is not None and ram > run.ram_kb * 1024:
-        live = ", ".join(f"{t['written_by']} {t['shape']} {t['bytes']:,} B" for t in memory["ram"]["peak_tensors"][:3])
-        out.append(f"{name}: the RAM peak (planned arena: activations, scratch, input/output) is {ram:,} B, over "
-                   f"--ram-kb {run.ram_kb:g} ({run.ram_kb * 1024:,.0f} B); at the peak, set by "
-                   f"{memory['ram']['peak_set_by']}: {live}; shrink the resolution or the width, or pass --int8-input")
-    return out
+def judgeable(cmp: Comparison, selected: int) -> list[str]:
+    """Why the measurement cannot judge the quantization (too few readable images, a chance-level float model)."""
+    from .stats import MIN_IMAGES, chance_message, indistinguishable_from_chance
+
+    if cmp.count < MIN_IMAGES:
+        return [f"{cmp.count} readable evaluation images (of {selected} selected) cannot judge the quantization: gates "
+                f"need at least {MIN_IMAGES} (on 10 images the 95 % interval of a drop spans more than 60 pp); pass "
+                f"--eval-limit {MIN_IMAGES} or more, or a folder with more images"]
+    labels = cmp.labels.tolist()
+    if indistinguishable_from_chance(int(cmp.correct(FLOAT).sum()), labels):
+        return [chance_message(cmp.top1(FLOAT), labels, len(set(labels)))]
+    return []
 
 
 def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, run: RunConfig,
@@ -355,15 +318,17 @@ def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, r
     return cmp, results, fl, x8
 
 
-def _sidecar(path: Path, r: ArtifactResult, built: Built, info: ModelInfo, digests: dict[str, str]) -> None:
-    """``<artifact>.json``: what the file is and how it was made (read by apps and by ``mbquant check``)."""
-    write_json(Path(f"{path}.json"), {
-        "artifact": r.file, "backend": r.backend, "runtime": r.runtime, "model": info.to_dict(),
-        "config": built.config.to_dict(), "preset": info.preset.to_dict(), "classes": list(info.classes),
-        "input_shape": [1, 3, info.resolution, info.resolution], **digests,
-        "measured": {"images": r.images, "top1": r.top1, "drop_pp": r.drop_pp, "agreement_float": r.agreement_float,
-                     "parity": r.parity["agreement"]},
-        "details": r.details, "versions": library_versions()})
+def check_run(config: QuantConfig, run: RunConfig, *, qat: bool = False) -> list:
+    """Every problem of a run's request found before any work: the backends it names, their options and recipes."""
+    specs = table.select(run.target, run.formats, run.backends)
+    table.check_options(run.options, specs)
+    for spec in specs:
+        table.check_requirements(spec)
+        table.resolve(config, spec, qat=qat)
+    if qat and len(specs) != 1:
+        raise ConfigError(f"QAT trains one model for one engine, got backends {[s.name for s in specs]}; run `mbquant "
+                          f"qat` once per format")
+    return specs
 
 
 def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_set: ImageFolderDataset,
@@ -373,19 +338,22 @@ def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_se
     """The whole job (see the module doc), written with the run-folder protocol (:class:`mbquant._io.RunFolder`):
     ``out_dir`` appears, complete, only when every artifact is verified and every gate passed; a run that fails
     a gate leaves its report in ``<out_dir>.failed/``. Returns the report; None on torchrun ranks > 0."""
-    specs = table.select(run.target, run.formats)
-    for spec in specs:  # every config problem is found before any work
-        table.resolve(config, spec, qat=finetune is not None)
-    if finetune is not None and len(specs) != 1:
-        raise ConfigError(f"QAT trains one model for one engine, got formats {list(run.formats)}; run `mbquant qat` "
-                          f"once per format")
+    specs = check_run(config, run, qat=finetune is not None)
+    from .stats import MIN_IMAGES
+
+    if len(eval_set) < MIN_IMAGES:
+        raise ConfigError(f"{len(eval_set)} evaluation images cannot judge the quantization: gates need at least "
+                          f"{MIN_IMAGES} (on 10 images the 95 % interval of a drop spans more than 60 pp); pass "
+                          f"--eval-limit {MIN_IMAGES} or more, or a folder with more images")
     if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: trains its shard, writes nothing
         _job(model, info, specs, calib=calib, eval_set=eval_set, staging=None, ckpt_dir=None, config=config, run=run,
              finetune=finetune, progress=progress, report=Report(command))
         return None
     resume = finetune is not None and finetune.resume is not None
     with RunFolder(Path(out_dir), overwrite=overwrite, resume=resume) as folder:
-        report = Report(command, warnings=[*warnings, *folder.notes])
+        report = Report(command, warnings=list(warnings))
+        for note in folder.notes:
+            report.note(note)
         _job(model, info, specs, calib=calib, eval_set=eval_set, staging=folder.staging, ckpt_dir=folder.work,
              config=config, run=run, finetune=finetune, progress=progress, report=report)
         if report.ok:
@@ -398,6 +366,7 @@ def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_se
 def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSet, eval_set: ImageFolderDataset,
          staging: Path | None, ckpt_dir: Path | None, config: QuantConfig, run: RunConfig, finetune: Finetune | None,
          progress: bool, report: Report) -> None:
+    started = time.perf_counter()
     fm = FloatModel(model, info.resolution)
     for name, section in (("model", info.to_dict()), ("config", config.to_dict()), ("run", run.to_dict()),
                           ("qat_config", finetune.config.to_dict() if finetune else None), ("host", host())):
@@ -408,17 +377,18 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
                         "eval_images": len(eval_set), **digests})
     built: list[Built] = []
     for spec in specs:
-        b = _build(spec, fm, info, config, run, calib, eval_set, staging, ckpt_dir, report, finetune=finetune,
-                   progress=progress)
+        b = _build(spec, fm, info, config, run, calib, eval_set, staging, ckpt_dir, report, digests,
+                   finetune=finetune, progress=progress)
         if b is None:
             return
         built.append(b)
     float_file, seconds = None, {}
     if run.float_program and any(b.backend.spec.float_program for b in built):
         b = next(b for b in built if b.backend.spec.float_program)
-        w = _timed(seconds, "float_program", lambda: b.backend.write(
-            fm.graph, staging / artifact_name(info, "fp32", ""), resolution=info.resolution)[0])
-        float_file = (w, b.backend.load(w.path))
+        with stage(f"{b.backend.name}: lower and write the fp32 program", enabled=progress):
+            w = _timed(seconds, "float_program", lambda: b.backend.write(
+                fm.graph, staging / paths.artifact_name(info, "fp32", ""), resolution=info.resolution)[0])
+        float_file = (w, b.backend.open(w.path, _sidecar(w, b.backend, b.config, info, digests)))
     try:
         cmp, results, fl, x8 = _timed(seconds, "verify", lambda: _measure(fm, built, eval_set, run, float_file,
                                                                            progress))
@@ -426,21 +396,33 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
         for b in built:
             for _, pred in b.files:
                 pred.close()
-    report.add("backends", {b.backend.name: {**b.facts, **_timed(seconds, "diagnose", lambda: b.backend.diagnose(
-        b.source, b.int8, x8))} for b in built})
+        if float_file is not None:
+            float_file[1].close()
+    with stage("per-layer SQNR", enabled=progress):
+        report.add("backends", {b.backend.name: {**b.facts, **_timed(seconds, "diagnose", lambda: b.backend.diagnose(
+            b.source, b.int8, x8))} for b in built})
     report.add("seconds", seconds)
     report.add("float", fl)
     report.add("artifacts", [r.to_dict() for r in results])
     if cmp.skipped:
         report.warn(f"{cmp.skipped} unreadable evaluation images were skipped (first: "
-                    f"{', '.join(sorted(p.name for p in eval_set.skipped)[:3])})")
+                    f"{', '.join(sorted(p.name for p in eval_set.skipped)[:3])}); remove or fix them")
     for r in results:
         for note in r.details.get("notes", []):
-            report.warn(f"{r.backend}: {note}")
-    for failure in gate_failures(results, run):
+            report.note(f"{r.backend}: {note}")
+        for warning in r.details.get("warnings", []):
+            report.warn(f"{r.backend}: {warning}")
+    for failure in judgeable(cmp, len(eval_set)):
+        report.fail(failure)
+    for failure in gate_failures(results, run, {b.backend.name: b.backend for b in built}):
         report.fail(failure)
     by_name = {b.backend.name: b for b in built}
-    for r in results:
-        _sidecar(staging / r.file, r, by_name[r.backend], info, digests)
-        by_name[r.backend].backend.companions(staging / r.file, info, r.details)
+    for b in built:
+        for w, _ in b.files:
+            r = next(r for r in results if r.file == w.path.name)
+            _sidecar(w, b.backend, b.config, info, digests, measured={
+                "images": r.images, "top1": r.top1, "drop_pp": r.drop_pp, "agreement_float": r.agreement_float,
+                "parity": r.parity["agreement"]}).write(paths.sidecar(w.path))
+            by_name[r.backend].backend.companions(w.path, info, r.details)
+    report.add("resources", resources(started))
     report.write(staging)

@@ -4,7 +4,6 @@ recipes. matplotlib is an optional extra (``pip install 'mbquant[plot]'``)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from .errors import ConfigError
 
@@ -24,7 +23,7 @@ def pyplot():
 
 def _save(fig, path: Path) -> Path:
     """Write the PNG under a temporary name in the same folder, then rename: never a half-written plot."""
-    from ._io import atomic_path
+    from .atomic import atomic_path
 
     try:
         with atomic_path(path) as tmp:
@@ -34,23 +33,22 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _title(report: dict[str, Any]) -> str:
-    m = report["model"]
-    return f"{m['name']} w{m['width_mult']:g} {m['resolution']}x{m['resolution']}"
+def _title(record) -> str:
+    return record.model.describe()
 
 
-def layer_sqnr(report: dict[str, Any], out: Path) -> Path:
-    """One bar per quantized activation, in graph order, per backend of the run; the five worst labelled."""
+def layer_sqnr(report, out: Path) -> Path:
+    """One bar per quantized activation, in graph order, per backend of the run (a
+    :class:`~mbquant.records.RunReport`); the five worst labelled."""
     plt = pyplot()
-    backends = {n: b["layer_sqnr_all"] for n, b in report["backends"].items() if b.get("layer_sqnr_all")}
+    backends = report.layer_sqnr()
     if not backends:
-        raise ConfigError("the run's report holds no per-layer SQNR (runs of this mbquant version record it for the "
-                          "pte-xnnpack and pte-cortex-m backends)")
+        raise ConfigError("the run's report holds no per-layer SQNR (its backends record none)")
     fig, axes = plt.subplots(len(backends), 1, figsize=(11, 3.2 * len(backends)), squeeze=False)
     for ax, (name, rows) in zip(axes[:, 0], backends.items()):
         in_order = all("index" in r for r in rows)        # reports before the index was recorded: worst first
         rows = sorted(rows, key=lambda r: r["index"]) if in_order else rows
-        values = [r["sqnr_db"] for r in rows]
+        values = [r["sqnr_db"] if isinstance(r["sqnr_db"], (int, float)) else 99.0 for r in rows]   # "inf": exact
         worst = sorted(range(len(rows)), key=lambda i: values[i])[:5]
         ax.bar(range(len(rows)), values, color=["tab:red" if i in worst else "tab:blue" for i in range(len(rows))])
         for i in worst:
@@ -63,11 +61,12 @@ def layer_sqnr(report: dict[str, Any], out: Path) -> Path:
     return _save(fig, out)
 
 
-def calibration(sweep: dict[str, Any], out: Path) -> Path:
-    """Top-1 drop (with its paired 95 % interval) and agreement with the float model against calibration images."""
+def calibration(sweep, out: Path) -> Path:
+    """Top-1 drop (with its paired 95 % interval) and agreement with the float model against the calibration images
+    each point really used (a :class:`~mbquant.records.Sweep`)."""
     plt = pyplot()
-    pts = sweep["points"]
-    n = [p["num_calib"] for p in pts]
+    pts = sweep.points
+    n = [p["calibration_images"] for p in pts]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.6))
     drop = [p["drop_pp"] for p in pts]
     err = [[p["drop_pp"] - p["drop_ci95"][0] for p in pts], [p["drop_ci95"][1] - p["drop_pp"] for p in pts]]
@@ -81,14 +80,14 @@ def calibration(sweep: dict[str, Any], out: Path) -> Path:
         ax.set_xticks(n, [str(v) for v in n])
         ax.set_xlabel("calibration images")
         ax.grid(alpha=0.3)
-    fig.suptitle(f"{_title(sweep)}, {sweep['backend']}: {sweep['eval_images']:,} val images, in-process INT8 model")
+    fig.suptitle(f"{_title(sweep)}, {sweep.backend}: {sweep.eval_images:,} val images, in-process INT8 model")
     return _save(fig, out)
 
 
-def recipes(sweep: dict[str, Any], out: Path) -> Path:
+def recipes(sweep, out: Path) -> Path:
     """Top-1 drop (95 % CI) and agreement per recipe, horizontal bars in the order measured."""
     plt = pyplot()
-    pts = sweep["points"]
+    pts = sweep.points
     names = [p["recipe"] for p in pts]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 0.45 * len(pts) + 1.6), sharey=True)
     y = list(range(len(pts)))
@@ -104,6 +103,6 @@ def recipes(sweep: dict[str, Any], out: Path) -> Path:
     a1.invert_yaxis()
     for ax in (a1, a2):
         ax.grid(axis="x", alpha=0.3)
-    fig.suptitle(f"{_title(sweep)}, {sweep['backend']}: recipes, {pts[0]['calibration_images']} calibration "
-                 f"images, {sweep['eval_images']:,} val images, in-process INT8 model")
+    fig.suptitle(f"{_title(sweep)}, {sweep.backend}: recipes, {pts[0]['calibration_images']} calibration "
+                 f"images, {sweep.eval_images:,} val images, in-process INT8 model")
     return _save(fig, out)

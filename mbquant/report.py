@@ -1,14 +1,18 @@
-"""What a run measured: one frozen :class:`ArtifactResult` per artifact file, the float reference, and the
-report (JSON + the human table) built from that list with no per-backend branches."""
+"""What a run measured, as it is built: :class:`Report` collects sections (configs, data, backends' facts, the
+float reference and one :class:`~mbquant.records.ArtifactResult` per artifact), warnings (for the user to act on),
+notes (what happened) and failures; it is written as the typed :class:`~mbquant.records.RunReport` and printed by
+:func:`summary_table`, with no per-backend branches (backends add their own summary lines to their results)."""
 from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ._io import write_json
+from .records import ArtifactResult, FloatResult, RunReport, paths
+
+__all__ = ["ArtifactResult", "FloatResult", "Report", "format_table", "host", "library_versions", "summary_table"]
 
 
 def library_versions() -> dict[str, str]:
@@ -40,51 +44,6 @@ def host() -> dict[str, Any]:
     return {"machine": platform.machine(), "cpu": name, "isa": isa}
 
 
-@dataclass(frozen=True)
-class ArtifactResult:
-    """One artifact file, measured with its own runtime on the evaluation images.
-
-    ``top1``/``drop_pp``/``agreement_float`` are the artifact's own (what ships); ``drop_paired`` is the paired
-    difference behind ``drop_pp`` (images only the float model gets right, only the artifact; 95 % CI);
-    ``reference_*`` are the in-process INT8 model it was written from; ``parity`` compares the two (agreement,
-    largest logit difference, flipped images and their margins, and the paired differences the parity gate tests)."""
-
-    backend: str
-    file: str                      # the file's name in the run folder
-    bytes: int
-    runtime: str
-    images: int
-    top1: float
-    top5: float
-    drop_pp: float
-    agreement_float: float
-    reference_top1: float
-    reference_agreement_float: float
-    parity: dict[str, Any]
-    drop_paired: dict[str, Any] = field(default_factory=dict)   # float vs artifact: discordant images, 95 % CI
-    delegated: float | None = None
-    latency: dict[str, Any] | None = None
-    details: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class FloatResult:
-    """The float model on the same images, and the fp32 program written for size/latency comparison."""
-
-    images: int
-    top1: float
-    top5: float
-    file: str | None = None        # the fp32 program's name in the run folder
-    bytes: int | None = None
-    latency: dict[str, Any] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 @dataclass
 class Report:
     """Sections of a run, in the order they were added. ``failures`` make the command exit non-zero."""
@@ -92,6 +51,7 @@ class Report:
     command: str
     sections: dict[str, Any] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
     location: Path | None = None    # where the report ended: the run folder, or <out>.failed/report.json
 
@@ -99,8 +59,14 @@ class Report:
         self.sections[name] = value.to_dict() if hasattr(value, "to_dict") else value
 
     def warn(self, message: str) -> None:
+        """Something the user should act on (the message says how)."""
         if message not in self.warnings:
             self.warnings.append(message)
+
+    def note(self, message: str) -> None:
+        """Something that happened, worth a line (no action needed)."""
+        if message not in self.notes:
+            self.notes.append(message)
 
     def fail(self, message: str) -> None:
         self.failures.append(message)
@@ -111,10 +77,14 @@ class Report:
 
     def to_dict(self) -> dict:
         return {"command": self.command, "status": "ok" if self.ok else "failed", "failures": self.failures,
-                "warnings": self.warnings, **self.sections, "versions": library_versions()}
+                "warnings": self.warnings, "notes": self.notes, **self.sections, "versions": library_versions()}
 
-    def write(self, out_dir: Path | str, name: str = "report.json") -> Path:
-        return write_json(Path(out_dir) / name, self.to_dict())
+    def record(self) -> RunReport:
+        """The typed record of this report (validated: a writer bug fails here, not in a later reader)."""
+        return RunReport.parse({"format": RunReport.format(), **self.to_dict()}, "the run's report")
+
+    def write(self, out_dir: Path | str) -> Path:
+        return self.record().write(Path(out_dir) / paths.REPORT)
 
 
 def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -131,38 +101,34 @@ def _na(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def summary_table(report: dict) -> str:
-    """The human table printed at the end of a run: the float model, then one row per artifact file."""
-    fl, arts = report.get("float") or {}, report.get("artifacts") or []
-    rows = [("float model", _na(fl.get("top1"), ".2f"), "", "", "", _na(fl.get("bytes") and fl["bytes"] / 1024, ",.0f"),
-             _na((fl.get("latency") or {}).get("median_ms"), ".2f"), "")]
+def summary_table(report: RunReport, *, full: bool = True) -> str:
+    """The human table printed at the end of a run: the float model, then one row per artifact file, then the
+    backends' own lines, the per-layer SQNR, QAT's history, notes, warnings and failures (``full=False``, for
+    ``--quiet``: the table and the failures only)."""
+    fl, arts = report.float, report.artifacts
+    rows = [("float model", _na(fl and fl.top1, ".2f"), "", "", "", _na(fl and fl.bytes and fl.bytes / 1024, ",.0f"),
+             _na(((fl and fl.latency) or {}).get("median_ms"), ".2f"), "")]
     for a in arts:
-        rows.append((f"{a['file']} ({a['backend']})", f"{a['top1']:.2f}", f"{a['drop_pp']:.2f}",
-                     f"{a['agreement_float']:.2f}", f"{a['parity']['agreement']:.2f}", f"{a['bytes'] / 1024:,.0f}",
-                     _na((a.get("latency") or {}).get("median_ms"), ".2f"), _na(a.get("delegated"), ".2%")))
+        rows.append((f"{a.file} ({a.backend})", f"{a.top1:.2f}", f"{a.drop_pp:.2f}", f"{a.agreement_float:.2f}",
+                     f"{a.parity['agreement']:.2f}", f"{a.bytes / 1024:,.0f}",
+                     _na((a.latency or {}).get("median_ms"), ".2f"), _na(a.delegated, ".2%")))
     lines = [format_table(rows, ("artifact", "top-1 %", "drop pp", "agree float %", "parity %", "size KiB",
                                  "latency ms", "delegated"))]
+    if not full:
+        return "\n".join(lines + [f"FAILED: {f}" for f in report.failures])
     if arts:
-        a = arts[0]
-        lat = a.get("latency") or {}
-        lines.append(f"{a['images']} images; 'agree float': same top-1 as the float model; 'parity': same top-1 as the "
-                     f"in-process INT8 model the file was written from; latency: batch 1, {lat.get('threads', '-')} "
-                     f"thread(s), {report.get('host', {}).get('cpu', 'this host')} (not a phone)")
+        lat = arts[0].latency or {}
+        lines.append(f"{arts[0].images} images; 'agree float': same top-1 as the float model; 'parity': same top-1 as "
+                     f"the in-process INT8 model the file was written from; latency: batch 1, "
+                     f"{lat.get('threads', '-')} thread(s), {report.host.get('cpu', 'this host')} (not a phone)")
     for a in arts:
-        mem = (a.get("details") or {}).get("memory")
-        if mem:
-            f, r = mem["flash"], mem["ram"]
-            lines.append(f"{a['file']}: flash {f['program_bytes']:,} B (constants "
-                         + ", ".join(f"{k} {v:,} B" for k, v in f["constants_by_dtype"].items())
-                         + f"); RAM peak {r['arena_bytes']:,} B planned (input {r['input']['bytes']:,} B "
-                         f"{r['input']['dtype']}, scratch up to {(r['scratch_max'] or {}).get('bytes', 0):,} B), set by "
-                         f"{r['peak_set_by']}; {(a.get('details') or {}).get('cpu', '')}; accuracy from the host "
-                         f"reference kernels, not a device")
-    for name, b in (report.get("backends") or {}).items():
-        worst = ", ".join(f"{r['module'] or r['node']} {r['sqnr_db']:.1f} dB" for r in b.get("layer_sqnr_worst5", [])[:3])
+        lines += list(a.summary)
+    for name, b in report.backends.items():
+        worst = ", ".join(f"{r['module'] or r['node']} {r['sqnr_db']:.1f} dB" for r in b.get("layer_sqnr_worst5", [])[:3]
+                          if isinstance(r.get("sqnr_db"), (int, float)))
         if worst:
             lines.append(f"{name}: worst layers (SQNR): {worst}")
-    qat = report.get("qat")
+    qat = report.qat
     if qat:
         hist = [(str(r["epoch"]), f"{r['lr']:.5f}", f"{r['train_loss']:.4f}", f"{r['train_top1']:.2f}",
                  f"{r['val_top1']:.2f}", "yes" if r["bn_frozen"] else "", "yes" if r["observers_frozen"] else "")
@@ -171,6 +137,7 @@ def summary_table(report: dict) -> str:
                      + (f", resumed after epoch {qat['resumed_from_epoch']}" if qat["resumed_from_epoch"] else "") + ":\n"
                      + format_table(hist, ("epoch", "lr", "train loss", "train top-1", "val top-1 (fake-quant)",
                                            "BN frozen", "observers frozen")))
-    lines += [f"warning: {w}" for w in report.get("warnings", [])]
-    lines += [f"FAILED: {f}" for f in report.get("failures", [])]
+    lines += list(report.notes)
+    lines += [f"warning: {w}" for w in report.warnings]
+    lines += [f"FAILED: {f}" for f in report.failures]
     return "\n".join(lines)

@@ -1,5 +1,5 @@
 """The one training loop, for float training and for quantization-aware fine-tuning (as torchvision's
-``train_quantization.py`` reuses ``train_one_epoch``/``evaluate``): :func:`train_one_epoch`, :func:`evaluate`,
+``train_quantization.py`` reuses ``train_one_epoch``/``evaluate``): :func:`train_one_epoch`, :func:`val_metrics`,
 the loss (:class:`TrainLoss`: cross-entropy, label smoothing, optional distillation from a teacher), the
 optimizer's parameter groups and the warmup + cosine schedule. :func:`fit` is float training; QAT's schedule,
 checkpoints and DDP are in :mod:`mbquant.finetune`.
@@ -12,23 +12,38 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import nn
 
 from .config import TrainConfig
-from .data import ImageFolderDataset, make_loader
+from .data.dataset import ImageFolderDataset, make_loader
 from .distributed import Dist
-from .errors import DataError, QuantizationError
+from .errors import DataError, QuantizationError, TrainingError
+
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from .models.info import ModelInfo
 
 StepHook = Callable[[int, int], None]
+
+
+BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 @dataclass
 class TrainResult:
     history: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    bn_recalibration_images: int = 0
+    eval_train_top1: float | None = None     # eval mode, on the (unaugmented) recalibration images
+    final_val_top1: float | None = None      # eval mode on the val set, after recalibration
+
+    def metrics(self) -> dict:
+        return {"history": self.history, "bn_recalibration_images": self.bn_recalibration_images,
+                "eval_train_top1": self.eval_train_top1, "final_val_top1": self.final_val_top1}
 
     @property
     def final(self) -> dict:
@@ -114,9 +129,10 @@ def train_one_epoch(net: nn.Module, loader, opt: torch.optim.Optimizer, sched, l
             "train_images": int(n)}
 
 
-def evaluate(net: nn.Module, dataset: ImageFolderDataset, batch_size: int, *, dist: Dist = Dist(),
-             to_input: Callable[[torch.Tensor], torch.Tensor] = _identity) -> dict:
-    """Top-1 and loss of ``net`` (already in eval mode) on ``dataset`` (each rank a shard, summed over ranks)."""
+def val_metrics(net: nn.Module, dataset: ImageFolderDataset, batch_size: int, *, dist: Dist = Dist(),
+                to_input: Callable[[torch.Tensor], torch.Tensor] = _identity) -> dict:
+    """Validation during training: top-1 and loss of ``net`` (already in eval mode) on ``dataset`` (each rank a
+    shard, summed over ranks). Measuring models against each other is :func:`mbquant.evaluate.compare`'s job."""
     shard = torch.utils.data.Subset(dataset, dist.shard(len(dataset))) if dist.active else dataset
     sums = [0.0, 0.0, 0.0]
     with torch.no_grad():
@@ -167,13 +183,68 @@ def fit(model: nn.Module, train_set: ImageFolderDataset, val_set: ImageFolderDat
             row.pop("train_images")
             if val_set is not None:
                 model.eval()
-                row["val_top1"] = evaluate(model, val_set, config.batch_size * 2, to_input=_channels_last)["val_top1"]
+                row["val_top1"] = val_metrics(model, val_set, config.batch_size * 2, to_input=_channels_last)["val_top1"]
             result.history.append(row)
             if progress:
                 print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+        _finish_training(model, train_set, val_set, config, result)
         result.seconds = round(time.perf_counter() - start, 1)
     model.eval()
     return result
+
+
+def recalibrate_bn(model: nn.Module, batches) -> int:
+    """Re-estimate every BatchNorm's running statistics on ``batches``: a cumulative average (momentum None) with
+    BN in train mode and everything else in eval mode, no gradient step (as torchvision's references and NNCF's BN
+    adaptation do). Returns the images seen (0 when the model has no BatchNorm)."""
+    bns = [m for m in model.modules() if isinstance(m, BN_TYPES)]
+    if not bns:
+        return 0
+    momenta = [m.momentum for m in bns]
+    model.eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None
+        m.train()
+    seen = 0
+    try:
+        with torch.no_grad():
+            for x in batches:
+                model(x)
+                seen += len(x)
+    finally:
+        for m, momentum in zip(bns, momenta):
+            m.momentum = momentum
+        model.eval()
+    return seen
+
+
+def _finish_training(model: nn.Module, train_set: ImageFolderDataset, val_set: ImageFolderDataset | None,
+                     config: TrainConfig, result: TrainResult) -> None:
+    """BatchNorm recalibration, then eval mode held against what training measured (see TrainConfig)."""
+    from .data.slicing import stratified_indices
+
+    n = min(config.bn_recalibration or 1024, len(train_set))
+    idx = stratified_indices([s.label for s in train_set.samples], n, config.seed)
+    clean = ImageFolderDataset([train_set.samples[i] for i in idx], train_set.classes, train_set.spec,
+                               max_pixels=train_set.max_pixels)
+    if config.bn_recalibration:
+        result.bn_recalibration_images = recalibrate_bn(model, (_channels_last(b[0]) for b in
+                                                                make_loader(clean, config.batch_size) if b is not None))
+    model.eval()
+    result.eval_train_top1 = val_metrics(model, clean, config.batch_size * 2, to_input=_channels_last)["val_top1"]
+    if val_set is not None:
+        result.final_val_top1 = val_metrics(model, val_set, config.batch_size * 2, to_input=_channels_last)["val_top1"]
+    trained = result.history[-1]["train_top1"]
+    gap = trained - result.eval_train_top1
+    if gap > config.max_eval_gap_pp:
+        raise TrainingError(
+            f"in eval mode the model scores {result.eval_train_top1:.1f} % on {len(clean)} of its own training images, "
+            f"{gap:.1f} pp below the {trained:.1f} % training measured (train mode, augmented): its BatchNorm statistics "
+            f"do not describe the data"
+            + ("" if config.bn_recalibration else " (BN recalibration was off: drop --bn-recalibration 0)")
+            + "; no checkpoint was written: train longer (more steps), or check that train/ and val/ hold the same "
+              "kind of images")
 
 
 def evaluate_float(model: nn.Module, dataset: ImageFolderDataset, batch_size: int = 256, *, progress: bool = False):
@@ -184,3 +255,41 @@ def evaluate_float(model: nn.Module, dataset: ImageFolderDataset, batch_size: in
     model = model.eval().to(memory_format=torch.channels_last)
     return compare({"model": lambda x: model(_channels_last(x))}, make_loader(dataset, batch_size), progress=progress,
                    desc="eval")
+
+
+@dataclass
+class Trained:
+    """What :func:`train_checkpoint` made: the model, its metadata, the checkpoint written and the history."""
+
+    model: nn.Module
+    info: "ModelInfo"
+    checkpoint: "Path"
+    result: TrainResult
+
+
+def train_checkpoint(name: str, data: "Path", out: "Path", config: TrainConfig, *, width_mult: float = 1.0,
+                     resolution: int = 64, preset: str = "small", max_pixels: int | None = None,
+                     command: str = "", progress: bool = True) -> Trained:
+    """Train zoo model ``name`` on ``data/train`` (validating on ``data/val``) and write an mbquant checkpoint to
+    ``out`` atomically: the preset measured from the data, the class names of the folder, the recipe and history."""
+    from pathlib import Path
+
+    from .data.contract import spec_of
+    from .data.dataset import load_folder, preset_from_data
+    from .data.images import MAX_IMAGE_PIXELS
+    from .models.checkpoint import save_checkpoint
+    from .models.info import ModelInfo
+    from .models.zoo import build, rho_for
+
+    data, mp = Path(data), max_pixels or MAX_IMAGE_PIXELS
+    chosen, train_set = preset_from_data(preset, resolution, data / "train", max_pixels=mp)
+    val_set = load_folder(data / "val", spec_of(chosen), expected_classes=train_set.classes, max_pixels=mp)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the initial weights
+        model = build(name, num_classes=len(train_set.classes), width_mult=width_mult)
+    info = ModelInfo(name, len(train_set.classes), width_mult, chosen, tuple(train_set.classes))
+    result = fit(model, train_set, val_set, config, progress=progress)
+    recipe = {"train": config.to_dict(), "data": str(data), "train_samples": len(train_set),
+              "seconds": result.seconds, "command": command}
+    save_checkpoint(model, info, out, recipe=recipe, metrics=result.metrics(), rho=rho_for(name, resolution))
+    return Trained(model, info, Path(out), result)

@@ -1,4 +1,10 @@
-"""Shared fixtures. Real data only: Fashion-MNIST prepared by `make test` into ./data (or $MBQUANT_DATA)."""
+"""Shared fixtures and the test tiers.
+
+``make test`` (and ``make test-slow``) run on real data: Fashion-MNIST prepared into ./data (or $MBQUANT_DATA), the
+ARM runners, the Kotlin classes and the Arm toolchain; a missing one is a failure there. ``make test-unit``
+(``MBQUANT_TIER=unit``) needs none of them: small image folders are synthetic (class-dependent patterns drawn with
+numpy, saved as PNG), and a test that needs the real data or a tool is skipped with the reason.
+"""
 from __future__ import annotations
 
 import json
@@ -6,15 +12,29 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+UNIT = os.environ.get("MBQUANT_TIER") == "unit"
+FMNIST_CLASSES = ("ankle_boot", "bag", "coat", "dress", "pullover", "sandal", "shirt", "sneaker", "t-shirt_top",
+                  "trouser")
+
+
+def needs(what: str, available: bool, fix: str) -> None:
+    """A tool or data a test needs: skipped with the reason in the unit tier, a failure in `make test`."""
+    if available:
+        return
+    if UNIT:
+        pytest.skip(f"unit tier: {what} is not set up here ({fix}; `make test` runs this)")
+    pytest.fail(f"{what} is missing: {fix}")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # while the flows run in a background process (see pytest_collection_modifyitems) each process takes one core
+    torch.set_num_threads(1 if _PREFETCH.get("proc") else max(1, min(2, os.cpu_count() or 1)))
     torch.manual_seed(0)
 
 
@@ -30,7 +50,9 @@ def one_thread():
 @pytest.fixture(scope="session")
 def fmnist() -> Path:
     """The prepared Fashion-MNIST ImageFolder root (train/ and val/)."""
-    from mbquant.fashion_mnist import prepare_fashion_mnist
+    if UNIT:
+        pytest.skip("unit tier: no downloaded data (`make test` runs this on Fashion-MNIST)")
+    from mbquant.data.fashion_mnist import prepare_fashion_mnist
 
     root = Path(os.environ.get("MBQUANT_DATA", REPO / "data"))
     prepare_fashion_mnist(root, progress=False)  # idempotent: a no-op when already prepared
@@ -38,7 +60,7 @@ def fmnist() -> Path:
 
 
 def copy_subset(src: Path, dst: Path, per_class: int, classes: list[str] | None = None) -> Path:
-    """Copy the first ``per_class`` real images of each class of ``src`` into ``dst``."""
+    """Copy the first ``per_class`` images of each class of ``src`` into ``dst``."""
     for cdir in sorted(d for d in src.iterdir() if d.is_dir()):
         if classes is not None and cdir.name not in classes:
             continue
@@ -48,16 +70,45 @@ def copy_subset(src: Path, dst: Path, per_class: int, classes: list[str] | None 
     return dst
 
 
-@pytest.fixture(scope="session")
-def small_folder(fmnist, tmp_path_factory) -> Path:
-    """10 classes x 12 real training images."""
-    return copy_subset(fmnist / "train", tmp_path_factory.mktemp("small") / "images", 12)
+def synthetic_folder(dst: Path, per_class: int, seed: int) -> Path:
+    """10 classes of 28x28 grayscale PNGs: each class a bar at its own angle and place, with noise (learnable)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:28, 0:28]
+    for c, name in enumerate(FMNIST_CLASSES):
+        (dst / name).mkdir(parents=True, exist_ok=True)
+        angle = np.pi * c / 10
+        for i in range(per_class):
+            off = rng.normal(0, 1.5)
+            d = np.abs((xx - 14) * np.sin(angle) - (yy - 14) * np.cos(angle) - (c - 5) + off)
+            img = np.clip(255 * np.exp(-d ** 2 / 6) + rng.normal(0, 20, (28, 28)), 0, 255).astype(np.uint8)
+            Image.fromarray(img, "L").save(dst / name / f"{seed:02d}{i:04d}.png")
+    return dst
+
+
+def _small(tmp_path_factory, name: str, split: str, per_class: int, seed: int) -> Path:
+    dst = tmp_path_factory.mktemp(name) / "images"
+    if UNIT:
+        return synthetic_folder(dst, per_class, seed)
+    root = Path(os.environ.get("MBQUANT_DATA", REPO / "data"))
+    if not (root / split / ".complete").is_file():
+        from mbquant.data.fashion_mnist import prepare_fashion_mnist
+
+        prepare_fashion_mnist(root, progress=False)
+    return copy_subset(root / split, dst, per_class)
 
 
 @pytest.fixture(scope="session")
-def small_val(fmnist, tmp_path_factory) -> Path:
-    """10 classes x 10 real validation images."""
-    return copy_subset(fmnist / "val", tmp_path_factory.mktemp("smallval") / "images", 10)
+def small_folder(tmp_path_factory) -> Path:
+    """10 classes x 12 training images (real; synthetic in the unit tier)."""
+    return _small(tmp_path_factory, "small", "train", 12, 1)
+
+
+@pytest.fixture(scope="session")
+def small_val(tmp_path_factory) -> Path:
+    """10 classes x 10 validation images (real; synthetic in the unit tier)."""
+    return _small(tmp_path_factory, "smallval", "val", 10, 2)
 
 
 @pytest.fixture(scope="session")
@@ -66,22 +117,23 @@ def shipped_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_ckpt(small_folder, small_val, tmp_path_factory):
-    """A MobileNetV1 0.25 at 32x32 trained one epoch by `mbquant train` on 120 real images: (data root, .pth)."""
+def tiny_ckpt(small_val, tmp_path_factory):
+    """A MobileNetV1 0.25 at 32x32 trained four epochs by `mbquant train` on 400 images (well above chance, as a
+    model must be for a drop to mean anything): (data root with train/ and val/ (100 images), .pth)."""
     from mbquant.cli import main
 
     root = tmp_path_factory.mktemp("tiny")
-    shutil.copytree(small_folder, root / "train")
+    shutil.copytree(_small(tmp_path_factory, "tinytrain", "train", 40, 3), root / "train")
     shutil.copytree(small_val, root / "val")
     ck = root / "v1.pth"
     rc = main(["train", "mobilenet_v1", "--data", str(root), "--width-mult", "0.25", "--resolution", "32",
-               "--epochs", "1", "--batch-size", "16", "--out", str(ck), "--quiet"])
+               "--epochs", "4", "--batch-size", "32", "--bn-recalibration", "400", "--out", str(ck), "--quiet"])
     assert rc == 0 and ck.exists()
     return root, ck
 
 
 def quantize_pt2e(model, resolution: int, calib, **config):
-    """The XNNPACK backend's INT8 graph of ``model`` (prepare -> calibrate on real images -> convert); ``config``
+    """The phone backend's INT8 graph of ``model`` (prepare -> calibrate on real images -> convert); ``config``
     overrides the QuantConfig (recipe ``best`` otherwise, resolved for pte-xnnpack)."""
     from mbquant.config import QuantConfig
     from mbquant.mobile import table
@@ -95,11 +147,12 @@ def quantize_pt2e(model, resolution: int, calib, **config):
 
 @pytest.fixture(scope="session")
 def calib32(small_folder):
-    """40 real calibration images at 32x32 (the small preset)."""
+    """40 calibration images at 32x32 (the small preset)."""
     from mbquant import calibrate
     from mbquant.data import small_preset
+    from mbquant.data.contract import spec_of
 
-    return calibrate.from_folder(small_folder, small_preset(32), 40, seed=0)
+    return calibrate.from_folder(small_folder, spec_of(small_preset(32)), 40, seed=0)
 
 
 def phone_job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, float_program=True, **config):
@@ -107,40 +160,109 @@ def phone_job(fmnist, out, *, weights=None, calib=256, eval_limit=2000, float_pr
     stratified slice of val; returns the report dict."""
     from mbquant import calibrate
     from mbquant.config import QuantConfig, RunConfig
-    from mbquant.pipeline import load_eval_set, run_job
-    from mbquant.resolve import resolve_model
+    from mbquant.data.contract import spec_of
+    from mbquant.data.dataset import eval_set
+    from mbquant.models import resolve_model
+    from mbquant.pipeline import run_job
 
     model, info = resolve_model("mobilenet_v2", weights)
     cfg = QuantConfig(num_calib=calib, **config)
-    return run_job(model, info, calib=calibrate.from_folder(fmnist / "train", info.preset, calib, seed=0,
+    spec = spec_of(info.preset)
+    return run_job(model, info, calib=calibrate.from_folder(fmnist / "train", spec, calib, seed=0,
                                                               expected_classes=info.classes),
-                   eval_set=load_eval_set(fmnist / "val", info, eval_limit), out_dir=out, config=cfg,
-                   run=RunConfig(latency_runs=5, eval_limit=eval_limit,
-                                 float_program=float_program)).to_dict()
+                   eval_set=eval_set(fmnist / "val", spec, classes=info.classes, limit=eval_limit), out_dir=out,
+                   config=cfg, run=RunConfig(latency_runs=5, eval_limit=eval_limit,
+                                             float_program=float_program)).to_dict()
+
+
+FLOW_FIXTURES = {"flow_runs", "phone_run", "phone_bundle"}
 
 
 class FlowRuns:
-    """Each flow of tests/baselines (its CLI command on real data) run at most once per session and size."""
+    """Each flow of tests/baselines (its CLI command on real data) run at most once per session and size: in a
+    background process started when the session begins (see :func:`pytest_collection_modifyitems`), or here."""
 
-    def __init__(self, data: Path, work: Path):
+    def __init__(self, data: Path, work: Path, prefetched: dict | None = None):
         self.data, self.work, self.done = data, work, {}
+        self.prefetched = prefetched or {}     # (key, images) -> (run folder, rc file)
 
     def get(self, key: str, images: int = 2000) -> tuple[Path, dict]:
+        import time
+
         from mbquant.cli import main
         from tests.baselines.flows import FLOWS
 
         if (key, images) not in self.done:
-            out = self.work / f"{key}.{images}"
-            rc = main(FLOWS[key].argv(self.data, out, images))
+            if (key, images) in self.prefetched:
+                out, rc_file = self.prefetched[key, images]
+                start = time.monotonic()
+                while not rc_file.exists() and time.monotonic() - start < 3600:
+                    time.sleep(0.2)
+                rc = int(rc_file.read_text()) if rc_file.exists() else -1
+                log = (rc_file.parent / "prefetch.log")
+                assert rc == 0, f"{key} ({images} images) ended with {rc}: {log.read_text()[-2000:] if log.exists() else ''}"
+            else:
+                out = self.work / f"{key}.{images}"
+                rc = main(FLOWS[key].argv(self.data, out, images))
             rep = json.loads((out / "report.json").read_text())
             assert rc == 0 and rep["status"] == "ok", rep["failures"]
             self.done[key, images] = out, rep
         return self.done[key, images]
 
 
+_PREFETCH: dict = {}
+
+
+def _uses_flows(item) -> bool:
+    return bool(FLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """In `make test`: the tests that need the baseline flows run last, and the flows they need start now in a
+    background process, so both cores work while the other tests run."""
+    if UNIT or os.environ.get("MBQUANT_NO_PREFETCH"):
+        return
+    flows = [i for i in items if _uses_flows(i)]
+    if not flows:
+        return
+    items[:] = [i for i in items if not _uses_flows(i)] + flows
+    wanted = []
+    for item in flows:
+        spec = getattr(item, "callspec", None)
+        if spec is not None and "key" in spec.params and "images" in spec.params:
+            wanted.append((spec.params["key"], spec.params["images"]))
+    if any("phone_run" in i.fixturenames or "phone_bundle" in i.fixturenames for i in flows):
+        wanted.insert(0, ("mobilenet_v2_w0.5_r64_fmnist.ptq-phone", 2000))
+    wanted = list(dict.fromkeys(wanted))
+    if len(wanted) < 2:
+        return
+    import subprocess
+    import sys
+    import tempfile
+
+    data = Path(os.environ.get("MBQUANT_DATA", REPO / "data"))
+    if not (data / "val" / ".complete").is_file():
+        return
+    work = Path(tempfile.mkdtemp(prefix="mbquant-flows-"))
+    proc = subprocess.Popen([sys.executable, "-m", "tests.baselines.prefetch", str(data), str(work),
+                             *(f"{k}:{n}" for k, n in wanted)], cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+    _PREFETCH.update(proc=proc, work=work, flows={(k, n): (work / f"{k}.{n}", work / f"{k}.{n}.rc")
+                                                  for k, n in wanted})
+
+
+def pytest_sessionfinish(session, exitstatus):
+    proc = _PREFETCH.get("proc")
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait()
+    if _PREFETCH.get("work") is not None:
+        shutil.rmtree(_PREFETCH["work"], ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def flow_runs(fmnist, tmp_path_factory) -> FlowRuns:
-    return FlowRuns(fmnist, tmp_path_factory.mktemp("flows"))
+    return FlowRuns(fmnist, tmp_path_factory.mktemp("flows"), _PREFETCH.get("flows"))
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import pytest
 from mbquant.cli import main
 from mbquant.config import RunConfig
 from mbquant.pipeline import gate_failures
-from mbquant.report import ArtifactResult
+from mbquant.records import ArtifactResult
 from tests.conftest import copy_subset
 
 
@@ -51,7 +51,7 @@ def test_train_then_eval_reproduces_the_checkpoint_accuracy(tiny_ckpt, capsys):
     capsys.readouterr()
     assert main(["eval", "mobilenet_v1", "--weights", str(ck), "--data", str(root / "val"), "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
-    assert res["images"] == 100 and res["top1"] == info["metrics"]["history"][-1]["val_top1"]
+    assert res["images"] == 100 and res["top1"] == info["metrics"]["final_val_top1"]
     assert res["params"] > 0 and res["macs"] > 0
 
 
@@ -69,14 +69,15 @@ def test_ptq_bad_inputs_fail_cleanly(tiny_ckpt, tmp_path, capsys):
         ([str(tmp_path / "empty")], 1, "has no images"),
         ([str(root / "train"), "--num-calib", "0"], 2, r"num_calib \(calibration samples\) 0 is out of range"),
         ([str(root / "train"), "--observer", "kl"], 2, "invalid choice"),
-        ([str(root / "train"), "--format", "pte,onnx"], 2, "format 'onnx' is not supported; choose one of: pte, torchscript"),
+        ([str(root / "train"), "--format", "pte,tflite"], 2, "format 'tflite' is not supported on target 'phone'; "
+                                                            "supported: pte, torchscript"),
         ([str(root / "train"), "--format", "pte,pte"], 2, r"must name each artifact format once"),
         ([str(root / "train"), "--target", "x86"], 2, "format 'pte' is not supported on target 'x86'; supported: torchscript"),
         ([str(root / "train"), "--target", "mcu9"], 2, "target 'mcu9' is not supported; supported: mcu, phone, x86"),
         ([str(root / "train"), "--keep-float", "classifier.7"], 2, r"'classifier.7' is not a layer of MobileNetV1"),
         ([str(root / "train"), "--format", "torchscript", "--bias-correction"], 2,
          "--bias-correction is not supported by backend 'ts-qnnpack'"),
-        ([str(root / "train"), "--max-drop", "nan"], 2, r"max_drop \(percentage points\) must be a number, got nan"),
+        ([str(root / "train"), "--max-drop", "nan"], 2, r"--max-drop nan is not a finite number; pass a number"),
         ([str(root / "train"), "--threads", "0"], 2, "--threads 0 is invalid"),
     ]
     for args, code, pattern in cases:
@@ -97,7 +98,7 @@ def test_ptq_class_count_disagrees_with_checkpoint(tiny_ckpt, tmp_path, capsys):
     assert _ptq(ck, three, tmp_path / "out") == 1
     assert re.search(r"calibration folder '.*three' has 3 classes but the model has 10", capsys.readouterr().err)
     assert _ptq(ck, root / "train", tmp_path / "out", "--eval", str(three)) == 1
-    assert re.search(r"folder '.*three' has 3 classes .* trained on 10 classes", capsys.readouterr().err)
+    assert re.search(r"folder '.*three' has 3 classes .* the model has 10 classes", capsys.readouterr().err)
     assert _no_pte(tmp_path)
 
 
@@ -128,7 +129,7 @@ def test_unknown_model_exit_code(capsys):
 
 def _result(**changes) -> ArtifactResult:
     def paired(only_a, only_b, n=1000):
-        from mbquant.evaluate import PairedDifference
+        from mbquant.stats import PairedDifference
 
         return PairedDifference(n, only_a, only_b).to_dict()
 
@@ -141,16 +142,20 @@ def _result(**changes) -> ArtifactResult:
 
 
 def test_gates_apply_to_every_result_in_one_place():
-    run = RunConfig(min_delegated=0.99, max_drop=0.5)
-    assert gate_failures([_result(), _result(file="m.pt", delegated=None)], run) == []
-    fails = gate_failures([_result(delegated=0.9, drop_pp=0.6)], run)
-    assert len(fails) == 2 and "only 90.00% of ops run in the delegate" in fails[0] and "aten.view_copy" in fails[0]
-    assert "larger than --max-drop 0.5" in fails[1]
+    """The run's gates, then each artifact's backend's own (here the phone backend's delegation gate)."""
+    from mbquant.mobile import table
+
+    run = RunConfig(options={"min_delegated": 0.99}, max_drop=0.5)
+    backends = {"pte-xnnpack": table.load("pte-xnnpack", run)}
+    assert gate_failures([_result(), _result(file="m.pt", delegated=None)], run, backends) == []
+    fails = gate_failures([_result(delegated=0.9, drop_pp=0.6)], run, backends)
+    assert len(fails) == 2 and "larger than --max-drop 0.5" in fails[0]
+    assert "only 90.00% of ops run in the XNNPACK delegate" in fails[1] and "aten.view_copy" in fails[1]
     assert gate_failures([_result(drop_pp=5.0)], RunConfig()) == []  # no --max-drop: the drop is reported, not gated
 
 
 def test_parity_gate_tolerates_rounding_flips_and_catches_a_worse_artifact():
-    from mbquant.evaluate import PairedDifference
+    from mbquant.stats import PairedDifference
 
     run = RunConfig()
     # 25 images flip each way: noise, whatever the host's kernels (parity 95 %, no default floor)
@@ -180,4 +185,5 @@ def test_ptq_writes_and_verifies_both_formats_in_one_run(tiny_ckpt, tmp_path, ca
     assert ts["engine"] == "qnnpack" and ts["weights"]["granularity"] == "per-channel" and ts["relu6"] == "fused (clamp)"
     assert [a["images"] for a in rep["artifacts"]] == [100, 100, 100]
     assert all(a["parity"]["agreement"] >= 99 for a in rep["artifacts"] if a["backend"] == "ts-qnnpack")
-    assert any("optimize_for_mobile" in w for w in rep["warnings"])  # said, not silently skipped
+    assert any("optimize_for_mobile" in n for n in rep["notes"])  # said, not silently skipped
+    assert any("deprecated upstream" in w for w in rep["warnings"])  # the one line that asks the user to act

@@ -24,7 +24,7 @@ def test_round_trip_through_json(cfg):
     (lambda: QuantConfig(keep_float="logits"), "keep_float must be a list of layer names"),
     (lambda: QuantConfig(recipe="fast"), "recipe 'fast' is not supported; choose one of: best, stock, qat"),
     (lambda: TrainConfig(weight_decay=math.nan), "weight_decay must be a number, got nan"),
-    (lambda: TrainConfig(lr=0), r"learning rate 0 is out of range \(0.0, inf\]"),
+    (lambda: TrainConfig(lr=0), r"learning rate 0 is out of range \(0.0, 10.0\]"),
     (lambda: QATConfig(freeze_bn_after=-1), r"freeze_bn_after .* -1 is out of range"),
 ])
 def test_bad_values_name_the_value_and_the_fix(make, match):

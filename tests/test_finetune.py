@@ -8,7 +8,8 @@ import torch
 
 from mbquant.cli import main
 from mbquant.config import QATConfig, QuantConfig
-from mbquant.data import load_folder
+from mbquant.data.contract import spec_of
+from mbquant.data.dataset import load_folder
 from mbquant.errors import ConfigError
 from mbquant.finetune import CHECKPOINT_NAME, fit_qat, load_qat_checkpoint, state_digest
 from mbquant.mobile import table
@@ -27,7 +28,7 @@ def _run(tiny_ckpt, out: Path, *, kill_at=None, resume: bool = False):
     root, ck = tiny_ckpt
     model, info = load_checkpoint(ck)
     qg = prepare_qat(model, info.resolution, QUANT)
-    ds = load_folder(root / "train", info.preset, train=True)
+    ds = load_folder(root / "train", spec_of(info.preset), train=True)
     val = load_folder(root / "val", info.preset)
     checkpoint = None
     if resume:
@@ -75,7 +76,7 @@ def test_history_records_the_schedule_and_reduced_metrics(straight):
     h = result.history
     assert [r["epoch"] for r in h] == [1, 2]
     assert [r["bn_frozen"] for r in h] == [False, True] and [r["observers_frozen"] for r in h] == [False, True]
-    assert h[0]["train_images"] == 112 and h[0]["val_images"] == 100  # 120 images, whole batches of 16
+    assert h[0]["train_images"] == 400 and h[0]["val_images"] == 100  # 400 images, whole batches of 16
     assert qg.bn_frozen and qg.observers_frozen and h[1]["lr"] < h[0]["lr"]
 
 
@@ -105,7 +106,7 @@ def test_cli_bad_input_fails_clearly_before_any_work(tiny_ckpt, straight, tmp_pa
     assert main(base) == 2
     assert "pass --weights" in capsys.readouterr().err
     assert main([*base, "--weights", str(ck), "--epochs", "0"]) == 2
-    assert "--epochs 0 is invalid; pass a value >= 1" in capsys.readouterr().err
+    assert "--epochs 0 is invalid; pass a value in [1, 100000]" in capsys.readouterr().err
     assert main([*base, "--weights", str(tmp_path / "missing.pth")]) == 2
     assert "missing.pth" in capsys.readouterr().err
     v2 = ["qat", "mobilenet_v2", "--weights", "mobilenet_v2_w0.35_r64_fmnist", "--data", str(root), "--quiet"]
@@ -144,7 +145,7 @@ def test_qat_torchscript_trains_the_eager_engine_and_verifies_pt_ptl(tiny_ckpt, 
                "--num-calib", "32", "--format", "torchscript", "--latency-runs", "2", "--out", str(out), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
-    assert rep["qat"]["history"][0]["train_images"] == 112
+    assert rep["qat"]["history"][0]["train_images"] == 400
     arts = {a["file"]: a for a in rep["artifacts"]}
     assert sorted(arts) == ["mobilenet_v1_w0.25_r32_int8.pt", "mobilenet_v1_w0.25_r32_int8.ptl"]
     assert all(a["backend"] == "ts-qnnpack" and a["parity"]["agreement"] >= 99 for a in arts.values())

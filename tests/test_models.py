@@ -103,5 +103,25 @@ def test_torchvision_weights_names(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
     import torchvision.models._api as api
     monkeypatch.setattr(api, "load_state_dict_from_url", offline, raising=False)
-    with pytest.raises(ModelError, match=r"could not load torchvision weights .*offline, place mobilenet_v2-"):
+    with pytest.raises(ModelError, match=r"could not load torchvision weights .*offline, pass the weight file itself "
+                                         r"\(--weights mobilenet_v2-b0353104.pth"):
         create("mobilenet_v2", weights="IMAGENET1K_V1")
+
+
+@pytest.mark.parametrize("file,resize", [("mobilenet_v2-b0353104.pth", 256), ("mobilenet_v2-7ebf99e0.pth", 232)])
+def test_torchvision_weight_files_load_offline_with_their_own_preprocessing(tmp_path, file, resize):
+    """torchvision's own file (here: the right name and shapes, random values) -> the model with the weights'
+    transforms (resize, crop, mean/std) and their 1000 class names; a plain state dict's flags are refused."""
+    import torchvision
+
+    from mbquant.models import resolve_model
+
+    sd = torchvision.models.mobilenet_v2().state_dict()
+    torch.save(sd, tmp_path / file)
+    model, info = resolve_model("mobilenet_v2", str(tmp_path / file))
+    assert (info.num_classes, len(info.classes), info.classes[0]) == (1000, 1000, "tench")
+    assert (info.preset.kind, info.preset.resolution, info.preset.resize) == ("imagenet", 224, resize)
+    assert info.preset.mean == (0.485, 0.456, 0.406) and len(info.weights_sha256) == 64
+    assert torch.equal(model.state_dict()["classifier.1.weight"], sd["classifier.1.weight"])
+    with pytest.raises(ModelError, match="carries its own width, classes and preprocessing"):
+        resolve_model("mobilenet_v2", str(tmp_path / file), preset="small", resolution=64)

@@ -8,11 +8,13 @@ import torch
 from mbquant import calibrate, checkpoints
 from mbquant.cli import main
 from mbquant.config import QuantConfig, RunConfig
-from mbquant.data import load_folder
+from mbquant.data.contract import spec_of
+from mbquant.data.dataset import load_folder
 from mbquant.errors import ConfigError
 from mbquant.mobile.xnnpack import PteModel
-from mbquant.pipeline import load_eval_set, quantize, run_job
-from mbquant.resolve import resolve_model
+from mbquant.models import resolve_model
+from mbquant.pipeline import quantize
+from mbquant.records import Sidecar
 from mbquant.train import evaluate_float
 
 
@@ -32,7 +34,7 @@ def test_shipped_checkpoint_reproduces_its_recorded_accuracy(fmnist, name):
     entry = checkpoints.manifest()["checkpoints"][name]
     model, info = resolve_model(entry["model"], name)
     assert (info.width_mult, info.resolution) == (entry["width_mult"], entry["resolution"])
-    res = evaluate_float(model, load_folder(fmnist / "val", info.preset, expected_classes=info.classes))
+    res = evaluate_float(model, load_folder(fmnist / "val", spec_of(info.preset), expected_classes=info.classes))
     assert res.count == 10000
     assert abs(res.top1("model") - entry["val_top1"]) <= 0.1
 
@@ -62,16 +64,17 @@ def test_phone_ptq_structure_and_artifacts(phone_run):
     files = sorted(p.name for p in out.iterdir())
     assert files == ["mobilenet_v2_w0.5_r64_fp32.pte", "mobilenet_v2_w0.5_r64_int8.pte",
                      "mobilenet_v2_w0.5_r64_int8.pte.json", "report.json"]
-    sidecar = json.loads((out / "mobilenet_v2_w0.5_r64_int8.pte.json").read_text())
-    assert sidecar["config"]["granularity"] == "per-channel" and sidecar["calibration_digest"]
-    assert sidecar["measured"]["top1"] == art["top1"] and sidecar["input_shape"] == [1, 3, 64, 64]
+    sidecar = Sidecar.of(out / "mobilenet_v2_w0.5_r64_int8.pte")
+    assert sidecar.config["granularity"] == "per-channel" and sidecar.calibration_digest
+    assert sidecar.measured["top1"] == art["top1"] and sidecar.input_shape == (1, 3, 64, 64)
+    assert sidecar.sha256 == art["sha256"] and sidecar.preprocess == spec_of(sidecar.model.preset)
     assert PteModel(out / "mobilenet_v2_w0.5_r64_int8.pte")(torch.zeros(3, 3, 64, 64)).shape == (3, 10)
 
 
 def test_report_config_round_trips_through_from_dict(phone_run):
     _, rep = phone_run
     assert QuantConfig.from_dict(rep["config"]) == QuantConfig()
-    assert RunConfig.from_dict(rep["run"]) == RunConfig(latency_runs=5, eval_limit=2000)
+    assert RunConfig.from_dict(rep["run"]) == RunConfig(latency_runs=5, eval_limit=2000, target=None)
     assert QuantConfig.from_dict(rep["backends"]["pte-xnnpack"]["config"]).keep_float == ("logits",)
 
 
@@ -91,7 +94,7 @@ def test_quantize_honours_num_calib_and_seed(fmnist):
     assert q.calibration.samples == 24 and q.calibration.batches == 3 and q.config.observer == "percentile"
     with pytest.raises(ConfigError, match="holds 24 samples drawn with seed 5, but the config asks for "
                                           "num_calib=512, seed=0"):
-        quantize(model, calibrate.from_folder(fmnist / "train", info.preset, 24, seed=5), info=info)
+        quantize(model, calibrate.from_folder(fmnist / "train", spec_of(info.preset), 24, seed=5), info=info)
 
 
 def test_small_width_phone_run(flow_runs):
@@ -110,7 +113,7 @@ def test_phone_ptq_full_val_meets_the_issue_targets(flow_runs, fmnist, tmp_path)
     """The default `mbquant ptq` on the phone checkpoint, 512 calibration images from train, all 10,000 val images:
     drop <= 0.1 pp and float~.pte agreement >= 99.3 % (issues 3 and 9); TorchScript drop <= 0.5 pp."""
     from mbquant.mobile.bundle import write_bundle
-    from mbquant.mobile.client import evaluate, host_runner
+    from mbquant.mobile.xnnpack.client import host_runner, run_bundle
 
     out, rep = flow_runs.get("mobilenet_v2_w0.5_r64_fmnist.ptq-phone", 10000)
     (pte,) = rep["artifacts"]
@@ -118,8 +121,8 @@ def test_phone_ptq_full_val_meets_the_issue_targets(flow_runs, fmnist, tmp_path)
     _, ts = flow_runs.get("mobilenet_v2_w0.5_r64_fmnist.torchscript", 10000)
     assert [a["drop_pp"] <= 0.5 and a["images"] == 10000 for a in ts["artifacts"]] == [True, True]
     # issue 12: the torch-free client (bundle's own preprocessing, the C++ runtime) reproduces the report's top-1
-    res = evaluate(write_bundle(out, tmp_path / "bundle"), fmnist / "val", host_runner())
-    assert res["images"] == 10000 and abs(res["top1"] - pte["top1"]) <= 0.02   # 2 near-tie images at most
+    res = run_bundle(write_bundle(out, tmp_path / "bundle"), fmnist / "val", host_runner())
+    assert res["images"] == 10000 and res["top1"] == pte["top1"]   # the same contract, the same program
 
 
 @pytest.mark.parametrize("images", [2000, pytest.param(10000, marks=pytest.mark.slow)])

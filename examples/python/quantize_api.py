@@ -11,10 +11,9 @@ from pathlib import Path
 import torch
 
 import mbquant
-from mbquant.data import make_loader
+from mbquant.data.dataset import eval_set, make_loader
 from mbquant.evaluate import compare
 from mbquant.mobile import table
-from mbquant.pipeline import load_eval_set
 
 data = Path(sys.argv[1] if len(sys.argv) > 1 else "data")
 torch.set_num_threads(2)
@@ -28,12 +27,12 @@ q = mbquant.quantize(model, data / "train", info=info, config=mbquant.QuantConfi
 print(f"calibrated on {q.calibration.samples} images with {q.config.observer} observers; "
       f"{q.bias_correction.layers_corrected} biases corrected; stages {q.seconds}")
 
-# 3. the backend writes the program atomically and loads it back with the ExecuTorch runtime
+# 3. the backend writes the program atomically and opens it from the file with the ExecuTorch runtime
 backend = table.load("pte-xnnpack")
 with tempfile.TemporaryDirectory() as tmp:
     (written,) = backend.write(q.int8, Path(tmp) / "model_int8", resolution=info.resolution)
-    pte = backend.load(written.path)
-    val = load_eval_set(data / "val", info, 1000)
+    pte = backend.open(written.path, None)
+    val = eval_set(data / "val", info.preset, classes=info.classes, limit=1000)
     res = compare({"float": model, "int8_pte": pte}, make_loader(val, 100))
     print(f"{written.bytes / 1024:.0f} KiB, {written.delegated:.1%} delegated; on {res.count} val images: "
           f"float {res.top1('float'):.2f}%, INT8 .pte {res.top1('int8_pte'):.2f}%, "

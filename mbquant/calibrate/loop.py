@@ -57,8 +57,8 @@ def run(prepared: nn.Module, calib: CalibrationSet, *, batch_size: int = 32, pro
     (to_eval or move_exported_model_to_eval)(prepared)
     samples = batches = 0
     with torch.no_grad():
-        for x in tqdm(list(calib.batches(batch_size)), disable=not progress, desc="calibrate", unit="batch",
-                      leave=False):
+        for x in tqdm(calib.batches(batch_size), total=-(-len(calib.dataset) // batch_size), disable=not progress,
+                      desc="calibrate", unit="batch", leave=False):
             prepared(x)
             samples += len(x)
             batches += 1

@@ -28,7 +28,7 @@ class PercentileRange:
         super().__init__(**kwargs)
         self.percentile = float(percentile)
 
-    def _non_linear_param_search(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def percentile_range(self) -> tuple[torch.Tensor, torch.Tensor]:
         hist = self.histogram.double()
         total = hist.sum()
         if total <= 0:
@@ -54,8 +54,11 @@ def _pt2e() -> ModuleType:
 @functools.cache
 def percentile_observer(histogram_observer: type) -> type:
     """The percentile observer of one observer family (its HistogramObserver with :class:`PercentileRange`)."""
+    from ..compat import PARAM_SEARCH
+
     return type("PercentileObserver", (PercentileRange, histogram_observer),
-                {"__module__": __name__, "__doc__": PercentileRange.__doc__})
+                {"__module__": __name__, "__doc__": PercentileRange.__doc__,
+                 PARAM_SEARCH: PercentileRange.percentile_range})   # the hook calculate_qparams calls
 
 
 def activation_observer(config: QuantConfig, ns: ModuleType | None = None, **kwargs):

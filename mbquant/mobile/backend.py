@@ -1,45 +1,48 @@
-"""The protocol every backend provides, the predictors they load, and the artifact file name (built here only).
+"""The protocol every backend provides and the predictors it returns.
 
-A backend turns a float model into INT8 for one runtime and writes/loads that runtime's artifact:
+A backend turns a float model into INT8 for one runtime and writes that runtime's artifact; it is the only place
+that knows about that runtime:
 
     prepare(float_model, config) -> observed model      calibrated by mbquant.calibrate.run (to_eval, session)
     prepare_qat(float_model, config) -> QatModel         trained by mbquant.finetune
     convert(prepared) -> INT8 model                      the in-process reference (``reference``)
-    write(model, stem, resolution=) -> [Written]  lower/serialise, atomically; never quantizes or evaluates
-    load(path) -> Predictor                              the artifact run by its real runtime
+    write(model, stem, resolution=) -> [Written]         lower/serialise, atomically; never quantizes or evaluates
+    open(path, sidecar) -> Predictor                     the artifact FROM ITS FILE, run by its real runtime;
+                                                         stateless: the same call opens it in a run, in
+                                                         ``mbquant check`` and in a bundle
+    gate_failures(result, run) -> [str]                  its own quality gates (delegation, memory budgets, ...)
+    summary_lines(result) -> [str]                       lines under the run's table (kept in the report)
 
-The pipeline (:mod:`mbquant.pipeline`) chains these for every backend of a run and measures the results.
+Options the backend's row declares arrive resolved in ``self.options``. The pipeline (:mod:`mbquant.pipeline`)
+chains these for every backend of a run and measures the results.
 """
 from __future__ import annotations
 
 import abc
 import contextlib
-import statistics
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping
 
 import torch
 from torch import nn
 
-from .table import BackendSpec
+from ..timing import latency_ms
+from .spec import BackendSpec
 
 if TYPE_CHECKING:
     from ..config import QuantConfig, RunConfig
-    from ..models import ModelInfo
+    from ..models.info import ModelInfo
     from ..quant.export import FloatModel
     from ..quant.qat import QatModel
-
-
-def artifact_name(info: "ModelInfo", precision: str, suffix: str) -> str:
-    """``<model>_w<width>_r<resolution>_<precision><suffix>``, e.g. ``mobilenet_v2_w0.5_r64_int8.pte``."""
-    return f"{info.name}_w{info.width_mult:g}_r{info.resolution}_{precision}{suffix}"
+    from ..records import ArtifactResult, Sidecar
 
 
 @dataclass
 class Written:
-    """One file a backend wrote, with what the backend knows about it (delegation, lowering time, ...)."""
+    """One file a backend wrote, with what the backend knows about it (delegation, lowering time, ...).
+    ``details`` travel in the sidecar (the backend's ``open`` reads them back); ``details["notes"]`` are
+    informational lines and ``details["warnings"]`` lines the user should act on."""
 
     path: Path
     details: dict[str, Any] = field(default_factory=dict)
@@ -48,30 +51,6 @@ class Written:
     @property
     def bytes(self) -> int:
         return self.path.stat().st_size
-
-
-def times_ms(fn, x: torch.Tensor, runs: int) -> list[float]:
-    """Wall time of each of ``runs`` calls ``fn(x)``, in milliseconds."""
-    out = []
-    with torch.no_grad():
-        for _ in range(runs):
-            t = time.perf_counter()
-            fn(x)
-            out.append((time.perf_counter() - t) * 1000)
-    return out
-
-
-def latency_summary(times: list[float]) -> dict:
-    """Median / p90 (ms) of measured call times."""
-    times = sorted(times)
-    return {"median_ms": round(statistics.median(times), 3), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 3),
-            "runs": len(times)}
-
-
-def latency_ms(fn, x: torch.Tensor, *, warmup: int = 3, runs: int = 20) -> dict:
-    """Median / p90 wall time of ``fn(x)`` in milliseconds."""
-    times_ms(fn, x, warmup)
-    return {**latency_summary(times_ms(fn, x, runs)), "batch": int(x.shape[0])}
 
 
 @contextlib.contextmanager
@@ -97,8 +76,8 @@ class Predictor(abc.ABC):
 
     def latency(self, x: torch.Tensor, runs: int, threads: int) -> dict | None:
         """Host latency (None where the host cannot time the real runtime, e.g. an MCU program)."""
-        with torch_threads(threads):
-            return latency_ms(self, x, runs=runs)
+        with torch_threads(threads), torch.no_grad():
+            return latency_ms(self, x, runs=runs, batch=int(x.shape[0]))
 
     def close(self) -> None:
         return None
@@ -116,10 +95,10 @@ class ModulePredictor(Predictor):
 
 
 class Backend(abc.ABC):
-    """One runtime's quantize/write/load steps (see the module doc); ``spec`` is its row in the table."""
+    """One runtime's steps (see the module doc); ``spec`` is its row, ``options`` its resolved options."""
 
-    def __init__(self, spec: BackendSpec, run: "RunConfig"):
-        self.spec, self.run = spec, run
+    def __init__(self, spec: BackendSpec, options: Mapping[str, Any] | None = None):
+        self.spec, self.options = spec, dict(options or {})
 
     @property
     def name(self) -> str:
@@ -143,8 +122,9 @@ class Backend(abc.ABC):
         ``resolution`` x ``resolution``)."""
 
     @abc.abstractmethod
-    def load(self, path: Path) -> Predictor:
-        """The written artifact run by its real runtime."""
+    def open(self, path: Path, sidecar: "Sidecar") -> Predictor:
+        """The artifact at ``path`` run by its real runtime, from the file alone (``sidecar`` says how it was
+        written); a file that is not this backend's artifact raises a VerificationError naming the problem."""
 
     def session(self) -> ContextManager:
         """Context every stage of this backend runs in (e.g. the legacy quantized engine)."""
@@ -172,6 +152,21 @@ class Backend(abc.ABC):
         """Numerical diagnostics for the report (e.g. per-layer SQNR against the float model)."""
         return {}
 
+    def gate_failures(self, result: "ArtifactResult", run: "RunConfig") -> list[str]:
+        """This backend's own quality gates on a measured artifact (messages name the value, the bound, the fix)."""
+        return []
+
+    def summary_lines(self, result: "ArtifactResult") -> list[str]:
+        """Lines printed under the run's table for this artifact (stored in the report)."""
+        return []
+
     def companions(self, artifact: Path, info: "ModelInfo", details: dict[str, Any]) -> list[Path]:
         """Files that travel with a verified artifact (e.g. a firmware header); written beside it."""
         return []
+
+    def verify_on_arm(self, bundle: Any, data: Path, limit: int | None) -> dict[str, Any]:
+        """Run a bundle's program on aarch64 and on this host, image by image (backends with an ARM runner)."""
+        from ..errors import ConfigError
+
+        raise ConfigError(f"backend '{self.name}' has no ARM runner; `mbquant verify-arm` runs bundles whose program "
+                          f"an ARM runner can load")

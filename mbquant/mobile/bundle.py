@@ -1,124 +1,208 @@
-"""The app bundle: everything a phone app needs to run a verified INT8 XNNPACK program, and nothing else.
+"""The app bundle: everything an app needs to run a verified INT8 program, and nothing else.
 
-    model.pte          the INT8 ExecuTorch program (XNNPACK delegate)
-    labels.txt         one class name per line, in output order
-    preprocess.json    the preprocessing contract (mbquant.mobile.preprocess): size, colour, resize, mean/std, layout
-    report.json        the report of the run that made and verified it
-    README.md          what the files are and how an app uses them
+    model<suffix>        the INT8 program (e.g. model.pte for pte-xnnpack)
+    model<suffix>.json   its sidecar (what the program is; its backend reads it to open the program)
+    labels.txt           one class name per line, in output order
+    preprocess.json      the preprocessing contract (mbquant.data.contract): size, colour, resize, mean/std, layout
+    report.json          the report of the run that made and verified it
+    bundle.json          the manifest: backend, program, sha256 of every file, input shape, class count, source run
+    README.md            what the files are and how an app uses them
 
-``write_bundle`` makes it from a finished run folder (with the run-folder protocol: staged, renamed when complete);
-``read_bundle`` checks one (files present, the contract valid, labels and output size consistent, the program
-loads and its input shape is the contract's) with clear errors. Neither imports torch.
+Which backends' programs a bundle can carry is their row's ``bundle`` flag. :func:`write_bundle` makes one from a
+finished run folder: the run's artifact must be the very file the run verified (sha256), the staged bundle is read
+back and its program opened by its backend (input shape and output count checked against the contract and the
+labels) before the folder is published (staged, renamed when complete). :func:`read_bundle` checks a bundle's
+files and records without torch (the reference client and the app use that); :func:`open_bundle` also opens the
+program with its backend.
 """
 from __future__ import annotations
 
-import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .._io import RunFolder, write_json
+from .._io import RunFolder
+from ..atomic import sha256_file
 from ..errors import ConfigError, DataError, VerificationError
-from .preprocess import check_spec, spec_of
+from ..records import BundleManifest, PreprocessSpec, RecordError, RunReport, Sidecar, labels_text, paths, read_labels
+from . import table
 
-FILES = ("model.pte", "labels.txt", "preprocess.json", "report.json", "README.md")
-BACKEND = "pte-xnnpack"
+if TYPE_CHECKING:
+    from .backend import Predictor
 
 README = """# mbquant app bundle
 
-- `model.pte`: INT8 ExecuTorch program, XNNPACK delegate ({file}, {bytes:,} bytes), made by `{command}`.
+- `{program}`: INT8 program for {backend} ({runtime}; {file}, {bytes:,} bytes), made by `{command}`.
+- `{program}.json`: the program's sidecar (how it was made; what its backend needs to open it).
 - `labels.txt`: {classes} class names, one per line, in the order of the model's outputs.
 - `preprocess.json`: how an image becomes the input tensor {shape} (float32, NCHW): {color} colour, resize
   `{resize}`, then (pixel / 255 - mean) / std with mean {mean} and std {std}.
 - `report.json`: how it was made and what was measured: top-1 {top1} % on {images} images ({drop} pp below the
-  float model), {agreement} % agreement with the float model, checked with the ExecuTorch runtime.
+  float model), {agreement} % agreement with the float model, checked with the program's own runtime.
+- `bundle.json`: the manifest (backend, sha256 of every file); `mbquant check` and the reference client refuse a
+  bundle whose files do not match it.
 
-An app loads `model.pte` with ExecuTorch's `Module`, applies `preprocess.json`, runs `forward` and reads the
-logits (softmax for probabilities). `examples/android/` in mbquant is such an app.
+An app loads the program with its runtime, applies `preprocess.json`, runs `forward` and reads the logits (softmax
+for probabilities). `examples/android/` in mbquant is such an app for ExecuTorch programs.
 """
 
 
 @dataclass(frozen=True)
 class Bundle:
     root: Path
-    spec: dict[str, Any]
+    manifest: BundleManifest
+    spec: PreprocessSpec
     labels: list[str]
-    report: dict[str, Any]
+    report: RunReport
 
     @property
-    def pte(self) -> Path:
-        return self.root / "model.pte"
+    def program(self) -> Path:
+        return self.root / self.manifest.program
 
     @property
-    def artifact(self) -> dict[str, Any]:
-        return next(a for a in self.report["artifacts"] if a["backend"] == BACKEND)
+    def sidecar_path(self) -> Path:
+        return paths.sidecar(self.program)
+
+    @property
+    def artifact(self):
+        """The run's measurement of the program this bundle carries."""
+        return self.report.artifact(self.manifest.source_artifact)
 
 
-def _load_json(path: Path, what: str) -> Any:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise VerificationError(f"{what} '{path}' is not readable JSON ({exc}); rebuild the bundle with "
-                                f"`mbquant bundle RUN_DIR --out DIR`") from exc
+def bundled_artifact(report: RunReport, run_dir: Path):
+    """The run's artifact a bundle carries: the first one whose backend's row allows bundles."""
+    able = [a for a in report.artifacts if a.backend in table.BACKENDS and table.BACKENDS[a.backend].bundle]
+    if not able:
+        having = ", ".join(s.name for s in table.BACKENDS.values() if s.bundle)
+        raise ConfigError(f"the run in '{run_dir}' has no artifact an app bundle can carry (its backends: "
+                          f"{', '.join(sorted({a.backend for a in report.artifacts})) or 'none'}; bundles carry "
+                          f"programs of: {having}); run `mbquant ptq ... --target phone --format pte`")
+    return able[0]
 
 
 def write_bundle(run_dir: Path | str, out: Path | str, *, overwrite: bool = False) -> Path:
-    """A bundle in ``out`` from the verified run in ``run_dir`` (its INT8 pte-xnnpack artifact)."""
+    """A verified bundle in ``out`` from the verified run in ``run_dir`` (published only when complete and
+    checked; an earlier bundle in ``out`` is replaced only then, and only with ``overwrite``)."""
     run_dir, out = Path(run_dir), Path(out)
-    report = _load_json(run_dir / "report.json", "run report") if (run_dir / "report.json").is_file() else None
-    if report is None:
-        raise DataError(f"'{run_dir}' has no report.json; pass the --out folder of a finished `mbquant ptq`/`qat` run")
-    if report.get("status") != "ok":
-        raise VerificationError(f"the run in '{run_dir}' failed its checks ({report.get('failures')}); only verified "
-                                f"runs are bundled")
-    art = next((a for a in report.get("artifacts", []) if a.get("backend") == BACKEND), None)
-    if art is None:
-        raise ConfigError(f"the run in '{run_dir}' has no {BACKEND} artifact (the phone app runs ExecuTorch/XNNPACK "
-                          f"programs); run `mbquant ptq ... --target phone --format pte`")
-    sidecar = _load_json(run_dir / f"{art['file']}.json", "artifact sidecar")
-    spec = spec_of(sidecar["preset"])
-    labels = list(sidecar["classes"])
-    with RunFolder(out, overwrite=overwrite) as folder:
-        shutil.copyfile(run_dir / art["file"], folder.staging / "model.pte")
-        (folder.staging / "labels.txt").write_text("".join(f"{c}\n" for c in labels))
-        write_json(folder.staging / "preprocess.json", spec)
-        shutil.copyfile(run_dir / "report.json", folder.staging / "report.json")
-        (folder.staging / "README.md").write_text(README.format(
-            file=art["file"], bytes=art["bytes"], command=report.get("command", "mbquant"), classes=len(labels),
-            shape=spec["input"]["shape"], color=spec["color"]["mode"], resize=spec["resize"]["policy"],
-            mean=spec["mean"], std=spec["std"], top1=art["top1"], images=art["images"], drop=art["drop_pp"],
-            agreement=art["agreement_float"]))
-        read_bundle(folder.staging)
+    report = RunReport.read(run_dir / paths.REPORT)
+    if not report.ok:
+        raise VerificationError(f"the run in '{run_dir}' failed its checks ({'; '.join(report.failures)[:300]}); only "
+                                f"verified runs are bundled")
+    art = bundled_artifact(report, run_dir)
+    src = run_dir / art.file
+    sidecar = Sidecar.of(src)
+    if not src.is_file():
+        raise DataError(f"'{src}', the artifact the run verified, is missing; bundle a complete run folder")
+    digest = sha256_file(src)
+    recorded = art.sha256 or sidecar.sha256
+    if recorded is None:
+        raise RecordError(f"the run in '{run_dir}' records no sha256 of '{art.file}' (written by an older mbquant), so "
+                          f"the file cannot be shown to be the one it verified; run `mbquant ptq` again")
+    if digest != recorded:
+        raise VerificationError(f"'{src}' is not the file the run verified (sha256 {digest[:12]}..., the run measured "
+                                f"{recorded[:12]}...): it was replaced or damaged after the run; bundle only what was "
+                                f"verified (run `mbquant ptq` again)")
+    spec = table.get_spec(art.backend)
+    program = paths.bundle_program(Path(art.file).suffix)
+    labels = list(report.model.classes) or [str(i) for i in range(report.model.num_classes)]
+    with RunFolder(out, overwrite=overwrite, kind=BundleManifest.KIND) as folder:
+        stage = folder.staging
+        shutil.copyfile(src, stage / program)
+        shutil.copyfile(paths.sidecar(src), paths.sidecar(stage / program))
+        (stage / paths.LABELS).write_text(labels_text(labels))
+        sidecar.preprocess.write(stage / paths.PREPROCESS)
+        shutil.copyfile(run_dir / paths.REPORT, stage / paths.REPORT)
+        pre = sidecar.preprocess
+        (stage / paths.BUNDLE_README).write_text(README.format(
+            program=program, backend=spec.name, runtime=spec.runtime, file=art.file, bytes=art.bytes,
+            command=report.command, classes=len(labels), shape=pre.shape, color=pre.color, resize=pre.policy,
+            mean=list(pre.mean), std=list(pre.std), top1=art.top1, images=art.images, drop=art.drop_pp,
+            agreement=art.agreement_float))
+        files = {p.name: sha256_file(p) for p in sorted(stage.iterdir())}
+        BundleManifest(spec.name, program, files, tuple(pre.shape), len(labels), str(run_dir.resolve()), art.file,
+                       time.strftime("%Y-%m-%d")).write(stage / paths.BUNDLE_MANIFEST)
+        predictor = open_bundle(stage)[1]       # verified from the staged files before anything is published
+        predictor.close()
         folder.publish()
     return out
 
 
-def read_bundle(root: Path | str, runner: Any | None = None) -> Bundle:
-    """A checked bundle. ``runner`` (a :class:`mbquant.mobile.client.Runner`) loads the program to compare its input
-    shape with the contract; without one the program file's header is checked."""
+def read_bundle(root: Path | str) -> Bundle:
+    """A checked bundle, without torch: every file of the manifest present with its sha256, the contract, labels,
+    sidecar and report valid and consistent with each other (input shape, class count)."""
     root = Path(root)
+    fix = "write it again with `mbquant bundle RUN_DIR --out DIR`"
     if not root.is_dir():
         raise DataError(f"bundle '{root}' is not a folder; pass the folder `mbquant bundle` wrote")
-    missing = [f for f in FILES if not (root / f).is_file()]
+    if not (root / paths.BUNDLE_MANIFEST).is_file():
+        older = (root / "model.pte").is_file() and (root / paths.PREPROCESS).is_file()
+        raise VerificationError(f"bundle '{root}' has no {paths.BUNDLE_MANIFEST}"
+                                + (" (written by an older mbquant)" if older else "") + f"; {fix}")
+    manifest = BundleManifest.read(root / paths.BUNDLE_MANIFEST)
+    for name, digest in manifest.files.items():
+        p = root / name
+        if Path(name).name != name:
+            raise VerificationError(f"bundle '{root}': its manifest names '{name}', which is not a file name; {fix}")
+        if not p.is_file():
+            raise VerificationError(f"bundle '{root}' lacks {name}; {fix}")
+        if sha256_file(p) != digest:
+            raise VerificationError(f"bundle '{root}': {name} is not the file the bundle was written with (sha256 "
+                                    f"differs): it was replaced or damaged; {fix}")
+    needed = {manifest.program, paths.sidecar(manifest.program).name, paths.LABELS, paths.PREPROCESS, paths.REPORT}
+    missing = sorted(needed - set(manifest.files))
     if missing:
-        raise VerificationError(f"bundle '{root}' lacks {', '.join(missing)}; rebuild it with `mbquant bundle`")
-    spec = _load_json(root / "preprocess.json", "preprocess.json")
-    problems = check_spec(spec)
-    if problems:
-        raise VerificationError(f"bundle '{root}': preprocess.json is invalid: {'; '.join(problems)}")
-    labels = [line for line in (root / "labels.txt").read_text().splitlines() if line]
-    report = _load_json(root / "report.json", "report.json")
-    bundle = Bundle(root, spec, labels, report)
-    data = bundle.pte.read_bytes()
-    if len(data) < 8 or data[4:6] != b"ET":
-        raise VerificationError(f"bundle '{root}': model.pte is not an ExecuTorch program (no 'ET' file identifier)")
-    if runner is not None:
-        io = runner.describe(bundle.pte)
-        if io["input"] != spec["input"]["shape"]:
-            raise VerificationError(f"bundle '{root}': model.pte takes input {io['input']} but preprocess.json says "
-                                    f"{spec['input']['shape']}; the bundle mixes files of different models")
-        if io["output"][-1] != len(labels):
-            raise VerificationError(f"bundle '{root}': model.pte has {io['output'][-1]} outputs but labels.txt "
-                                    f"{len(labels)} lines")
+        raise VerificationError(f"bundle '{root}': its manifest lists no {', '.join(missing)}; {fix}")
+    spec = PreprocessSpec.read(root / paths.PREPROCESS)
+    if list(manifest.input_shape) != spec.shape:
+        raise VerificationError(f"bundle '{root}': the manifest says input {list(manifest.input_shape)}, "
+                                f"preprocess.json {spec.shape}; the bundle mixes files of different models: {fix}")
+    labels = read_labels(root / paths.LABELS, expected=manifest.classes)
+    sidecar = Sidecar.read(paths.sidecar(root / manifest.program))
+    if sidecar.preprocess != spec:
+        raise VerificationError(f"bundle '{root}': preprocess.json is not the contract the program was measured with "
+                                f"(its sidecar's); {fix}")
+    if sidecar.backend != manifest.backend:
+        raise VerificationError(f"bundle '{root}': the manifest says backend {manifest.backend}, the program's sidecar "
+                                f"{sidecar.backend}; {fix}")
+    report = RunReport.read(root / paths.REPORT)
+    if report.model.num_classes != len(labels):
+        raise VerificationError(f"bundle '{root}': labels.txt names {len(labels)} classes, the model has "
+                                f"{report.model.num_classes}; {fix}")
+    bundle = Bundle(root, manifest, spec, labels, report)
+    if bundle.artifact is None:
+        raise VerificationError(f"bundle '{root}': report.json holds no measurement of "
+                                f"'{manifest.source_artifact}'; {fix}")
     return bundle
+
+
+def open_bundle(root: Path | str) -> tuple[Bundle, "Predictor"]:
+    """:func:`read_bundle`, then the program opened by its backend and run once: its input must be the contract's
+    and its outputs one per label."""
+    import torch
+
+    bundle = read_bundle(root)
+    if bundle.manifest.backend not in table.BACKENDS:
+        raise ConfigError(f"bundle '{bundle.root}' holds a program of backend '{bundle.manifest.backend}', which this "
+                          f"mbquant does not have; supported: {', '.join(table.BACKENDS)}")
+    backend = table.load(bundle.manifest.backend)
+    predictor = backend.open(bundle.program, Sidecar.read(bundle.sidecar_path))
+    try:
+        out = predictor(torch.zeros(bundle.spec.shape))
+    except Exception as exc:
+        predictor.close()
+        raise VerificationError(f"bundle '{bundle.root}': {bundle.manifest.program} does not run on an input of "
+                                f"{bundle.spec.shape} (preprocess.json): {type(exc).__name__}: {str(exc)[:200]}; the "
+                                f"bundle mixes files of different models") from exc
+    if out.shape[-1] != len(bundle.labels):
+        predictor.close()
+        raise VerificationError(f"bundle '{bundle.root}': {bundle.manifest.program} has {out.shape[-1]} outputs but "
+                                f"labels.txt {len(bundle.labels)} lines; the bundle mixes files of different models")
+    return bundle, predictor
+
+
+def verify_on_arm(root: Path | str, data: Path, limit: int | None = None) -> dict[str, Any]:
+    """The bundle's program on aarch64 (emulated) and on this host, image by image, by its backend's runners."""
+    bundle = read_bundle(root)
+    return table.load(bundle.manifest.backend).verify_on_arm(bundle, Path(data), limit)

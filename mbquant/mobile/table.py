@@ -1,54 +1,31 @@
-"""The one capability table: one row per runtime mbquant builds artifacts for.
+"""The one capability table: one row (:class:`~mbquant.mobile.spec.BackendSpec`) per runtime mbquant builds
+artifacts for.
 
-A row says which target and format select it, what its kernels accept (weight granularities, observers),
-what may stay in float, which post-training fixes it supports, and each recipe's choices for it. The
-pipeline checks a run against the table before any work and resolves every ``None`` field of a
-:class:`~mbquant.config.QuantConfig` from the row's recipe. The code of a backend lives in the package the row
-names (``mbquant.mobile.<package>``) and is imported only when a run uses it.
+A row says which targets and format select it, what its kernels accept (weight granularities, observers), what may
+stay in float, which post-training fixes it supports, each recipe's choices, the options it takes (the command
+line's backend flags are generated from them), whether an app bundle can carry its program, and its sweep
+variants. The pipeline checks a run against the table before any work and resolves every ``None`` field of a
+:class:`~mbquant.config.QuantConfig` from the row's recipe. The code of a backend lives in the module the row names
+and is imported only when a run uses it.
 
-Adding a backend = one row here + one package under ``mbquant/mobile/`` that provides
-:class:`mbquant.mobile.backend.Backend` + its tests under ``tests/mobile/<package>/``.
+Adding a backend = one folder under ``mbquant/mobile/`` (a module with ``backend(spec, options) -> Backend``) + one
+row here + its tests; a row can also be registered from outside (:func:`register`: how ``tests/`` adds one).
 
 This module is plain data (no torch import): ``mbquant --help`` reads it.
 """
 from __future__ import annotations
 
 import importlib
-from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
 from ..config import LOGITS, OBSERVERS, QuantConfig
 from ..errors import ConfigError
+from .spec import BackendSpec, Option
 
 if TYPE_CHECKING:
     from ..config import RunConfig
     from .backend import Backend
-
-_ALL_OBSERVERS = OBSERVERS
-
-
-@dataclass(frozen=True)
-class BackendSpec:
-    name: str                          # e.g. "pte-xnnpack"
-    target: str                        # --target that selects it
-    format: str                        # --format that selects it
-    runtime: str                       # what runs the artifact
-    package: str                       # mbquant.mobile.<package> implements it
-    suffixes: tuple[str, ...]          # files written per INT8 artifact
-    granularities: tuple[str, ...]     # weight granularities its kernels run
-    observers: tuple[str, ...]         # activation observers it accepts for PTQ
-    keep_float: bool                   # layers may run in fp32 (--keep-float)
-    bias_correction: bool              # --bias-correction supported
-    delegate: bool                     # has a delegate whose coverage is gated (--min-delegated)
-    float_program: bool                # can write the fp32 model as a reference artifact
-    recipes: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
-    fixed: Mapping[str, Any] = field(default_factory=dict)   # choices its kernels make themselves
-    qat: bool = True                   # quantization-aware training offered
-
-    def recipe(self, name: str) -> Mapping[str, Any]:
-        return self.recipes[name]
-
 
 _STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False, "equalize": False}
 _QAT = {"observer": "moving-average", "fuse_relu6": True, "keep_float": (), "bias_correction": False, "equalize": False}
@@ -59,38 +36,138 @@ def _recipes(best: dict[str, Any], stock: dict[str, Any] | None = None) -> Mappi
                              "stock": MappingProxyType({**_STOCK, **(stock or {})}), "qat": MappingProxyType(dict(_QAT))})
 
 
-BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
+# name -> QuantConfig fields (a recipe and the single choices it is made of); measured in benchmarks/ptq_accuracy.py
+_PTE_VARIANTS = MappingProxyType({
+    "stock": MappingProxyType(dict(recipe="stock")),                                   # XNNPACKQuantizer as shipped
+    "relu6": MappingProxyType(dict(recipe="stock", fuse_relu6=True)),
+    "relu6+percentile": MappingProxyType(dict(recipe="stock", fuse_relu6=True, observer="percentile")),
+    "percentile+fp32-logits": MappingProxyType(dict(fuse_relu6=False, bias_correction=False)),
+    "relu6+percentile+fp32-logits": MappingProxyType(dict(bias_correction=False)),
+    "best": MappingProxyType(dict()),                                                  # the default recipe
+    "best+equalize": MappingProxyType(dict(equalize=True)),
+    "best-histogram": MappingProxyType(dict(observer="histogram")),
+    "relu6+minmax": MappingProxyType(dict(recipe="stock", fuse_relu6=True, observer="minmax")),
+    "per-tensor-stock": MappingProxyType(dict(recipe="stock", granularity="per-tensor")),
+    "per-tensor-relu6": MappingProxyType(dict(recipe="stock", fuse_relu6=True, granularity="per-tensor")),
+    "per-tensor-best": MappingProxyType(dict(granularity="per-tensor")),
+})
+_TS_VARIANTS = MappingProxyType({
+    "stock": MappingProxyType(dict(recipe="stock")),
+    "best": MappingProxyType(dict()),
+    "best+percentile": MappingProxyType(dict(observer="percentile")),
+    "per-tensor-best": MappingProxyType(dict(granularity="per-tensor")),
+})
+_MCU_VARIANTS = MappingProxyType({
+    "stock": MappingProxyType(dict(recipe="stock")),
+    "equalize": MappingProxyType(dict(recipe="stock", equalize=True)),
+    "bias-correction": MappingProxyType(dict(recipe="stock", bias_correction=True)),
+    "best": MappingProxyType(dict()),
+})
+
+CPUS = ("cortex-m4", "cortex-m7", "cortex-m33", "cortex-m55")
+MIN_DELEGATED = Option("min_delegated", "number", 0.99, "fail below this share of ops inside the delegate (a ratio, "
+                       "e.g. 0.99)", lo=0.0, hi=1.0, metavar="RATIO")
+STRICT = Option("strict", "switch", True, "fail when an op of the program is not an INT8 kernel (default on)")
+
+BUILTIN: tuple[BackendSpec, ...] = (
     BackendSpec(
-        "pte-xnnpack", "phone", "pte", "ExecuTorch runtime + XNNPACK delegate (ARM phones)", "xnnpack", (".pte",),
-        ("per-channel", "per-tensor"), _ALL_OBSERVERS, keep_float=True, bias_correction=True, delegate=True,
-        float_program=True,
-        # measured on the phone checkpoint (README, "PTQ choices"): drop 0.03 pp, float~.pte agreement 99.58 %
+        "pte-xnnpack", ("phone",), "pte", "ExecuTorch runtime + XNNPACK delegate (ARM phones)",
+        "mbquant.mobile.xnnpack", (".pte",), ("per-channel", "per-tensor"), OBSERVERS, keep_float=True,
+        bias_correction=True, float_program=True,
+        # measured on the phone checkpoint (README, "PTQ choices"): drop 0.03 pp, float~.pte agreement 99.53 %
         recipes=_recipes({"observer": "percentile", "fuse_relu6": True, "keep_float": (LOGITS,),
-                          "bias_correction": True})),
+                          "bias_correction": True}),
+        options=(MIN_DELEGATED,), bundle=True, sweep_variants=_PTE_VARIANTS,
+        sweep_default=("stock", "relu6", "relu6+percentile", "relu6+percentile+fp32-logits", "best", "best+equalize",
+                       "per-tensor-stock", "per-tensor-best")),
     BackendSpec(
-        "ts-qnnpack", "phone", "torchscript", "TorchScript (.pt) / lite interpreter (.ptl), qnnpack engine",
-        "torchscript", (".pt", ".ptl"), ("per-channel", "per-tensor"), _ALL_OBSERVERS, keep_float=False,
-        bias_correction=False, delegate=False, float_program=False,
+        "ts-qnnpack", ("phone",), "torchscript", "TorchScript (.pt) / lite interpreter (.ptl), qnnpack engine",
+        "mbquant.mobile.torchscript", (".pt", ".ptl"), ("per-channel", "per-tensor"), OBSERVERS, keep_float=False,
+        bias_correction=False, float_program=False,
         # measured (README, "TorchScript artifacts"): ReLU6 fused as the clamp, histogram observer, drop 0.22 pp
-        recipes=_recipes({"observer": "histogram", "fuse_relu6": True, "keep_float": (), "bias_correction": False})),
+        recipes=_recipes({"observer": "histogram", "fuse_relu6": True, "keep_float": (), "bias_correction": False}),
+        sweep_variants=_TS_VARIANTS, sweep_default=tuple(_TS_VARIANTS)),
     BackendSpec(
-        "ts-x86", "x86", "torchscript", "TorchScript (.pt) / lite interpreter (.ptl), x86 engine (servers)",
-        "torchscript", (".pt", ".ptl"), ("per-channel", "per-tensor"), _ALL_OBSERVERS, keep_float=False,
-        bias_correction=False, delegate=False, float_program=False,
-        recipes=_recipes({"observer": "histogram", "fuse_relu6": True, "keep_float": (), "bias_correction": False})),
+        "ts-x86", ("x86",), "torchscript", "TorchScript (.pt) / lite interpreter (.ptl), x86 engine (servers)",
+        "mbquant.mobile.torchscript", (".pt", ".ptl"), ("per-channel", "per-tensor"), OBSERVERS, keep_float=False,
+        bias_correction=False, float_program=False,
+        recipes=_recipes({"observer": "histogram", "fuse_relu6": True, "keep_float": (), "bias_correction": False}),
+        sweep_variants=_TS_VARIANTS, sweep_default=tuple(_TS_VARIANTS)),
     BackendSpec(
-        "pte-cortex-m", "mcu", "pte", "ExecuTorch runtime + CMSIS-NN INT8 kernels (cortex_m:: ops), Cortex-M MCUs",
-        "cortex_m", (".pte",), ("per-channel",), ("histogram",), keep_float=False, bias_correction=True,
-        delegate=False, float_program=False, fixed=MappingProxyType({"fuse_relu6": True}), qat=False,
+        "pte-cortex-m", ("mcu",), "pte", "ExecuTorch runtime + CMSIS-NN INT8 kernels (cortex_m:: ops), Cortex-M MCUs",
+        "mbquant.mobile.cortex_m", (".pte",), ("per-channel",), ("histogram",), keep_float=False, bias_correction=True,
+        float_program=False, fixed=MappingProxyType({"fuse_relu6": True}), qat=False,
+        qat_refusal="ExecuTorch's CortexMQuantizer has no QAT configuration (and its patterns do not cover conv-BN "
+                    "training); fine-tune with `mbquant qat --target phone` or use `mbquant ptq --target mcu` "
+                    "(equalization + bias correction)",
         # ExecuTorch's CortexMQuantizer: histogram observer, per-channel conv weights, ReLU/ReLU6 folded into the
         # kernels' output range; measured (README, "MCU"): equalization + bias correction is the best combination
         recipes=_recipes({"observer": "histogram", "fuse_relu6": True, "keep_float": (), "bias_correction": True,
-                          "equalize": True}, stock={"fuse_relu6": True})),
-)}
+                          "equalize": True}, stock={"fuse_relu6": True}),
+        options=(Option("cpu", "choice", "cortex-m4", "the Cortex-M core the program is planned for (CMSIS-NN "
+                        "scratch sizes)", choices=CPUS),
+                 Option("int8_input", "flag", False, "the program takes the quantized image (scale/zero point in the "
+                        "sidecar and the firmware header)"),
+                 STRICT,
+                 Option("flash_kb", "number", None, "fail when the program is larger (KiB, e.g. 300)", lo=0.0,
+                        lo_open=True, hi=1e7, metavar="KIB"),
+                 Option("ram_kb", "number", None, "fail when the RAM peak (arena: activations, scratch, input/output) "
+                        "is larger (KiB, e.g. 64)", lo=0.0, lo_open=True, hi=1e7, metavar="KIB")),
+        sweep_variants=_MCU_VARIANTS, sweep_default=tuple(_MCU_VARIANTS)),
+)
+
+BACKENDS: dict[str, BackendSpec] = {}
+
+
+def register(spec: BackendSpec) -> BackendSpec:
+    """Add a row (a backend outside mbquant's tree, e.g. a test's). Refused: a name that exists, an option that
+    another row declares differently, a second default row for one (target, format) pair."""
+    if spec.name in BACKENDS:
+        raise ConfigError(f"backend '{spec.name}' is already in the table; pick another name")
+    for opt in spec.options:
+        other = next((o for s in BACKENDS.values() for o in s.options if o.name == opt.name), None)
+        if other is not None and other != opt:
+            raise ConfigError(f"backend '{spec.name}' declares option {opt.flag} differently from another row; a flag "
+                              f"means one thing: reuse that declaration or pick another name")
+    if spec.default:
+        for target in spec.targets:
+            clash = next((s for s in BACKENDS.values() if s.default and s.format == spec.format
+                          and target in s.targets), None)
+            if clash is not None:
+                raise ConfigError(f"backends '{clash.name}' and '{spec.name}' would both be the default for --target "
+                                  f"{target} --format {spec.format}; register '{spec.name}' with default=False (it "
+                                  f"is then chosen with --backend {spec.name})")
+    BACKENDS[spec.name] = spec
+    return spec
+
+
+def unregister(name: str) -> None:
+    BACKENDS.pop(name, None)
+
+
+for _spec in BUILTIN:
+    register(_spec)
 
 
 def targets() -> list[str]:
-    return sorted({s.target for s in BACKENDS.values()})
+    return sorted({t for s in BACKENDS.values() for t in s.targets})
+
+
+def formats() -> list[str]:
+    return sorted({s.format for s in BACKENDS.values()})
+
+
+def options() -> list[Option]:
+    """Every option any row declares, once."""
+    out: dict[str, Option] = {}
+    for s in BACKENDS.values():
+        for o in s.options:
+            out.setdefault(o.name, o)
+    return list(out.values())
+
+
+def declared_by(name: str) -> list[str]:
+    return [s.name for s in BACKENDS.values() if s.option(name) is not None]
 
 
 def get_spec(name: str) -> BackendSpec:
@@ -99,18 +176,63 @@ def get_spec(name: str) -> BackendSpec:
     return BACKENDS[name]
 
 
-def select(target: str, formats: tuple[str, ...]) -> list[BackendSpec]:
-    """The backends a ``--target`` / ``--format`` pair asks for, in the order of ``formats``."""
-    offered = {s.format: s for s in BACKENDS.values() if s.target == target}
+def select(target: str | None, formats: Iterable[str] = ("pte",), backends: Iterable[str] = ()) -> list[BackendSpec]:
+    """The rows a run asks for: ``backends`` by name (each must serve ``target`` when one is given), else the default
+    row of ``target`` (phone when None) for each format, in the order given."""
+    backends = tuple(backends)
+    if backends:
+        specs = [get_spec(b) for b in backends]
+        for s in specs:
+            if target is not None and target not in s.targets:
+                raise ConfigError(f"backend '{s.name}' builds for {', '.join(s.targets)}, not --target {target}; drop "
+                                  f"--target or pick a backend of that target")
+        if len({s.name for s in specs}) != len(specs):
+            raise ConfigError(f"--backend names {list(backends)} repeat a backend; name each once")
+        return specs
+    target = target or "phone"
+    offered = {s.format: s for s in BACKENDS.values() if s.default and target in s.targets}
     if not offered:
         raise ConfigError(f"target '{target}' is not supported; supported: {', '.join(targets())}")
     out = []
     for fmt in formats:
         if fmt not in offered:
             raise ConfigError(f"format '{fmt}' is not supported on target '{target}'; supported: "
-                              f"{', '.join(offered)}")
+                              f"{', '.join(sorted(offered))}")
         out.append(offered[fmt])
     return out
+
+
+def backend_options(spec: BackendSpec, given: Mapping[str, Any]) -> dict[str, Any]:
+    """The row's options: each declared one from ``given`` (validated) or its default."""
+    return {o.name: o.check(given[o.name], spec.name) if given.get(o.name) is not None else o.default
+            for o in spec.options}
+
+
+def check_options(given: Mapping[str, Any], specs: list[BackendSpec]) -> None:
+    """Options the user set must be known and taken by a backend this run builds (else they would be ignored)."""
+    for name, value in given.items():
+        if value is None:
+            continue
+        owners = declared_by(name)
+        if not owners:
+            raise ConfigError(f"unknown backend option '{name}'; known: {', '.join(o.name for o in options())}")
+        if not any(s.option(name) for s in specs):
+            flag = "--" + name.replace("_", "-")
+            raise ConfigError(f"{flag} applies to backend {', '.join(owners)}, which this run does not build "
+                              f"({', '.join(s.name for s in specs)}); drop {flag} or pick that backend")
+        for s in specs:
+            if s.option(name):
+                backend_options(s, {name: value})
+
+
+def check_requirements(spec: BackendSpec) -> None:
+    """The Python modules a backend needs beyond mbquant's own, checked before any work."""
+    import importlib.util
+
+    missing = [m for m in spec.requires if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ConfigError(f"backend '{spec.name}' needs {', '.join(missing)}, which is not installed; install it with "
+                          f"{spec.install or 'pip install ' + ' '.join(missing)} and run the command again")
 
 
 def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> QuantConfig:
@@ -120,10 +242,7 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     (QAT learns that correction); asking for either explicitly is an error."""
     recipe = spec.recipe(config.recipe)
     if qat and not spec.qat:
-        raise ConfigError(f"QAT is not offered for backend '{spec.name}': ExecuTorch's CortexMQuantizer has no QAT "
-                          f"configuration (and its patterns do not cover conv-BN training); fine-tune with "
-                          f"`mbquant qat --target phone` or use `mbquant ptq --target {spec.target}` (equalization + bias "
-                          f"correction)")
+        raise ConfigError(f"QAT is not offered for backend '{spec.name}': {spec.qat_refusal or 'its row says so'}")
     if qat:
         if config.observer not in (None, "moving-average"):
             raise ConfigError(f"observer '{config.observer}' is for post-training quantization; QAT uses "
@@ -156,9 +275,8 @@ def _having(capability: str) -> str:
 
 
 def load(spec: BackendSpec | str, run: "RunConfig | None" = None) -> "Backend":
-    """The backend object of a row (imports its package), set up for ``run`` (target options such as the CPU)."""
-    from ..config import RunConfig
-
+    """The backend object of a row (imports its module), with its options from ``run``."""
     spec = get_spec(spec) if isinstance(spec, str) else spec
-    module = importlib.import_module(f"{__package__}.{spec.package}")
-    return module.backend(spec, run or RunConfig(target=spec.target, formats=(spec.format,)))
+    check_requirements(spec)
+    module = importlib.import_module(spec.package)
+    return module.backend(spec, backend_options(spec, run.options if run is not None else {}))

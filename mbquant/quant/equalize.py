@@ -113,7 +113,7 @@ def _in_ranges(conv: nn.Conv2d) -> torch.Tensor:
     return w.transpose(0, 1).flatten(1).amax(1)
 
 
-def _channel_maxima(model: nn.Module, convs: list[nn.Conv2d], batches: list[torch.Tensor]) -> dict[int, torch.Tensor]:
+def _channel_maxima(model: nn.Module, convs: list[nn.Conv2d], batches) -> dict[int, torch.Tensor]:
     maxima: dict[int, torch.Tensor] = {}
 
     def hook(m, _inp, out):
@@ -142,15 +142,17 @@ def _scale(pair: _Pair, s: torch.Tensor) -> None:
             c2.weight.mul_(s.view(1, -1, 1, 1))
 
 
-def equalize(model: nn.Module, batches: list[torch.Tensor], *, iterations: int = 4,
+def equalize(model: nn.Module, batches, *, iterations: int = 4,
              margin: float = 1.5) -> tuple[nn.Module, EqualizationResult]:
-    """An equalized copy of ``model`` (BN folded) and what was done; ``batches`` are real calibration images."""
-    if not batches:
+    """An equalized copy of ``model`` (BN folded) and what was done; ``batches`` are real calibration images (a
+    list, or a callable giving a fresh pass over them: they are read twice, never held together)."""
+    source = batches if callable(batches) else (lambda kept=list(batches): iter(kept))
+    if next(iter(source()), None) is None:
         raise QuantizationError("cross-layer equalization needs calibration images (for the ReLU6 bound); none given")
     eq = fold_batchnorm(model)
     pairs = find_pairs(eq)
     result = EqualizationResult(pairs=len(pairs), pair_names=[p.name for p in pairs])
-    maxima = _channel_maxima(eq, [p.conv1 for p in pairs], batches)
+    maxima = _channel_maxima(eq, [p.conv1 for p in pairs], source())
     total = {id(p): torch.ones(p.conv1.out_channels) for p in pairs}
     for _ in range(iterations):
         for p in pairs:
@@ -170,7 +172,7 @@ def equalize(model: nn.Module, batches: list[torch.Tensor], *, iterations: int =
                                              if p.clamp is not None))
     result.max_scale, result.min_scale = float(scales.max()), float(scales.min())
     with torch.no_grad():
-        diff = max(float((model.eval()(x) - eq(x)).abs().max()) for x in batches)
+        diff = max(float((model.eval()(x) - eq(x)).abs().max()) for x in source())
     result.max_abs_logit_change = round(diff, 7)
     if not math.isfinite(diff) or diff > 1e-3:
         raise QuantizationError(f"cross-layer equalization changed the float model's logits by {diff:.2g} on the "

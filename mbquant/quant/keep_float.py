@@ -14,15 +14,12 @@ from typing import Iterable
 
 from torch import nn
 from torch.fx import GraphModule, Node
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationConfig, Quantizer
-
-from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import get_input_act_qspec, get_output_act_qspec
+from torchao.quantization.pt2e.quantizer import QuantizationConfig, Quantizer
 
 from ..config import LOGITS
 from ..errors import ConfigError
+from .annotate import annotate, get_input_act_qspec, get_output_act_qspec
 from .ops import COMPUTE_OPS, CONV_OPS, LINEAR_OPS, module_path, module_paths
-
-Q_ANNOTATION_KEY = "quantization_annotation"
 
 
 def output_layers(graph: GraphModule) -> list[str]:
@@ -91,9 +88,7 @@ class KeepFloat(Quantizer):
             qmap = {a: get_input_act_qspec(self.config) for a in _activation_inputs(n)
                     if not in_layers(a, self.layers)} if compute else {}
             feeds_int8 = compute and any(u.op != "output" and not in_layers(u, self.layers) for u in n.users)
-            n.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(
-                input_qspec_map=qmap, output_qspec=get_output_act_qspec(self.config) if feeds_int8 else None,
-                _annotated=True)
+            annotate(n, input_qspec_map=qmap, output_qspec=get_output_act_qspec(self.config) if feeds_int8 else None)
             self.annotated.append(n.name)
         if not self.annotated:
             raise ConfigError(f"--keep-float {','.join(self.layers)}: those layers contain no operation of the "

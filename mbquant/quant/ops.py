@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401 - registers the quantized_decomposed ops PT2E emits
+
+from ..compat import register_decomposed_quant_ops
+
+register_decomposed_quant_ops()   # the quantized_decomposed ops PT2E graphs are made of
 
 _A = torch.ops.aten
 _Q = torch.ops.quantized_decomposed

@@ -110,10 +110,10 @@ class QatGraph(QatModel):
                 self._bn_to_eval()
 
     def _bn_to_eval(self) -> None:
-        from torchao.quantization.pt2e.export_utils import _replace_batchnorm
+        from ..compat import replace_batchnorm
 
         with _keep_rng():
-            _replace_batchnorm(self.module, train_to_eval=True)
+            replace_batchnorm(self.module, train_to_eval=True)
 
     def _freeze_bn(self) -> None:
         if self.training:
@@ -121,9 +121,9 @@ class QatGraph(QatModel):
 
     @property
     def training(self) -> bool:
-        from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
+        from ..compat import exported_training
 
-        return bool(getattr(self.module, _EXPORTED_TRAINING_ATTR, True))
+        return exported_training(self.module)
 
     def bn_training_ops(self) -> int:
         """How many batch_norm ops compute batch statistics (0 when BN is frozen or in eval mode)."""

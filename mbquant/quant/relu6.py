@@ -14,15 +14,11 @@ import operator
 from typing import Callable, Optional
 
 from torch.fx import GraphModule, Node
-from torchao.quantization.pt2e.quantizer import QuantizationAnnotation, QuantizationConfig, Quantizer
+from torchao.quantization.pt2e.quantizer import QuantizationConfig, Quantizer
 
-from executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils import (
-    _is_annotated, _mark_nodes_as_annotated, get_bias_qspec, get_input_act_qspec, get_output_act_qspec,
-    get_weight_qspec)
-
+from .annotate import (annotate, get_bias_qspec, get_input_act_qspec, get_output_act_qspec, get_weight_qspec,
+                       is_annotated, mark_annotated)
 from .ops import BN_OPS, CONV_OPS, HARDTANH_OPS
-
-Q_ANNOTATION_KEY = "quantization_annotation"
 
 
 def is_relu6(node: Node) -> bool:
@@ -86,11 +82,11 @@ def annotate_conv_relu6(gm: GraphModule, config: QuantizationConfig,
         if isinstance(bias, Node):
             qmap[bias] = get_bias_qspec(config)
             partition.append(bias)
-        if _is_annotated(partition) or (filter_fn and not all(filter_fn(n) for n in partition)):
+        if is_annotated(partition) or (filter_fn and not all(filter_fn(n) for n in partition)):
             continue
-        conv.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(input_qspec_map=qmap, _annotated=True)
-        act.meta[Q_ANNOTATION_KEY] = QuantizationAnnotation(output_qspec=get_output_act_qspec(config), _annotated=True)
-        _mark_nodes_as_annotated(partition)
+        annotate(conv, input_qspec_map=qmap)
+        annotate(act, output_qspec=get_output_act_qspec(config))
+        mark_annotated(partition)
         partitions.append(partition)
     return partitions
 

@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-from mbquant._io import write_json
-from mbquant.check import baseline_record, from_report
+from mbquant.check import baseline_record, report_verdict
 from mbquant.cli import main as cli
 
 from .flows import FLOWS, SIZES, Flow, tolerance
@@ -63,13 +62,13 @@ def record(flow: Flow, data: Path, images: int, work: Path, run_to_run: dict[str
                                                        abs(a["agreement_float"] - a["reference_agreement_float"])), 3)}
     tol, why = tolerance(spreads, images)
     out = work / f"{flow.key}.{images}.a"
-    v = from_report(out / flow.artifact, data / "val", limit=None if images >= 10000 else images)
+    v = report_verdict(out, flow.artifact)
     v = dataclasses.replace(v, measured_by=v.measured_by.replace(f"{out}/", ""))   # no temporary paths in the file
     argv = ["mbquant", *flow.argv(Path("data"), Path("<out>"), images)]
     rec = baseline_record(v, tolerance=tol, why=why, limit=None if images >= 10000 else images, flow=flow.flow,
                           checkpoint=flow.checkpoint, command=" ".join(argv), spreads_pp=spreads)
-    write_json(flow.baseline_path(images), rec)
-    return rec
+    rec.write(flow.baseline_path(images))
+    return rec.document()
 
 
 def table() -> str:

@@ -112,11 +112,26 @@ def test_one_percentile_rule_for_both_observer_families():
     assert ranges[0] == ranges[1] and ranges[0][0] == 0.0 and 0.9 < ranges[0][1] < 1.2
 
 
-def test_calibration_images_are_decoded_once(small_folder, monkeypatch):
+def test_calibration_streams_whole_batches_the_same_on_every_pass(small_folder, monkeypatch):
+    """Nothing is kept between passes (memory does not grow with the set); each pass sees the same images."""
     cs = from_folder(small_folder, small_preset(32), 20, seed=0)
     calls = []
-    decode = type(cs.dataset)._decode
-    monkeypatch.setattr(type(cs.dataset), "_decode", lambda self, i: calls.append(i) or decode(self, i))
-    first = torch.cat(list(cs.batches(8)))
+    decode = type(cs.dataset).decoded
+    monkeypatch.setattr(type(cs.dataset), "decoded", lambda self, i: calls.append(i) or decode(self, i))
+    first = list(cs.batches(8))
     again = torch.cat(list(cs.batches(5)))
-    assert len(calls) == 20 and torch.equal(first, again) and first.shape == (20, 3, 32, 32)
+    assert [len(b) for b in first] == [8, 8, 4] and torch.equal(torch.cat(first), again)
+    assert again.shape == (20, 3, 32, 32) and len(calls) == 40 and cs.used == 20 and cs.skipped == 0
+    assert cs.dataset._cache is None
+
+
+def test_calibration_batches_stay_whole_when_images_are_unreadable(small_folder, tmp_path):
+    import shutil
+
+    root = tmp_path / "calib"
+    shutil.copytree(small_folder, root)
+    cs = from_folder(root, small_preset(32), 20, seed=0)
+    for s in cs.dataset.samples[1:7:2]:
+        s.path.write_bytes(b"not an image")
+    sizes = [len(b) for b in cs.batches(8)]
+    assert sizes == [8, 8, 1] and cs.used == 17 and cs.skipped == 3

@@ -3,6 +3,7 @@ kotlinc, run on the JVM) preprocess real images exactly as mbquant's Python refe
 top-k from the same logits."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -12,18 +13,23 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mbquant.mobile.client import host_runner
-from mbquant.mobile.preprocess import preprocess, spec_of
+from mbquant.data.contract import apply
+from mbquant.data.contract import spec_of as contract_of
+from mbquant.data.images import decode
+from mbquant.mobile.xnnpack.client import host_runner
+from mbquant.records import PreprocessSpec
+from tests.conftest import needs
 
 REPO = Path(__file__).resolve().parents[2]
 JAR = REPO / "build" / "kotlin" / "host-check.jar"
+ORG_JSON = Path("/usr/share/java/com.android.json.jar")     # the platform's org.json (Debian's libandroid-json-java)
 
 
 def _kotlin(*args: str) -> str:
-    if not JAR.is_file() or shutil.which("java") is None:
-        pytest.fail(f"{JAR} is not built: run `make kotlin` (it installs the JDK and kotlinc from Debian)")
-    return subprocess.run(["java", "-cp", str(JAR), "HostCheckKt", *map(str, args)], check=True, capture_output=True,
-                          text=True).stdout
+    needs("the Kotlin classes", JAR.is_file() and ORG_JSON.is_file() and shutil.which("java") is not None,
+          "run `make kotlin` (it installs the JDK, kotlinc and org.json from Debian)")
+    return subprocess.run(["java", "-cp", f"{JAR}:{ORG_JSON}", "HostCheckKt", *map(str, args)], check=True,
+                          capture_output=True, text=True).stdout
 
 
 def _tensors(bundle: Path, images: list[Path], tmp: Path, shape) -> np.ndarray:
@@ -31,12 +37,21 @@ def _tensors(bundle: Path, images: list[Path], tmp: Path, shape) -> np.ndarray:
     return np.fromfile(tmp / "t.bin", dtype="<f4").reshape(len(images), *shape)
 
 
-def test_kotlin_preprocessing_equals_the_python_reference_on_real_images(phone_bundle, fmnist, tmp_path):
+def test_kotlin_preprocessing_equals_the_python_path_on_real_images(phone_bundle, fmnist, tmp_path):
+    """The app's Preprocessor, the torch-free client and the dataset every mbquant stage evaluates with compute the
+    same tensors, bit for bit, from the bundle's contract."""
+    from mbquant.data.dataset import load_folder
+    from mbquant.mobile.xnnpack.client import inputs
+    from mbquant.mobile.bundle import read_bundle
+
     images = sorted((fmnist / "val").rglob("*.png"))[::500][:20]
-    spec = json.loads((phone_bundle / "preprocess.json").read_text())
+    spec = PreprocessSpec.read(phone_bundle / "preprocess.json")
     kotlin = _tensors(phone_bundle, images, tmp_path, (3, 64, 64))
-    python = np.stack([preprocess(Image.open(p), spec) for p in images])
-    assert np.abs(kotlin - python).max() < 1e-5
+    python = np.stack([apply(decode(p), spec) for p in images])
+    client, _ = inputs(read_bundle(phone_bundle), [(p, 0) for p in images])
+    ds = load_folder(fmnist / "val", spec)
+    pipeline = np.stack([ds[[s.path for s in ds.samples].index(p)][0].numpy() for p in images])
+    assert np.array_equal(python, client) and np.array_equal(python, pipeline) and np.array_equal(kotlin, python)
 
 
 def test_kotlin_resize_and_crop_match_pillow_on_colour_images(phone_bundle, tmp_path):
@@ -51,21 +66,20 @@ def test_kotlin_resize_and_crop_match_pillow_on_colour_images(phone_bundle, tmp_
     preset = {"kind": "imagenet", "resolution": 56, "resize": 64, "mean": [0.485, 0.456, 0.406],
               "std": [0.229, 0.224, 0.225]}
     for color in ("rgb", "grayscale"):
-        spec = spec_of(preset)
-        spec["color"]["mode"] = color
-        (bundle / "preprocess.json").write_text(json.dumps(spec))
+        spec = dataclasses.replace(contract_of(preset), color=color)
+        spec.write(bundle / "preprocess.json")
         kotlin = _tensors(bundle, images, tmp_path, (3, 56, 56))
-        python = np.stack([preprocess(Image.open(p), spec) for p in images])
-        assert np.abs(kotlin - python).max() < 1e-5, color
+        python = np.stack([apply(decode(p), spec) for p in images])
+        assert np.array_equal(kotlin, python), color
 
 
 def test_kotlin_top_k_equals_python_on_the_programs_logits(phone_bundle, fmnist, tmp_path):
-    from mbquant.mobile.client import inputs, labelled_images
     from mbquant.mobile.bundle import read_bundle
+    from mbquant.mobile.xnnpack.client import inputs, labelled_images
 
     bundle = read_bundle(phone_bundle)
-    items = labelled_images(fmnist / "val", bundle.labels, 40)
-    logits = host_runner().run(bundle.pte, inputs(bundle, items))
+    x, _ = inputs(bundle, labelled_images(fmnist / "val", bundle.labels, 120))
+    logits = host_runner().run(bundle.program, x[:40])
     path = tmp_path / "logits.bin"
     path.write_bytes(np.asarray(logits.shape, "<i4").tobytes() + logits.astype("<f4").tobytes())
     rows = [line.split() for line in _kotlin("topk", phone_bundle, path, 5).splitlines()]

@@ -8,7 +8,8 @@ from mbquant import calibrate
 from mbquant.data import small_preset
 from mbquant.models import create
 from mbquant.quant.equalize import equalize, find_pairs, fold_batchnorm
-from mbquant.resolve import resolve_model
+from mbquant.data.contract import spec_of
+from mbquant.models import resolve_model
 from tests.mobile.torchscript.test_fuse import nontrivial
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -28,7 +29,7 @@ def test_equalization_leaves_the_float_model_unchanged(name, width, calib32, sma
 
 def test_depthwise_ranges_even_out_on_a_trained_checkpoint(fmnist):
     model, info = resolve_model("mobilenet_v2", "mobilenet_v2_w0.35_r64_fmnist")
-    calib = calibrate.from_folder(fmnist / "train", info.preset, 128, seed=0)
+    calib = calibrate.from_folder(fmnist / "train", spec_of(info.preset), 128, seed=0)
     eq, res = equalize(model, list(calib.batches(32)))
 
     def spread(m):   # per depthwise layer: largest channel range / median channel range

@@ -82,6 +82,7 @@ def _same(a: dict, b: dict) -> bool:
     return all(all(torch.equal(x, y) for x, y in zip(a[n], b[n])) for n in a)
 
 
+@pytest.mark.slow
 def test_freeze_observers_keeps_every_range(batches):
     qg = _prepared(batches)
     qg.freeze_observers()

@@ -1,28 +1,25 @@
 """``pte-cortex-m``: PT2E INT8 with ExecuTorch's CortexMQuantizer -> an ExecuTorch program of CMSIS-NN INT8
 kernels (``cortex_m::`` ops) for Cortex-M microcontrollers (``--target mcu --cpu cortex-m4|m7|m33|m55``).
 
-lower.py (lowering, int8 input, dead constants), memory.py (flash/RAM report, best-fit planner),
-reference.py (the program run on the host with the reference kernels, batched), firmware.py (C header).
-The ``.pte`` cannot run on this host (its kernels are CMSIS-NN's); it is read back and checked against the
-lowered program, and its accuracy is measured on the same program with the reference kernels.
+lower.py (lowering, int8 input, dead constants), memory.py (flash/RAM report, best-fit planner), program.py (a
+``.pte`` deserialized and executed instruction by instruction), reference.py (the cortex_m:: kernels' arithmetic,
+batched), firmware.py (C header). The ``.pte`` cannot run on this host's ExecuTorch runtime (its kernels are
+CMSIS-NN's): ``open`` reads the file and runs ITS instructions with the host reference kernels.
 """
 from __future__ import annotations
 
-import hashlib
 import time
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
-from torch.fx import GraphModule
 
-from ..._io import write_bytes
+from ...atomic import write_bytes
 from ...config import QuantConfig
 from ...errors import ConfigError, VerificationError
-from ...quant import pt2e
 from ...quant.export import FloatModel
-from ..backend import Backend, Predictor, Written
+from ..backend import Predictor, Written
+from ..pt2e import PT2EBackend
 from .firmware import write_header
 from .lower import Lowered, lower, prune_unused_constants
 from .reference import HostProgram, conv, requantize
@@ -30,72 +27,80 @@ from .reference import HostProgram, conv, requantize
 __all__ = ["CortexMBackend", "HostProgram", "Lowered", "backend", "conv", "lower", "prune_unused_constants",
            "requantize"]
 
+NOTE = "accuracy is the host reference of the cortex_m:: kernels' arithmetic, run on the .pte's own instructions"
 
-class CortexMBackend(Backend):
-    def __init__(self, spec, run):
-        super().__init__(spec, run)
-        self._lowered: dict[Path, tuple[str, Lowered]] = {}
 
-    def prepare(self, fm: FloatModel, config: QuantConfig) -> GraphModule:
+class CortexMBackend(PT2EBackend):
+    channels_last = True
+
+    def quantizer(self, fm: FloatModel, config: QuantConfig, *, qat: bool):
         from executorch.backends.cortex_m.quantizer.quantizer import CortexMQuantizer
 
-        return pt2e.prepare(fm.graph_copy(channels_last=True), CortexMQuantizer())
-
-    def prepare_qat(self, fm: FloatModel, config: QuantConfig):
-        raise ConfigError("QAT is not offered for --target mcu (see mbquant.mobile.table: qat=False)")
-
-    def convert(self, prepared: nn.Module) -> GraphModule:
-        return pt2e.convert(prepared)
+        if qat:
+            raise ConfigError(f"QAT is not offered for backend '{self.name}': {self.spec.qat_refusal}")
+        return CortexMQuantizer()
 
     def write(self, model: nn.Module, stem: Path, *, resolution: int) -> list[Written]:
+        cpu, int8_input = self.options["cpu"], self.options["int8_input"]
         t = time.perf_counter()
-        lowered = lower(model, resolution, cpu=self.run.cpu, int8_input=self.run.int8_input)
+        lowered = lower(model, resolution, cpu=cpu, int8_input=int8_input)
         seconds = round(time.perf_counter() - t, 1)
         path = write_bytes(Path(f"{stem}.pte"), lowered.buffer)
-        self._lowered[path] = (hashlib.sha256(lowered.buffer).hexdigest(), lowered)
-        details = {"lower_seconds": seconds, "cpu": self.run.cpu, "int8_input": self.run.int8_input,
+        details = {"lower_seconds": seconds, "cpu": cpu, "int8_input": int8_input,
                    "input_qparams": lowered.input_qparams, "operators": lowered.operators,
-                   "non_int8_ops": lowered.non_int8_ops, "memory": lowered.memory,
-                   "notes": ["accuracy is the host reference of the cortex_m:: kernels' arithmetic, not a device run"]}
+                   "non_int8_ops": lowered.non_int8_ops, "memory": lowered.memory, "notes": [NOTE]}
         return [Written(path, details)]
 
-    def load(self, path: Path) -> Predictor:
-        """The written program read back and checked (same bytes, a valid program with the lowered ops), then run
-        with the host reference kernels."""
-        from executorch.exir._serialize._program import deserialize_pte_binary
-
+    def open(self, path: Path, sidecar) -> Predictor:
+        """The ``.pte`` at ``path`` read from disk and executed instruction by instruction with the host reference
+        kernels; its input scale and zero point (``--int8-input`` programs) come from the sidecar."""
         path = Path(path)
-        if path not in self._lowered:
-            raise VerificationError(f"'{path}' was not written by this backend in this run; the host reference runs "
-                                    f"the lowered program it keeps, so load what write() returned")
-        digest, lowered = self._lowered[path]
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != digest:
-            raise VerificationError(f"'{path}' on disk differs from the program that was lowered; write it again")
-        try:
-            program = deserialize_pte_binary(data).program
-        except Exception as exc:
-            raise VerificationError(f"'{path}' is not a readable ExecuTorch program: {exc}") from exc
-        ops = [f"{o.name}.{o.overload}" if o.overload else o.name for o in program.execution_plan[0].operators]
-        if ops != lowered.operators:
-            raise VerificationError(f"'{path}' holds the operators {ops}, the lowered program {lowered.operators}")
-        return HostProgram(lowered.program, lowered.input_qparams, self.run.int8_input)
+        if not path.is_file():
+            raise VerificationError(f"program '{path}' does not exist; write it before opening it")
+        details = sidecar.details if sidecar is not None else {}
+        program = HostProgram(path.read_bytes(), details.get("input_qparams") or {}, source=str(path))
+        recorded = details.get("operators")
+        if recorded is not None and recorded != program.operators:
+            raise VerificationError(f"'{path}' holds the operators {program.operators}, but its sidecar describes a "
+                                    f"program of {recorded}; keep each program with its own sidecar")
+        return program
+
+    def gate_failures(self, result, run) -> list[str]:
+        name, d = f"{result.file} ({result.backend})", result.details
+        out = []
+        if self.options["strict"] and d.get("non_int8_ops"):
+            out.append(f"{name}: ops that are not INT8 kernels: {', '.join(d['non_int8_ops'])} (--strict); the "
+                       f"program would run them in float or not at all on the device")
+        memory = d.get("memory")
+        if not memory:
+            return out
+        flash_kb, ram_kb = self.options["flash_kb"], self.options["ram_kb"]
+        flash = memory["flash"]["program_bytes"]
+        if flash_kb is not None and flash > flash_kb * 1024:
+            big = ", ".join(f"{c['dtype']} {c['shape']} {c['bytes']:,} B" for c in memory["flash"]["largest_constants"][:3])
+            out.append(f"{name}: the program is {flash:,} B, over --flash-kb {flash_kb:g} ({flash_kb * 1024:,.0f} B); "
+                       f"largest constants: {big}; shrink the width (--width-mult of the trained model) or the classes")
+        ram = memory["ram"]["arena_bytes"]
+        if ram_kb is not None and ram > ram_kb * 1024:
+            live = ", ".join(f"{t['written_by']} {t['shape']} {t['bytes']:,} B" for t in memory["ram"]["peak_tensors"][:3])
+            out.append(f"{name}: the RAM peak (planned arena: activations, scratch, input/output) is {ram:,} B, over "
+                       f"--ram-kb {ram_kb:g} ({ram_kb * 1024:,.0f} B); at the peak, set by {memory['ram']['peak_set_by']}: "
+                       f"{live}; shrink the resolution or the width, or pass --int8-input")
+        return out
+
+    def summary_lines(self, result) -> list[str]:
+        mem = result.details.get("memory")
+        if not mem:
+            return []
+        f, r = mem["flash"], mem["ram"]
+        return [f"{result.file}: flash {f['program_bytes']:,} B (constants "
+                + ", ".join(f"{k} {v:,} B" for k, v in f["constants_by_dtype"].items())
+                + f"); RAM peak {r['arena_bytes']:,} B planned (input {r['input']['bytes']:,} B {r['input']['dtype']}, "
+                f"scratch up to {(r['scratch_max'] or {}).get('bytes', 0):,} B), set by {r['peak_set_by']}; "
+                f"{result.details.get('cpu', '')}; accuracy from the host reference kernels, not a device"]
 
     def describe(self, int8: nn.Module, config: QuantConfig) -> dict[str, Any]:
-        from ...quant.graph import summarize
-
-        return {**summarize(int8).to_dict(), "cpu": self.run.cpu}
-
-    def float_layers(self, int8: nn.Module) -> list[str]:
-        from ...quant.graph import summarize
-
-        return summarize(int8).float_layers
-
-    def diagnose(self, fm: FloatModel, int8: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-        from ...evaluate import layer_sqnr
-
-        rows = layer_sqnr(fm.graph, int8, x)
-        return {"layer_sqnr_worst5": rows[:5], "layer_sqnr_all": rows}
+        return {**super().describe(int8, config), "cpu": self.options["cpu"]}
 
     def companions(self, artifact: Path, info, details: dict[str, Any]) -> list[Path]:
         header = artifact.with_name(artifact.name[: -len(".pte")] + "_pte.h")
@@ -105,5 +110,5 @@ class CortexMBackend(Backend):
         return [header]
 
 
-def backend(spec, run) -> CortexMBackend:
-    return CortexMBackend(spec, run)
+def backend(spec, options) -> CortexMBackend:
+    return CortexMBackend(spec, options)

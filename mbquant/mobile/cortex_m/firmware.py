@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from ..._io import atomic_path
+from ...atomic import atomic_path
 
 
 def _ident(stem: str) -> str:

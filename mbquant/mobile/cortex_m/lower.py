@@ -3,18 +3,18 @@
 export at batch 1 (channels_last) -> ``to_edge_transform_and_lower`` with the Cortex-M edge compile config
 -> [``QuantizeInputs``: the program takes the quantized image] -> ``CortexMPassManager`` for the CPU (the
 CMSIS-NN scratch buffer of each kernel is sized for that core) -> dead constants pruned -> ``to_executorch``
-with the best of ExecuTorch's greedy and mbquant's best-fit memory plans. The edge program after the pass
-manager is kept (a copy: ``to_executorch`` rewrites it in place): it is what the host reference runs.
+with the best of ExecuTorch's greedy and mbquant's best-fit memory plans. The host reference runs the
+written program's own bytes (:mod:`.program`).
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch.fx import GraphModule
 
+from ... import compat
 from ...errors import ExportError
 from .memory import best_fit, program_memory
 
@@ -25,7 +25,6 @@ ALLOWED_NON_KERNELS = ("executorch_prim::", "aten::view_copy")   # memory views,
 @dataclass
 class Lowered:
     buffer: bytes
-    program: Any                        # the edge ExportedProgram after the pass manager (host reference)
     memory: dict[str, Any]
     operators: list[str]
     input_qparams: dict[str, Any] = field(default_factory=dict)
@@ -44,8 +43,7 @@ def prune_unused_constants(ep) -> list[str]:
     names = {n.name for n in dead}
     for spec in [s for s in ep.graph_signature.input_specs if s.arg.name in names]:
         ep.graph_signature.input_specs.remove(spec)
-        ep._state_dict.pop(spec.target, None)
-        ep._constants.pop(spec.target, None)
+        compat.drop_constant(ep, spec.target)
     for n in dead:
         g.erase_node(n)
     ep.graph_module.recompile()
@@ -54,10 +52,9 @@ def prune_unused_constants(ep) -> list[str]:
 
 def _input_qparams(ep) -> dict[str, Any]:
     """Scale and zero point of the program's input quantize (what the caller applies with --int8-input)."""
-    from executorch.exir.dialects._ops import ops as exir_ops
-
+    quantize = compat.edge_ops().edge.cortex_m.quantize_per_tensor.default
     for n in ep.graph.nodes:
-        if n.op == "call_function" and n.target == exir_ops.edge.cortex_m.quantize_per_tensor.default:
+        if n.op == "call_function" and n.target == quantize:
             return {"scale": float(n.args[1]), "zero_point": int(n.args[2]), "dtype": "int8"}
     return {}
 
@@ -79,13 +76,12 @@ def lower(int8: GraphModule, resolution: int, *, cpu: str, int8_input: bool) -> 
         if int8_input:
             io = _input_qparams_of_edge(edge)
             edge = edge.transform([QuantizeInputs(edge, [0])])
-            edge._config_methods = None   # the qparams travel in the sidecar and the firmware header
+            compat.drop_config_methods(edge)   # the qparams travel in the sidecar and the firmware header
         ep = CortexMPassManager(edge.exported_program(),
                                 target_config=CortexMTargetConfig.from_target_string(cpu)).transform()
         prune_unused_constants(ep)
         io = io or _input_qparams(ep)
-        edge._edge_programs["forward"] = ep
-        host = copy.deepcopy(ep)
+        compat.set_edge_program(edge, ep)
         planner = MemoryPlanningPass(memory_planning_algo=MemoryPlanningAlgorithmSuite([greedy, best_fit]))
         et = edge.to_executorch(ExecutorchBackendConfig(extract_delegate_segments=False,
                                                         memory_planning_pass=planner))
@@ -96,7 +92,7 @@ def lower(int8: GraphModule, resolution: int, *, cpu: str, int8_input: bool) -> 
                           f"{str(exc)[:400]}") from exc
     plan = et.executorch_program.execution_plan[0]
     ops = [f"{o.name}.{o.overload}" if o.overload else o.name for o in plan.operators]
-    return Lowered(et.buffer, host, program_memory(et), ops, io)
+    return Lowered(et.buffer, program_memory(et), ops, io)
 
 
 def _input_qparams_of_edge(edge) -> dict[str, Any]:

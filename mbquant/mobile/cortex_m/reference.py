@@ -1,22 +1,27 @@
-"""The Cortex-M program run on the host: its edge graph after the pass manager (the program the ``.pte`` holds),
-executed with ExecuTorch's reference implementations of the ``cortex_m::`` ops, batched.
+"""The Cortex-M program run on the host: the ``.pte``'s own instructions (:mod:`.program`), executed with
+ExecuTorch's reference implementations of the ``cortex_m::`` ops, batched.
 
 The shipped conv and depthwise kernels requantize in a Python loop over output channels and run the
 convolution in int32 (1-2 images/s); :func:`conv` does the same integer arithmetic for a whole batch: the
-accumulation exactly in float64 (an int8 x int8 sum over a few thousand terms is far below 2**53), then the
+accumulation exactly in float32 where every partial sum stays below 2**24 (up to 512 terms: depthwise and most
+pointwise layers) and in float64 otherwise (far below 2**53), then the
 CMSIS-NN requantization (doubling high multiply, rounding right shift) in int64, per channel, vectorised.
 Tests check the results are identical to the shipped kernels on real images. This is the host reference of
 the device's arithmetic, not the device: the firmware's CMSIS-NN kernels are not run here.
 """
 from __future__ import annotations
 
-import copy
+import contextlib
+from typing import Iterator
 
 import torch
-import torch.fx
 import torch.nn.functional as F
 
+from ...compat import register_decomposed_quant_ops
+from ...errors import VerificationError
 from ..backend import Predictor
+
+register_decomposed_quant_ops()
 
 RUNTIME = ("host reference of the cortex_m:: INT8 kernels (ExecuTorch's reference arithmetic, batched); "
            "not the device")
@@ -37,6 +42,24 @@ def requantize(acc: torch.Tensor, multiplier: torch.Tensor, shift: torch.Tensor)
     return r + (rem > threshold).to(torch.int64)
 
 
+# An accumulation of K products of an offset int8 input (|x| <= 256) and an int8 weight (|w| <= 127) is exact in
+# float32 when every partial sum stays below 2**24: K <= 512 terms (every depthwise and most pointwise layers);
+# larger ones accumulate in float64 (exact below 2**53).
+EXACT_FLOAT32_TERMS = (1 << 24) // (256 * 128)
+
+
+@contextlib.contextmanager
+def _ieee_float32() -> Iterator[None]:
+    """oneDNN convolutions in full IEEE float32 (never TF32/BF16 reduced precision) inside the block."""
+    conv = torch.backends.mkldnn.conv
+    before = conv.fp32_precision
+    conv.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        conv.fp32_precision = before
+
+
 def conv(x, weight, bias, stride, padding, dilation, input_offset, output_offset, multipliers, shifts, act_min,
          act_max, *, depthwise: bool) -> torch.Tensor:
     """``quantized_conv2d`` (OHWI weights) or ``quantized_depthwise_conv2d`` (IHWO weights), batched."""
@@ -44,8 +67,11 @@ def conv(x, weight, bias, stride, padding, dilation, input_offset, output_offset
         w, groups = weight.permute(3, 0, 1, 2), x.shape[1]
     else:
         w, groups = weight.permute(0, 3, 1, 2), x.shape[1] // weight.shape[3]
-    acc = F.conv2d(x.to(torch.float64) + int(input_offset), w.to(torch.float64), None, tuple(stride), tuple(padding),
-                   tuple(dilation), groups)
+    terms = w.shape[1] * w.shape[2] * w.shape[3]
+    dtype = torch.float32 if terms <= EXACT_FLOAT32_TERMS else torch.float64
+    with _ieee_float32():
+        acc = F.conv2d(x.to(dtype) + int(input_offset), w.to(dtype), None, tuple(stride), tuple(padding),
+                       tuple(dilation), groups)
     acc = acc.round().to(torch.int64)
     if bias is not None:
         acc = acc + bias.to(torch.int64).view(1, -1, 1, 1)
@@ -53,61 +79,35 @@ def conv(x, weight, bias, stride, padding, dilation, input_offset, output_offset
     return out.clamp(int(act_min), int(act_max)).to(torch.int8).contiguous(memory_format=torch.channels_last)
 
 
-class _Batched(torch.fx.Interpreter):
-    """The edge graph on a batch: vectorised conv/depthwise kernels, the shipped ones for everything else."""
-
-    def __init__(self, gm, kernels):
-        super().__init__(gm)
-        self.kernels = kernels
-
-    def call_function(self, target, args, kwargs):
-        fn = self.kernels.get(target)
-        if fn is not None:
-            return fn(*args)
-        return super().call_function(target, args, kwargs)
-
-
-def batched_graph(program) -> tuple[torch.fx.GraphModule, list]:
-    """A copy of the program's graph that takes a batch (the batch-1 ``view_copy`` sizes become -1) and the
-    constant inputs in signature order."""
-    from executorch.exir.dialects._ops import ops as exir_ops
-
-    gm = copy.deepcopy(program.graph_module)
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target == exir_ops.edge.aten.view_copy.default and n.args[1][0] == 1:
-            n.args = (n.args[0], [-1, *n.args[1][1:]])
-    gm.recompile()
-    consts = []
-    for spec in program.graph_signature.input_specs:
-        if spec.kind.name == "USER_INPUT":
-            consts.append(None)
-        else:
-            consts.append(program.state_dict[spec.target] if spec.target in program.state_dict
-                          else program.constants[spec.target])
-    return gm, consts
-
-
-def kernels() -> dict:
-    from executorch.exir.dialects._ops import ops as exir_ops
-
-    cm = exir_ops.edge.cortex_m
-
+def kernels() -> dict[str, object]:
+    """The batched conv and depthwise kernels, by operator name (the rest run ExecuTorch's reference ops)."""
     def depthwise(x, w, b, stride, padding, dilation, _mult, *rest):
         return conv(x, w, b, stride, padding, dilation, *rest[:6], depthwise=True)
 
-    return {cm.quantized_conv2d.default: lambda *a: conv(*a[:12], depthwise=False),
-            cm.quantized_depthwise_conv2d.default: depthwise}
+    return {"cortex_m::quantized_conv2d": lambda *a: conv(*a[:12], depthwise=False),
+            "cortex_m::quantized_depthwise_conv2d": depthwise}
 
 
 class HostProgram(Predictor):
-    """The lowered Cortex-M program as a predictor (float images in; quantized first when the program takes int8)."""
+    """A Cortex-M ``.pte`` (its bytes) as a predictor: float images in (quantized first with the input's scale and
+    zero point when the program takes int8), logits out. ``vectorised=False`` runs ExecuTorch's own reference
+    kernels everywhere (slow; the tests compare both)."""
 
     runtime = RUNTIME
 
-    def __init__(self, program, input_qparams: dict, int8_input: bool, *, vectorised: bool = True):
-        self.gm, self.consts = batched_graph(program)
-        self.kernels = kernels() if vectorised else {}
-        self.qparams, self.int8_input = input_qparams, int8_input
+    def __init__(self, data: bytes, input_qparams: dict, *, source: str, vectorised: bool = True):
+        from .program import CortexMProgram
+
+        self.program = CortexMProgram(data, source=source, kernels=kernels() if vectorised else {})
+        self.int8_input = self.program.input_spec.dtype == torch.int8
+        if self.int8_input and not input_qparams.get("scale"):
+            raise VerificationError(f"'{source}' takes int8 images but its sidecar gives no input scale and zero "
+                                    f"point; keep the sidecar mbquant wrote beside it")
+        self.qparams = input_qparams
+
+    @property
+    def operators(self) -> list[str]:
+        return self.program.operators
 
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         q = self.qparams
@@ -118,9 +118,7 @@ class HostProgram(Predictor):
         x = x.contiguous(memory_format=torch.channels_last)
         if self.int8_input:
             x = self.quantize_input(x)
-        args = [x if c is None else c for c in self.consts]
-        with torch.no_grad():
-            out = _Batched(self.gm, self.kernels).run(*args)
+        out = self.program.run(x)
         out = out[0] if isinstance(out, (tuple, list)) else out
         return out.float()
 

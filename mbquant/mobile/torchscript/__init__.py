@@ -48,24 +48,26 @@ class TorchScriptBackend(Backend):
     def write(self, model: nn.Module, stem: Path, *, resolution: int) -> list[Written]:
         sm, how = to_torchscript(model, resolution, engine=self.engine)
         mobile, not_optimized = try_optimize_for_mobile(sm)
-        notes = [DEPRECATION_NOTE] + ([not_optimized] if not_optimized else [])
+        warnings = [DEPRECATION_NOTE]
+        notes = [not_optimized] if not_optimized else []
         if how != "script":
             notes.append(f"the INT8 model was traced, not scripted: {how}")
         details = {"engine": self.engine, "script_method": how, "optimize_for_mobile": not_optimized is None,
-                   "notes": notes}
+                   "warnings": warnings, "notes": notes}
         pt = write_pt(sm, Path(f"{stem}.pt"))
         ptl = write_ptl(mobile, Path(f"{stem}.ptl"))
         return [Written(pt, {**details, "loader": "torch.jit.load"}),
                 Written(ptl, {**details, "loader": "torch.jit.mobile._load_for_lite_interpreter"})]
 
-    def load(self, path: Path) -> Predictor:
-        return FreshProcessModel(path, engine=self.engine, lite=Path(path).suffix == ".ptl",
-                                 threads=torch.get_num_threads())
+    def open(self, path: Path, sidecar) -> Predictor:
+        """The .pt (torch.jit.load) or .ptl (lite interpreter) in a fresh process, under the engine it was made for."""
+        engine = (sidecar.details.get("engine") if sidecar is not None else None) or self.engine
+        return FreshProcessModel(path, engine=engine, lite=Path(path).suffix == ".ptl", threads=torch.get_num_threads())
 
     def describe(self, int8: nn.Module, config: QuantConfig) -> dict[str, Any]:
         return {"engine": self.engine, "weights": eager.weight_granularity(int8).to_dict(),
                 "relu6": "fused (clamp)" if config.fuse_relu6 else "separate"}
 
 
-def backend(spec, run) -> TorchScriptBackend:
-    return TorchScriptBackend(spec, run)
+def backend(spec, options) -> TorchScriptBackend:
+    return TorchScriptBackend(spec, options)

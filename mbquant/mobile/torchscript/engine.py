@@ -187,7 +187,7 @@ class QuantizedConvReLU62d(nnq.Conv2d):
 
     @classmethod
     def from_float(cls, mod, use_precomputed_fake_quant=False):
-        from torch.ao.nn.quantized.modules.conv import _ConvNd
+        from ...compat import quantized_conv_base
 
         conv = mod if hasattr(mod, "weight_fake_quant") else mod[0]
         if conv.padding_mode != "zeros":
@@ -196,7 +196,7 @@ class QuantizedConvReLU62d(nnq.Conv2d):
         scale, zero_point = mod.activation_post_process.calculate_qparams()
         top = float(scale.reshape(-1)[0]) * (255 - int(zero_point.reshape(-1)[0]))
         target = QuantizedConvReLU62d if top <= _SIX else QuantizedConvReLU62dWide
-        return _ConvNd.from_float(target, mod, use_precomputed_fake_quant=use_precomputed_fake_quant)
+        return quantized_conv_base().from_float(target, mod, use_precomputed_fake_quant=use_precomputed_fake_quant)
 
 
 class QuantizedConvReLU62dWide(QuantizedConvReLU62d):
@@ -283,9 +283,9 @@ class WeightGranularity:
 
 
 def weight_granularity(qmodel: nn.Module) -> WeightGranularity:
-    from torch.ao.nn.quantized.modules.conv import _ConvNd
+    from ...compat import quantized_conv_base
 
-    schemes = [m.weight().qscheme() for m in qmodel.modules() if isinstance(m, (_ConvNd, nnq.Linear))]
+    schemes = [m.weight().qscheme() for m in qmodel.modules() if isinstance(m, (quantized_conv_base(), nnq.Linear))]
     pc = sum(s in (torch.per_channel_affine, torch.per_channel_symmetric) for s in schemes)
     pt = len(schemes) - pc
     kind = "none" if not schemes else "per-channel" if pt == 0 else "per-tensor" if pc == 0 else "mixed"
@@ -310,11 +310,11 @@ class EagerQat(QatModel):
     def _freeze_bn(self) -> None:
         """Stop updating BN running statistics (torch's freeze_bn_stats matches its own classes by exact type,
         so the ReLU6 units are frozen directly)."""
-        from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+        from ...compat import qat_conv_bn_base
 
         self.module.apply(nniqat.freeze_bn_stats)
         for m in self.module.modules():
-            if isinstance(m, _ConvBnNd) and not m.freeze_bn:
+            if isinstance(m, qat_conv_bn_base()) and not m.freeze_bn:
                 m.freeze_bn_stats()
 
     def convert(self) -> nn.Module:

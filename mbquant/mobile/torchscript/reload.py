@@ -8,6 +8,7 @@ sets the artifact's engine before loading it (loaded under x86, a qnnpack file c
 from __future__ import annotations
 
 import io
+import os
 import struct
 import subprocess
 import sys
@@ -20,18 +21,20 @@ from ...errors import VerificationError
 from ..backend import Predictor
 
 _WORKER = r"""
-import io, os, statistics, struct, sys, time
+import io, os, struct, sys
 proto = os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)                      # anything else printed goes to stderr, never into the protocol
 import torch
+from mbquant.compat import load_for_lite_interpreter
+from mbquant.timing import latency_ms
 path, engine, lite, threads = sys.argv[1], sys.argv[2], sys.argv[3] == "1", int(sys.argv[4])
 torch.set_num_threads(threads)
 torch.backends.quantized.engine = engine
-if lite:
-    from torch.jit.mobile import _load_for_lite_interpreter
-    module = _load_for_lite_interpreter(path)
-else:
-    module = torch.jit.load(path, map_location="cpu").eval()
+try:
+    module = load_for_lite_interpreter(path) if lite else torch.jit.load(path, map_location="cpu").eval()
+except Exception as exc:
+    print("LOAD-FAILED " + type(exc).__name__ + ": " + " ".join(str(exc).split())[:300], file=sys.stderr)
+    sys.exit(3)
 inp = sys.stdin.buffer
 
 def send(obj):
@@ -53,17 +56,8 @@ while True:
             send({"y": module(x).float().contiguous()})
             continue
         torch.set_num_threads(int(msg["threads"]))
-        for _ in range(3):
-            module(x)
-        times = []
-        for _ in range(int(msg["runs"])):
-            t = time.perf_counter()
-            module(x)
-            times.append((time.perf_counter() - t) * 1000)
+        send(latency_ms(module, x, runs=int(msg["runs"]), batch=int(x.shape[0])))
         torch.set_num_threads(threads)
-        times.sort()
-        send({"median_ms": round(statistics.median(times), 3), "p90_ms": round(times[int(0.9 * (len(times) - 1))], 3),
-              "runs": len(times), "batch": int(x.shape[0])})
 """
 
 
@@ -77,19 +71,26 @@ class FreshProcessModel(Predictor):
         if not self.path.exists():
             raise VerificationError(f"artifact '{self.path}' does not exist; write it before loading it")
         self._stderr = tempfile.TemporaryFile()
+        root = str(Path(__file__).resolve().parents[3])    # the worker imports mbquant from this tree
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
         self._proc = subprocess.Popen([sys.executable, "-c", _WORKER, str(self.path), engine, "1" if lite else "0",
                                        str(threads)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=self._stderr)
+                                      stderr=self._stderr, env=env)
         self._receive()
 
     def _fail(self, what: str) -> VerificationError:
         self._proc.kill()
         self._proc.wait()
         self._stderr.seek(0)
-        tail = "\n".join(self._stderr.read().decode(errors="replace").strip().splitlines()[-12:])
+        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
         runtime = "lite interpreter" if self.lite else "torch.jit.load"
-        return VerificationError(f"'{self.path}' failed in a fresh process ({runtime}, engine {self.engine}, "
-                                 f"{what}, exit {self._proc.returncode}):\n{tail}")
+        loaded = next((ln[len("LOAD-FAILED "):] for ln in lines if ln.startswith("LOAD-FAILED ")), None)
+        if loaded is not None:
+            return VerificationError(f"'{self.path}' is not a TorchScript artifact the {runtime} can load (engine "
+                                     f"{self.engine}): {loaded}; pass the file mbquant wrote, with its sidecar")
+        last = next((ln for ln in reversed(lines) if ln.strip()), "no message")
+        return VerificationError(f"'{self.path}' failed in a fresh process ({runtime}, engine {self.engine}, {what}, "
+                                 f"exit {self._proc.returncode}): {last.strip()[:300]}")
 
     def _receive(self) -> dict:
         head = self._proc.stdout.read(8)

@@ -14,12 +14,14 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from ..._io import atomic_path
+from ...atomic import atomic_path
+from ...compat import save_for_lite_interpreter
 from ...errors import ExportError
 from . import engine as eager
 
 DEPRECATION_NOTE = ("TorchScript and the lite interpreter are deprecated upstream (PyTorch points to torch.export "
-                    "and ExecuTorch); these artifacts are for apps that still load .pt/.ptl")
+                    "and ExecuTorch); these artifacts are for apps that still load .pt/.ptl: move such apps to the "
+                    ".pte (--format pte) when you can")
 
 
 @contextlib.contextmanager
@@ -60,7 +62,7 @@ def write_ptl(sm: torch.jit.ScriptModule, path: Path | str) -> Path:
     """Save for the lite interpreter (``_load_for_lite_interpreter``, the PyTorch Mobile runtime), atomically."""
     path = Path(path)
     with atomic_path(path) as tmp, quiet_deprecations():
-        sm._save_for_lite_interpreter(str(tmp))
+        save_for_lite_interpreter(sm, str(tmp))
     return path
 
 

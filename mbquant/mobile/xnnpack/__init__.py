@@ -1,72 +1,30 @@
 """``pte-xnnpack``: PT2E INT8 -> ExecuTorch program with the XNNPACK delegate (ARM phones).
 
-quantizer.py (composed quantizer), lower.py (lowering, delegation, atomic write), runtime.py (PteModel).
+pte.py (the Backend), quantizer.py (composed quantizer), lower.py (lowering, delegation, atomic write; import
+``lower`` from there: the package attribute is the submodule),
+runtime.py (PteModel, runtime threads), client.py (the torch-free reference client and the host/ARM C++ runners),
+runner/pte_runner.cpp. This module imports nothing heavy, so the torch-free client can live in this folder.
 """
 from __future__ import annotations
 
-import time
-from pathlib import Path
+import importlib
 from typing import Any
 
-import torch
-from torch import nn
-from torch.fx import GraphModule
+_API = {"XnnpackBackend": "pte", "PteModel": "runtime", "runtime_threads": "runtime", "Delegation": "lower",
+        "Lowered": "lower", "delegation_of": "lower", "write_pte": "lower",
+        "build_quantizer": "quantizer"}
 
-from ...config import QuantConfig
-from ...quant import pt2e
-from ...quant.export import FloatModel
-from ...quant.keep_float import resolve_names
-from ...quant.qat import QatGraph
-from ..backend import Backend, Predictor, Written
-from .lower import Delegation, Lowered, delegation_of, lower, write_pte
-from .quantizer import build_quantizer
-from .runtime import PteModel, runtime_threads
-
-__all__ = ["Delegation", "Lowered", "PteModel", "XnnpackBackend", "backend", "build_quantizer", "delegation_of",
-           "lower", "runtime_threads", "write_pte"]
+__all__ = ["backend", *_API]
 
 
-class XnnpackBackend(Backend):
-    def _quantizer(self, fm: FloatModel, config: QuantConfig, qat: bool):
-        layers = resolve_names(config.keep_float or (), fm.module, fm.graph)
-        return build_quantizer(config, layers, qat=qat)
+def backend(spec, options):
+    """The row's backend object (the table calls this)."""
+    from .pte import XnnpackBackend
 
-    def prepare(self, fm: FloatModel, config: QuantConfig) -> GraphModule:
-        return pt2e.prepare(fm.graph_copy(), self._quantizer(fm, config, qat=False))
-
-    def prepare_qat(self, fm: FloatModel, config: QuantConfig) -> QatGraph:
-        return pt2e.prepare_qat(fm.train_graph(), self._quantizer(fm, config, qat=True))
-
-    def convert(self, prepared: nn.Module) -> GraphModule:
-        return pt2e.convert(prepared)
-
-    def write(self, model: nn.Module, stem: Path, *, resolution: int) -> list[Written]:
-        t = time.perf_counter()
-        lowered = lower(model, resolution)
-        seconds = round(time.perf_counter() - t, 1)
-        path = write_pte(lowered, Path(f"{stem}.pte"))
-        return [Written(path, {"lower_seconds": seconds, "delegation": lowered.delegation.to_dict()},
-                        delegated=lowered.delegation.ratio)]
-
-    def load(self, path: Path) -> Predictor:
-        return PteModel(path)
-
-    def describe(self, int8: nn.Module, config: QuantConfig) -> dict[str, Any]:
-        from ...quant.graph import summarize
-
-        return summarize(int8).to_dict()
-
-    def float_layers(self, int8: nn.Module) -> list[str]:
-        from ...quant.graph import summarize
-
-        return summarize(int8).float_layers
-
-    def diagnose(self, fm: FloatModel, int8: nn.Module, x: torch.Tensor) -> dict[str, Any]:
-        from ...evaluate import layer_sqnr
-
-        rows = layer_sqnr(fm.graph, int8, x)
-        return {"layer_sqnr_worst5": rows[:5], "layer_sqnr_all": rows}
+    return XnnpackBackend(spec, options)
 
 
-def backend(spec, run) -> XnnpackBackend:
-    return XnnpackBackend(spec, run)
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(importlib.import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'mbquant.mobile.xnnpack' has no attribute '{name}'")

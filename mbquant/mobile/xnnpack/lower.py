@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch.fx import GraphModule
 
-from ..._io import write_bytes
+from ...atomic import write_bytes
 from ...errors import ExportError
 from ...quant.export import example_input
 

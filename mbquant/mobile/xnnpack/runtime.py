@@ -8,16 +8,16 @@ from typing import Iterator
 import torch
 
 from ...errors import VerificationError
-from ..backend import Predictor, latency_ms
+from ...compat import reset_threadpool, threadpool_size
+from ...timing import latency_ms
+from ..backend import Predictor
 
 
 _POOL = {"generation": 0}  # bumped whenever the runtime's threadpool is replaced
 
 
 def _reset_threadpool(n: int) -> None:
-    from executorch.extension.pybindings import portable_lib
-
-    portable_lib._unsafe_reset_threadpool(int(n))
+    reset_threadpool(n)
     _POOL["generation"] += 1
 
 
@@ -27,9 +27,7 @@ def runtime_threads(n: int) -> Iterator[None]:
 
     Resetting the pool destroys the one every loaded XNNPACK method captured when it was loaded (using such a
     method afterwards crashes the process); :class:`PteModel` reloads its method when the pool was replaced."""
-    from executorch.extension.pybindings import portable_lib
-
-    before = int(portable_lib._threadpool_get_thread_count())
+    before = threadpool_size()
     if int(n) == before:
         yield
         return
@@ -78,4 +76,4 @@ class PteModel(Predictor):
 
     def latency(self, x: torch.Tensor, runs: int, threads: int) -> dict:
         with runtime_threads(threads):
-            return latency_ms(self, x, runs=runs)
+            return latency_ms(self, x, runs=runs, batch=int(x.shape[0]))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from types import SimpleNamespace
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,13 +17,19 @@ from mbquant.mobile import table
 from mbquant.models import load_checkpoint
 from mbquant.pipeline import quantize_with
 from mbquant.quant.export import FloatModel
+from tests.conftest import needs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _backend(int8_input: bool):
-    run = RunConfig(target="mcu", formats=("pte",), cpu="cortex-m4", int8_input=int8_input)
+    run = RunConfig(target="mcu", formats=("pte",), options={"cpu": "cortex-m4", "int8_input": int8_input})
     return table.load("pte-cortex-m", run)
+
+
+def _open(backend, w):
+    """What ``open`` reads of a sidecar: the written program's details."""
+    return backend.open(w.path, SimpleNamespace(details=w.details))
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +39,7 @@ def programs(tiny_ckpt, tmp_path_factory):
 
     root, ck = tiny_ckpt
     model, info = load_checkpoint(ck)
-    calib = calibrate.from_folder(root / "train", info.preset, 32, seed=0)
+    calib = calibrate.from_folder(root / "train", info.preset, 32, seed=0)   # the preset's contract
     spec = table.get_spec("pte-cortex-m")
     cfg = table.resolve(QuantConfig(num_calib=32, batch_size=16), spec)
     q = quantize_with(_backend(False), FloatModel(model, info.resolution), cfg, calib)
@@ -42,8 +49,9 @@ def programs(tiny_ckpt, tmp_path_factory):
         backend = _backend(int8_input)
         (w,) = backend.write(q.int8, out / f"m_{int8_input}", resolution=info.resolution)
         made[int8_input] = (backend, w)
-    images = torch.cat([b[0] for b in __import__("mbquant.data", fromlist=["x"]).make_loader(
-        __import__("mbquant.data", fromlist=["x"]).load_folder(root / "val", info.preset), 50) if b is not None])
+    from mbquant.data.dataset import load_folder, make_loader
+
+    images = torch.cat([b[0] for b in make_loader(load_folder(root / "val", info.preset), 50) if b is not None])
     return q, made, images, info, out
 
 
@@ -100,13 +108,15 @@ def test_best_fit_plan_never_overlaps_live_tensors(programs):
 
 
 def test_batched_kernels_equal_executorchs_reference_implementations(programs):
-    q, made, images, _, _ = programs
-    backend, w = made[False]
-    fast = backend.load(w.path)
+    """Both run the .pte's own instructions from its bytes: mbquant's batched conv kernels and ExecuTorch's shipped
+    reference implementations give the same integers."""
     from mbquant.mobile.cortex_m import HostProgram
 
-    lowered = backend._lowered[w.path][1]
-    shipped = HostProgram(lowered.program, lowered.input_qparams, False, vectorised=False)
+    q, made, images, _, _ = programs
+    backend, w = made[False]
+    fast = _open(backend, w)
+    shipped = HostProgram(w.path.read_bytes(), w.details["input_qparams"], source=str(w.path), vectorised=False)
+    assert fast.operators == shipped.operators == w.details["operators"]
     x = images[:12]
     assert torch.equal(fast(x), shipped(x))
     assert torch.equal(fast(x)[3:4], fast(x[3:4]))          # a batch gives what single images give
@@ -118,21 +128,27 @@ def test_int8_input_programs_predict_what_float_input_programs_predict(programs)
     _, made, images, *_ = programs
     (b0, w0), (b1, w1) = made[False], made[True]
     assert w1.details["input_qparams"] == w0.details["input_qparams"] and w1.details["input_qparams"]["scale"] > 0
-    assert torch.equal(b0.load(w0.path)(images), b1.load(w1.path)(images))
+    assert torch.equal(_open(b0, w0)(images), _open(b1, w1)(images))
 
 
-def test_the_pte_on_disk_is_checked_against_the_lowered_program(programs, tmp_path):
+def test_the_program_is_opened_from_its_bytes_and_a_damaged_one_is_refused(programs, tmp_path):
+    """``open`` reads the file: a truncated or random-bytes program fails with a message that says so, and a
+    sidecar of another program (other operators) is refused."""
     from mbquant.errors import VerificationError
 
     _, made, *_ = programs
-    backend, w = made[False]
-    original = w.path.read_bytes()
-    try:
-        w.path.write_bytes(original[:-8] + b"\0" * 8)
-        with pytest.raises(VerificationError, match="differs from the program that was lowered"):
-            backend.load(w.path)
-    finally:
-        w.path.write_bytes(original)
+    (backend, w), (_, w_int8) = made[False], made[True]
+    cut = tmp_path / "cut.pte"
+    cut.write_bytes(w.path.read_bytes()[:1000])
+    with pytest.raises(VerificationError, match=r"'.*cut.pte' is not a readable ExecuTorch program .* truncated or "
+                                                r"damaged"):
+        backend.open(cut, SimpleNamespace(details=w.details))
+    noise = tmp_path / "noise.pte"
+    noise.write_bytes(bytes(range(256)) * 100)
+    with pytest.raises(VerificationError, match=r"'.*noise.pte' is not an ExecuTorch program"):
+        backend.open(noise, SimpleNamespace(details=w.details))
+    with pytest.raises(VerificationError, match="its sidecar describes a program of"):
+        backend.open(w_int8.path, SimpleNamespace(details=w.details))
 
 
 def test_firmware_header_holds_the_program_and_its_contract(programs, tmp_path):
@@ -145,8 +161,7 @@ def test_firmware_header_holds_the_program_and_its_contract(programs, tmp_path):
     assert re.search(r"#define M_TRUE_INPUT_INT8 1", text) and "__attribute__((aligned(16)))" in text
     assert f"INPUT_ZERO_POINT {w.details['input_qparams']['zero_point']}" in text and '"ankle_boot"' in text
     gcc = shutil.which("arm-none-eabi-gcc")
-    if gcc is None:
-        pytest.skip("arm-none-eabi-gcc is not installed (.ci/run installs gcc-arm-none-eabi)")
+    needs("arm-none-eabi-gcc", gcc is not None, "run `make toolchains` (Debian's gcc-arm-none-eabi)")
     src = tmp_path / "use.c"
     src.write_text(f'#include "{h}"\nint main(void) {{ return (int)m_true_pte[0] + M_TRUE_PTE_SIZE; }}\n')
     subprocess.run([gcc, "-mcpu=cortex-m4", "-mthumb", "-std=c99", "-Wall", "-Werror", "-fsyntax-only", str(src)],
@@ -158,7 +173,7 @@ def test_budgets_fail_the_run_naming_what_is_largest(tiny_ckpt, tmp_path, capsys
 
     root, ck = tiny_ckpt
     rc = main(["ptq", "mobilenet_v1", "--weights", str(ck), "--target", "mcu", "--calib", str(root / "train"),
-               "--eval", str(root / "val"), "--num-calib", "16", "--eval-limit", "20", "--flash-kb", "8",
+               "--eval", str(root / "val"), "--num-calib", "16", "--eval-limit", "100", "--flash-kb", "8",
                "--ram-kb", "4", "--out", str(tmp_path / "run"), "--quiet"])
     err = capsys.readouterr().err
     assert rc == 1
@@ -173,8 +188,7 @@ def test_firmware_sketch_compiles_against_the_wheels_runtime_headers(programs, t
     """examples/mcu/main.cpp with a header mbquant wrote, syntax-checked for a Cortex-M4 (not linked: the runtime
     and CMSIS-NN for Cortex-M are not available here)."""
     gxx = shutil.which("arm-none-eabi-g++")
-    if gxx is None:
-        pytest.skip("arm-none-eabi-g++ is not installed (.ci/run installs gcc-arm-none-eabi)")
+    needs("arm-none-eabi-g++", gxx is not None, "run `make toolchains` (Debian's gcc-arm-none-eabi)")
     import executorch
 
     _, made, _, info, _ = programs

@@ -50,7 +50,7 @@ def test_reloaded_files_agree_with_the_int8_model_in_a_fresh_process(written, ca
     x = calib32.images[:34]
     ref = backend.reference(int8)(x)
     for w in files:
-        pred = backend.load(w.path)
+        pred = backend.open(w.path, None)
         try:
             assert "fresh process" in pred.runtime
             assert torch.equal(pred(x), ref) and torch.equal(pred(x[:1]), ref[:1])
@@ -58,13 +58,16 @@ def test_reloaded_files_agree_with_the_int8_model_in_a_fresh_process(written, ca
             assert lat["median_ms"] > 0 and lat["runs"] == 3
         finally:
             pred.close()
-    assert "lite interpreter" in backend.load(files[1].path).runtime
+    lite = backend.open(files[1].path, None)
+    assert "lite interpreter" in lite.runtime
+    lite.close()
 
 
 def test_reload_failures_carry_the_subprocess_error(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a torchscript archive")
-    with pytest.raises(VerificationError, match=r"failed in a fresh process \(torch.jit.load, engine qnnpack.*\n"):
+    with pytest.raises(VerificationError, match=r"'.*bad.pt' is not a TorchScript artifact the torch.jit.load can load "
+                                                r"\(engine qnnpack\): RuntimeError: PytorchStreamReader failed"):
         FreshProcessModel(bad, engine="qnnpack", lite=False)
     with pytest.raises(VerificationError, match="does not exist"):
         FreshProcessModel(tmp_path / "missing.ptl", engine="qnnpack", lite=True)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.fx import GraphModule
 
-from mbquant.mobile.xnnpack import Lowered, lower, write_pte
+from mbquant.mobile.xnnpack.lower import Lowered, lower, write_pte
 from mbquant.models import create
 from tests.conftest import quantize_pt2e
 

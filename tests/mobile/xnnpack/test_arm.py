@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from mbquant.mobile.client import compare_runners
+from mbquant.mobile.xnnpack.client import compare_runners
 
 
 def _check(res: dict, images: int) -> None:

@@ -1,17 +1,20 @@
 package org.mbquant.demo.core
 
 import java.io.File
+import org.json.JSONException
+import org.json.JSONObject
 
 enum class BundleProblem { MISSING, CORRUPT, WRONG_INPUT }
 
 class BundleException(val problem: BundleProblem, message: String) : Exception(message)
 
-/** An app bundle folder as `mbquant bundle` writes it: model.pte, labels.txt, preprocess.json, report.json. */
+/** An app bundle folder as `mbquant bundle` writes it: model.pte, labels.txt, preprocess.json, report.json and the
+ *  manifest bundle.json (its class count must be the number of labels). */
 class Bundle(val root: File, val spec: PreprocessSpec, val labels: List<String>) {
     val model: File get() = File(root, "model.pte")
 
     companion object {
-        val FILES = listOf("model.pte", "labels.txt", "preprocess.json", "report.json")
+        val FILES = listOf("model.pte", "labels.txt", "preprocess.json", "report.json", "bundle.json")
 
         fun read(root: File): Bundle {
             if (!root.isDirectory) throw BundleException(BundleProblem.MISSING, "no bundle at ${root.path}")
@@ -26,6 +29,11 @@ class Bundle(val root: File, val spec: PreprocessSpec, val labels: List<String>)
             val spec = PreprocessSpec.parse(File(root, "preprocess.json").readText())
             val labels = File(root, "labels.txt").readLines().filter { it.isNotEmpty() }
             if (labels.isEmpty()) throw BundleException(BundleProblem.CORRUPT, "labels.txt is empty")
+            val classes = try { JSONObject(File(root, "bundle.json").readText()).optInt("classes", -1) }
+                catch (e: JSONException) { -1 }
+            if (classes != labels.size) {
+                throw BundleException(BundleProblem.CORRUPT, "labels.txt has ${labels.size} names, bundle.json says $classes classes")
+            }
             return Bundle(root, spec, labels)
         }
     }

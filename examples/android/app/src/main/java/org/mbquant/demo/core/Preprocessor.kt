@@ -5,7 +5,7 @@ package org.mbquant.demo.core
  * (float32, NCHW, 1 x 3 x H x W), by the bundle's contract. It computes what mbquant's reference preprocessing
  * (Pillow + numpy) computes, to the bit: Pillow's luma for grayscale, Pillow's bilinear resampling (fixed-point,
  * 22 fraction bits, separable: horizontal pass, then vertical), torchvision's shorter-side resize and centre crop,
- * then (v / 255 - mean) / std in float32.
+ * then (v * (1/255) - mean) / std in float32.
  */
 class Preprocessor(private val spec: PreprocessSpec) {
 
@@ -35,10 +35,15 @@ class Preprocessor(private val spec: PreprocessSpec) {
         for (c in 0 until 3) {
             val plane = planes[if (channels == 1) 0 else c]
             for (i in 0 until w * h) {
-                out[c * w * h + i] = (plane[i].toFloat() / 255f - spec.mean[c]) / spec.std[c]
+                out[c * w * h + i] = (plane[i].toFloat() * SCALE - spec.mean[c]) / spec.std[c]
             }
         }
         return out
+    }
+
+    companion object {
+        /** 1/255 in float32, multiplied as mbquant (and torchvision) do: the same bits as the Python path. */
+        const val SCALE = 1f / 255f
     }
 
     private fun channel(p: Int, c: Int): Int {

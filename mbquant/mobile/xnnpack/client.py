@@ -1,13 +1,16 @@
 """A torch-free reference client: a bundle's program run by the C++ ExecuTorch runtime on images preprocessed by the
 bundle's own contract (numpy + Pillow), on this host or on aarch64 under qemu user-mode emulation.
 
+Images are picked by mbquant's one scanner and slicing rule (:mod:`mbquant.data`): ``--limit N`` is the same
+seeded class-stratified slice ``mbquant check --limit N`` and ``--eval-limit N`` evaluate.
+
 The runner (``mbquant/mobile/xnnpack/runner/pte_runner.cpp``) is the runtime API an Android app's native layer
 calls, built by ``make arm`` against the executorch wheel's runtime: ``build/host/pte_runner`` for this host and
 ``build/arm/pte_runner`` cross-built for aarch64 (the aarch64 wheel's libraries). Under emulation it runs with
 ``QEMU_CPU=cortex-a76``: qemu's default ``max`` CPU advertises SME and XNNPACK then computes wrong results.
 Emulated time says nothing about a phone's speed; only the numbers are checked.
 
-    python -m mbquant.mobile.client BUNDLE DATA [--arm] [--limit N]
+    python -m mbquant.mobile.xnnpack.client BUNDLE DATA [--arm] [--limit N]
 """
 from __future__ import annotations
 
@@ -23,14 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..errors import ConfigError, DataError, VerificationError
-from .bundle import Bundle, read_bundle
-from .preprocess import preprocess
+from ...data.contract import apply
+from ...data.folders import scan_folder
+from ...data.images import Unreadable, decode
+from ...data.slicing import eval_indices
+from ...errors import ConfigError, DataError, MbquantError, VerificationError
+from ...stats import top2_margin
+from ..bundle import Bundle, read_bundle
 
-BUILD = Path(os.environ.get("MBQUANT_BUILD", Path(__file__).resolve().parents[2] / "build"))
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+BUILD = Path(os.environ.get("MBQUANT_BUILD", Path(__file__).resolve().parents[3] / "build"))
 QEMU = ("qemu-aarch64-static", "-L", "/usr/aarch64-linux-gnu")
 
 
@@ -88,30 +93,45 @@ def arm_runner(build: Path = BUILD) -> Runner:
 
 
 def labelled_images(root: Path, classes: list[str], limit: int | None = None) -> list[tuple[Path, int]]:
-    """``root/<class>/*`` for the bundle's classes, sorted; with ``limit``, every k-th image of that order."""
-    root = Path(root)
-    found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")) if root.is_dir() else []
-    if found != sorted(classes):
-        raise DataError(f"'{root}' has class folders {found[:4]}{'...' if len(found) > 4 else ''}; the bundle's labels "
-                        f"are {sorted(classes)[:4]}{'...' if len(classes) > 4 else ''}: pass a labelled folder of "
-                        f"those classes")
-    items = [(p, classes.index(c)) for c in sorted(classes) for p in sorted((root / c).iterdir())
-             if p.suffix.lower() in IMAGE_EXTENSIONS]
-    if limit is not None and limit < len(items):
-        step = len(items) / limit
-        items = [items[int(i * step)] for i in range(limit)]
-    return items
+    """The labelled images of ``root`` for the bundle's classes (mbquant's scanner); with ``limit``, the seeded
+    class-stratified slice every ``--limit`` of mbquant evaluates."""
+    samples, _ = scan_folder(root, expected_classes=classes)
+    items = [(s.path, s.label) for s in samples]
+    keep = eval_indices([y for _, y in items], limit)
+    return items if keep is None else [items[i] for i in keep]
 
 
-def inputs(bundle: Bundle, items: list[tuple[Path, int]]) -> np.ndarray:
-    return np.stack([preprocess(Image.open(p), bundle.spec) for p, _ in items])
+def inputs(bundle: Bundle, items: list[tuple[Path, int]]) -> tuple[np.ndarray, list[tuple[Path, int]]]:
+    """The readable images preprocessed by the bundle's contract, and which images they are."""
+    arrays, kept = [], []
+    for p, y in items:
+        try:
+            arrays.append(apply(decode(p), bundle.spec))
+            kept.append((p, y))
+        except Unreadable:
+            continue
+    if not arrays:
+        raise DataError(f"none of the {len(items)} images is readable; pass a folder of valid images")
+    return np.stack(arrays), kept
 
 
-def evaluate(bundle_dir: Path, data: Path, runner: Runner, *, limit: int | None = None) -> dict[str, Any]:
+def check_runner_io(bundle: Bundle, runner: Runner) -> None:
+    """The program as the runner loads it takes the contract's input and gives one output per label."""
+    io = runner.describe(bundle.program)
+    if io["input"] != bundle.spec.shape:
+        raise VerificationError(f"bundle '{bundle.root}': {bundle.manifest.program} takes input {io['input']} but "
+                                f"preprocess.json says {bundle.spec.shape}; the bundle mixes files of different models")
+    if io["output"][-1] != len(bundle.labels):
+        raise VerificationError(f"bundle '{bundle.root}': {bundle.manifest.program} has {io['output'][-1]} outputs but "
+                                f"labels.txt {len(bundle.labels)} lines")
+
+
+def run_bundle(bundle_dir: Path, data: Path, runner: Runner, *, limit: int | None = None) -> dict[str, Any]:
     """The bundle's top-1 on ``data`` with ``runner``, from the bundle alone."""
-    bundle = read_bundle(bundle_dir, runner)
-    items = labelled_images(data, bundle.labels, limit)
-    logits = runner.run(bundle.pte, inputs(bundle, items))
+    bundle = read_bundle(bundle_dir)
+    check_runner_io(bundle, runner)
+    x, items = inputs(bundle, labelled_images(data, bundle.labels, limit))
+    logits = runner.run(bundle.program, x)
     labels = np.asarray([y for _, y in items])
     return {"images": len(items), "top1": round(100.0 * float((logits.argmax(1) == labels).mean()), 3),
             "runner": runner.name, "logits": logits, "labels": labels, "paths": [str(p) for p, _ in items]}
@@ -124,13 +144,13 @@ def main(argv=None) -> int:
     ap.add_argument("--arm", action="store_true", help="run on aarch64 under qemu")
     ap.add_argument("--limit", type=int, default=None)
     args = ap.parse_args(argv)
-    res = evaluate(args.bundle, args.data, arm_runner() if args.arm else host_runner(), limit=args.limit)
+    try:
+        res = run_bundle(args.bundle, args.data, arm_runner() if args.arm else host_runner(), limit=args.limit)
+    except MbquantError as exc:
+        print(f"mbquant client: error: {exc}", file=sys.stderr)
+        return exc.exit_code
     print(json.dumps({k: v for k, v in res.items() if k in ("images", "top1", "runner")}))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 NEAR_TIE = 1e-3   # a top-2 logit margin this small may flip between two CPUs' float rounding (observed |diff| ~1e-4)
@@ -140,13 +160,12 @@ def compare_runners(bundle_dir: Path, data: Path, *, limit: int | None = None, h
                     arm: Runner | None = None, listed: int = 50) -> dict[str, Any]:
     """The bundle's program on this host and on aarch64, on the same preprocessed images, image by image."""
     host, arm = host or host_runner(), arm or arm_runner()
-    bundle = read_bundle(bundle_dir, host)
-    items = labelled_images(data, bundle.labels, limit)
-    x = inputs(bundle, items)
-    a, b = host.run(bundle.pte, x), arm.run(bundle.pte, x)
+    bundle = read_bundle(bundle_dir)
+    check_runner_io(bundle, host)
+    x, items = inputs(bundle, labelled_images(data, bundle.labels, limit))
+    a, b = host.run(bundle.program, x), arm.run(bundle.program, x)
     labels = np.asarray([y for _, y in items])
-    top2 = np.sort(a, 1)[:, -2:]
-    margin = top2[:, 1] - top2[:, 0]
+    margin = top2_margin(a)
     differ = np.nonzero(a.argmax(1) != b.argmax(1))[0]
     unexplained = [int(i) for i in differ if margin[i] > NEAR_TIE]
     rows = [{"image": str(items[i][0]), "label": bundle.labels[labels[i]], "host": bundle.labels[int(a[i].argmax())],
@@ -159,5 +178,9 @@ def compare_runners(bundle_dir: Path, data: Path, *, limit: int | None = None, h
             "agreement": round(100.0 * (1 - len(differ) / max(1, len(items))), 3),
             "max_abs_logit_diff": float(np.abs(a - b).max()) if len(items) else 0.0,
             "disagreements": len(differ), "unexplained": len(unexplained), "near_tie_margin": NEAR_TIE,
-            "disagreeing_images": rows, "report_top1": bundle.artifact["top1"],
-            "report_images": bundle.artifact["images"]}
+            "disagreeing_images": rows, "report_top1": bundle.artifact.top1,
+            "report_images": bundle.artifact.images}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

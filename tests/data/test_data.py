@@ -5,11 +5,16 @@ import numpy as np
 import pytest
 import torch
 
-from mbquant.data import (ImageFolderDataset, imagenet_preset, load_folder, make_loader, make_preset, scan_folder,
-                          small_preset, build_transform, Preset)
-from mbquant.fashion_mnist import FASHION_MNIST_CLASSES, prepare_fashion_mnist
+from mbquant.data import Preset, imagenet_preset, make_preset, scan_folder, small_preset
+from mbquant.data.contract import spec_of
+from mbquant.data.dataset import load_folder, make_loader
+from mbquant.data.fashion_mnist import FASHION_MNIST_CLASSES, prepare_fashion_mnist
 from mbquant.errors import ConfigError, DataError
 from tests.conftest import copy_subset
+
+
+def _load(root, preset, **kw):
+    return load_folder(root, spec_of(preset), **kw)
 
 
 def test_prepared_fashion_mnist_counts_and_classes(fmnist):
@@ -28,7 +33,7 @@ def _write_idx(path: Path, arr: np.ndarray) -> None:
 
 
 def test_prepare_from_idx_files_is_idempotent(tmp_path, fmnist):
-    from mbquant.fashion_mnist import FASHION_MNIST_DIR, _read_idx
+    from mbquant.data.fashion_mnist import FASHION_MNIST_DIR, _read_idx
 
     src = tmp_path / "src"
     src.mkdir()
@@ -53,12 +58,12 @@ def test_prepare_rejects_folder_without_idx(tmp_path):
 
 
 def test_presets_shapes_and_normalisation(small_folder):
-    ds = load_folder(small_folder, small_preset(64))
+    ds = _load(small_folder, small_preset(64))
     x, y = ds[0]
     assert x.shape == (3, 64, 64) and x.dtype == torch.float32
     assert torch.equal(x[0], x[1]) and torch.equal(x[1], x[2])  # grayscale replicated
     assert -1.0 < x.min() < 0 and x.max() > 1.0                 # normalised with mean .286 std .353
-    ds = load_folder(small_folder, imagenet_preset(96))
+    ds = _load(small_folder, imagenet_preset(96))
     assert ds[0][0].shape == (3, 96, 96)
     assert imagenet_preset(224).resize == 256
     assert Preset.from_dict(small_preset(96).to_dict()) == small_preset(96)
@@ -75,7 +80,8 @@ def test_missing_and_empty_folders(tmp_path):
     with pytest.raises(DataError, match="does not exist"):
         scan_folder(tmp_path / "nope")
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(DataError, match=r"has no images \(looked for .jpg .jpeg .png .bmp .webp .tif .tiff\)"):
+    with pytest.raises(DataError, match=r"class folder '.*cls' holds no images \(looked for .jpg .jpeg .png .bmp "
+                                        r".webp .tif .tiff\)"):
         scan_folder(tmp_path / "empty")
 
 
@@ -94,7 +100,7 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, small_folder):
     root = copy_subset(small_folder, tmp_path / "imgs", 3, classes=["bag", "coat"])
     (root / "bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
     (root / "coat" / "notes.jpg").write_text("plain text")
-    ds = load_folder(root, small_preset(32))
+    ds = _load(root, small_preset(32))
     assert len(ds) == 8
     batches = [b for b in make_loader(ds, 4) if b is not None]
     assert sum(len(b[0]) for b in batches) == 6
@@ -102,5 +108,20 @@ def test_corrupt_images_are_skipped_and_counted(tmp_path, small_folder):
 
 
 def test_class_mismatch_is_an_error(small_folder):
-    with pytest.raises(DataError, match=r"has 10 classes .* trained on 3 classes"):
-        load_folder(small_folder, small_preset(32), expected_classes=["a", "b", "c"])
+    with pytest.raises(DataError, match=r"has 10 classes .* the model has 3 classes"):
+        _load(small_folder, small_preset(32), expected_classes=["a", "b", "c"])
+
+
+def test_an_empty_class_folder_is_refused_by_every_path(tmp_path, small_folder):
+    """One scanner: an empty class folder would shift every later label (or change the class count) depending on
+    which path read the folder; every path refuses it, naming the folder."""
+    from mbquant import calibrate
+    from mbquant.mobile.xnnpack.client import labelled_images
+
+    root = copy_subset(small_folder, tmp_path / "imgs", 2)
+    (root / "aaa-empty").mkdir()
+    for call in (lambda: scan_folder(root), lambda: _load(root, small_preset(32)),
+                 lambda: calibrate.from_folder(root, spec_of(small_preset(32)), 8),
+                 lambda: labelled_images(root, sorted(p.name for p in root.iterdir()))):
+        with pytest.raises(DataError, match=r"class folder '.*aaa-empty' holds no images"):
+            call()

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import DataError
+from ..errors import DataError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_PACKAGE = "dataset-fashion-mnist"
@@ -97,7 +97,7 @@ def prepare_fashion_mnist(dest: Path | str, *, source: Path = FASHION_MNIST_DIR,
     """
     from tqdm import tqdm
 
-    from ._io import Lock, ensure_writable_dir, pid_alive
+    from ..atomic import Lock, ensure_writable_dir, pid_alive
 
     dest = Path(dest)
     source = ensure_fashion_mnist_package(source)

@@ -1,0 +1,354 @@
+"""Every private API of torch, torchao and ExecuTorch that mbquant relies on, behind one door.
+
+Private names (a leading underscore, or a module that is not part of a package's documented surface) may be
+renamed or changed by any upstream release, and some of them fail *silently* when they move: if
+``HistogramObserver._non_linear_param_search`` were renamed, mbquant's percentile observer would quietly become a
+histogram observer. So mbquant reaches them only through the functions below, and :data:`PROBES` holds one check
+per API that exercises the behaviour mbquant depends on (not just that the name exists).
+``tests/test_compat.py`` runs every probe; :func:`run_probes` names the package, its installed version and what
+changed when one fails. Nothing here is imported at ``mbquant --help`` time: each function imports what it wraps
+when it is called.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Callable
+
+# --------------------------------------------------------------------------- torch
+
+
+def register_decomposed_quant_ops() -> None:
+    """Register the ``quantized_decomposed`` ops PT2E graphs are made of (``torch.ops.quantized_decomposed.*``)."""
+    import torch.ao.quantization.fx._decomposed  # noqa: F401 - importing registers the ops
+
+
+def load_for_lite_interpreter(path: str):
+    """The PyTorch Mobile runtime's loader (``torch.jit.mobile._load_for_lite_interpreter``)."""
+    from torch.jit.mobile import _load_for_lite_interpreter
+
+    return _load_for_lite_interpreter(path)
+
+
+def save_for_lite_interpreter(script_module, path: str) -> None:
+    """``ScriptModule._save_for_lite_interpreter``: the lite-interpreter (.ptl) serialisation."""
+    script_module._save_for_lite_interpreter(path)
+
+
+def quantized_conv_base() -> type:
+    """The eager engine's quantized conv base class (``torch.ao.nn.quantized.modules.conv._ConvNd``)."""
+    from torch.ao.nn.quantized.modules.conv import _ConvNd
+
+    return _ConvNd
+
+
+def qat_conv_bn_base() -> type:
+    """The eager engine's QAT conv-BN base class (``torch.ao.nn.intrinsic.qat.modules.conv_fused._ConvBnNd``)."""
+    from torch.ao.nn.intrinsic.qat.modules.conv_fused import _ConvBnNd
+
+    return _ConvBnNd
+
+
+# --------------------------------------------------------------------------- torchao (PT2E)
+
+ANNOTATED_FIELD = "_annotated"   # QuantizationAnnotation's flag that tells later annotators to skip a node
+
+
+def annotation_key() -> str:
+    from torchao.quantization.pt2e.quantizer.quantizer import Q_ANNOTATION_KEY
+
+    return Q_ANNOTATION_KEY
+
+
+def new_annotation(**kwargs):
+    """A ``QuantizationAnnotation`` marked as annotated (later annotators of a composed quantizer skip it)."""
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    return QuantizationAnnotation(**kwargs, **{ANNOTATED_FIELD: True})
+
+
+def is_annotated(node) -> bool:
+    ann = node.meta.get(annotation_key())
+    return bool(ann is not None and getattr(ann, ANNOTATED_FIELD))
+
+
+def mark_annotated(node) -> None:
+    from torchao.quantization.pt2e.quantizer import QuantizationAnnotation
+
+    key = annotation_key()
+    if key not in node.meta:
+        node.meta[key] = QuantizationAnnotation()
+    setattr(node.meta[key], ANNOTATED_FIELD, True)
+
+
+def fuse_conv_bn(graph_module) -> None:
+    """Fold every BatchNorm of an exported eval graph into its conv, in place, exactly as ``prepare_pt2e`` does
+    (so node names stay those of the prepared graph)."""
+    from torchao.quantization.pt2e.utils import _fuse_conv_bn_
+
+    _fuse_conv_bn_(graph_module)
+
+
+def replace_batchnorm(graph_module, *, train_to_eval: bool) -> None:
+    """Rewrite an exported graph's batch_norm ops between their train and eval forms, in place."""
+    from torchao.quantization.pt2e.export_utils import _replace_batchnorm
+
+    _replace_batchnorm(graph_module, train_to_eval=train_to_eval)
+
+
+def exported_training(graph_module) -> bool:
+    """Whether an exported graph is in train mode (torchao records it in a private attribute)."""
+    from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
+
+    return bool(getattr(graph_module, _EXPORTED_TRAINING_ATTR, True))
+
+
+PARAM_SEARCH = "_non_linear_param_search"   # HistogramObserver's range search, which the percentile rule replaces
+
+
+# --------------------------------------------------------------------------- ExecuTorch
+
+
+def deserialize_program(data: bytes):
+    """The ``Program`` (flatbuffer schema objects, constants restored from their segments) of a ``.pte``."""
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    return deserialize_pte_binary(data).program
+
+
+def edge_ops():
+    """``executorch.exir.dialects._ops.ops``: the edge dialect's op namespace (``edge_ops().edge.aten...``)."""
+    from executorch.exir.dialects._ops import ops
+
+    return ops
+
+
+def drop_constant(exported_program, target: str) -> None:
+    """Remove a constant (parameter, buffer or lifted tensor) from an ExportedProgram's private stores."""
+    exported_program._state_dict.pop(target, None)
+    exported_program._constants.pop(target, None)
+
+
+def set_edge_program(edge_manager, exported_program, method: str = "forward") -> None:
+    """Replace a method's program inside an ``EdgeProgramManager`` (after a pass that returns a new one)."""
+    edge_manager._edge_programs[method] = exported_program
+
+
+def drop_config_methods(edge_manager) -> None:
+    """Forget the config methods an input-quantizing pass records (the qparams travel elsewhere)."""
+    edge_manager._config_methods = None
+
+
+def reset_threadpool(threads: int) -> None:
+    """Replace the ExecuTorch runtime's (process-global) threadpool with one of ``threads`` threads."""
+    from executorch.extension.pybindings import portable_lib
+
+    portable_lib._unsafe_reset_threadpool(int(threads))
+
+
+def threadpool_size() -> int:
+    from executorch.extension.pybindings import portable_lib
+
+    return int(portable_lib._threadpool_get_thread_count())
+
+
+# --------------------------------------------------------------------------- probes
+
+@dataclass(frozen=True)
+class Probe:
+    api: str
+    package: str
+    check: Callable[[], None]      # raises (anything) when the API no longer does what mbquant relies on
+
+
+def _probe_decomposed() -> None:
+    import torch
+
+    register_decomposed_quant_ops()
+    q = torch.ops.quantized_decomposed.quantize_per_tensor(torch.tensor([0.5, -1.0]), 0.5, 0, -128, 127, torch.int8)
+    assert q.tolist() == [1, -2], q
+
+
+def _probe_lite() -> None:
+    import tempfile
+
+    import torch
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_for_lite_interpreter(torch.jit.script(M()), f"{tmp}/m.ptl")
+        assert load_for_lite_interpreter(f"{tmp}/m.ptl")(torch.ones(1)).item() == 2.0
+
+
+def _probe_annotation() -> None:
+    import torch
+
+    gm = torch.fx.symbolic_trace(torch.nn.ReLU())
+    node = next(n for n in gm.graph.nodes if n.op not in ("placeholder", "output"))
+    assert not is_annotated(node)
+    mark_annotated(node)
+    assert is_annotated(node) and is_annotated(type("N", (), {"meta": {annotation_key(): new_annotation()}})())
+
+
+def _probe_param_search(family: str = "torchao") -> None:
+    """HistogramObserver must still compute its range through the method the percentile rule overrides."""
+    import torch
+
+    if family == "torchao":
+        from torchao.quantization.pt2e import HistogramObserver
+    else:
+        from torch.ao.quantization import HistogramObserver
+    called = []
+
+    class Spy(HistogramObserver):
+        pass
+
+    def spy(self):
+        called.append(True)
+        return self.min_val, self.max_val
+
+    setattr(Spy, PARAM_SEARCH, spy)
+    obs = Spy(dtype=torch.int8, quant_min=-128, quant_max=127)
+    obs(torch.linspace(-1, 1, 1000))
+    obs.calculate_qparams()
+    assert called, f"HistogramObserver.calculate_qparams no longer calls {PARAM_SEARCH}"
+
+
+def _probe_fuse_bn() -> None:
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    m[1].running_mean.fill_(0.5)
+    x = torch.randn(2, 3, 8, 8)
+    gm = torch.export.export(m, (x,)).module()
+    fuse_conv_bn(gm)
+    gm.recompile()
+    assert not [n for n in gm.graph.nodes if "batch_norm" in str(n.target)]
+    assert torch.allclose(gm(x), m(x), atol=1e-5)
+
+
+def _probe_batchnorm_modes() -> None:
+    import torch
+
+    m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).train()
+    gm = torch.export.export(m, (torch.randn(2, 3, 8, 8),)).module()
+    replace_batchnorm(gm, train_to_eval=True)
+    targets = [str(n.target) for n in gm.graph.nodes if "batch_norm" in str(n.target)]
+    assert targets and all("no_training" in t or "batch_norm.default" in t for t in targets), targets
+    assert exported_training(torch.fx.GraphModule(torch.nn.Module(), torch.fx.Graph())) is True
+
+
+def _probe_threadpool() -> None:
+    before = threadpool_size()
+    reset_threadpool(1)
+    try:
+        assert threadpool_size() == 1
+    finally:
+        reset_threadpool(before)
+
+
+def _probe_program() -> None:
+    import torch
+    from executorch.exir import to_edge
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.arange(1.0, 3.0))
+
+        def forward(self, x):
+            return x + self.w
+
+    program = deserialize_program(to_edge(torch.export.export(M(), (torch.zeros(2),))).to_executorch().buffer)
+    ops = [o.name for o in program.execution_plan[0].operators]
+    assert "aten::add" in ops, ops
+    assert any(len(b.storage) for b in program.constant_buffer), "constants were not restored from their segment"
+
+
+def _probe_edge_ops() -> None:
+    assert edge_ops().edge.aten.view_copy.default is not None
+
+
+def _probe_exported_program_stores() -> None:
+    import torch
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return x * self.w
+
+    ep = torch.export.export(M(), (torch.zeros(2),))
+    assert "w" in ep._state_dict and isinstance(ep._constants, dict)
+    drop_constant(ep, "w")
+    assert "w" not in ep._state_dict
+
+
+def _probe_edge_manager() -> None:
+    import torch
+    from executorch.exir import to_edge
+
+    edge = to_edge(torch.export.export(torch.nn.ReLU(), (torch.zeros(2),)))
+    assert "forward" in edge._edge_programs and hasattr(edge, "_config_methods")
+    set_edge_program(edge, edge.exported_program())
+    drop_config_methods(edge)
+
+
+def _probe_eager_bases() -> None:
+    import torch.ao.nn.intrinsic.qat as nniqat
+    import torch.ao.nn.quantized as nnq
+
+    assert issubclass(nnq.Conv2d, quantized_conv_base()) and hasattr(quantized_conv_base(), "from_float")
+    assert issubclass(nniqat.ConvBn2d, qat_conv_bn_base()) and hasattr(qat_conv_bn_base(), "freeze_bn_stats")
+
+
+PROBES: tuple[Probe, ...] = (
+    Probe("torch.ao.quantization.fx._decomposed (quantized_decomposed ops)", "torch", _probe_decomposed),
+    Probe("torch.jit.mobile._load_for_lite_interpreter / _save_for_lite_interpreter", "torch", _probe_lite),
+    Probe("torch.ao.nn eager bases _ConvNd / _ConvBnNd (the TorchScript backend)", "torch", _probe_eager_bases),
+    Probe("QuantizationAnnotation._annotated", "torchao", _probe_annotation),
+    Probe(f"torchao HistogramObserver.{PARAM_SEARCH} (the percentile observer's hook)", "torchao",
+          _probe_param_search),
+    Probe(f"torch.ao.quantization HistogramObserver.{PARAM_SEARCH} (the eager engine's percentile hook)", "torch",
+          lambda: _probe_param_search("torch.ao")),
+    Probe("torchao.quantization.pt2e.utils._fuse_conv_bn_", "torchao", _probe_fuse_bn),
+    Probe("torchao.quantization.pt2e.export_utils._replace_batchnorm / _EXPORTED_TRAINING_ATTR", "torchao",
+          _probe_batchnorm_modes),
+    Probe("portable_lib._unsafe_reset_threadpool / _threadpool_get_thread_count", "executorch", _probe_threadpool),
+    Probe("executorch.exir._serialize._program.deserialize_pte_binary", "executorch", _probe_program),
+    Probe("executorch.exir.dialects._ops.ops", "executorch", _probe_edge_ops),
+    Probe("ExportedProgram._state_dict / _constants", "torch", _probe_exported_program_stores),
+    Probe("EdgeProgramManager._edge_programs / _config_methods", "executorch", _probe_edge_manager),
+)
+
+
+def installed(package: str) -> str:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def run_probe(probe: Probe) -> str | None:
+    """None when the API behaves as mbquant relies on; else a message naming the package, its version and what
+    changed."""
+    try:
+        probe.check()
+    except Exception as exc:  # any failure is a changed API
+        return (f"{probe.package} {installed(probe.package)}: {probe.api} no longer works as mbquant relies on it "
+                f"({type(exc).__name__}: {str(exc)[:300]}); mbquant pins torch==2.14.1, torchao==0.18.0, "
+                f"executorch==1.5.1: install those, or port mbquant/compat.py to this release")
+    return None
+
+
+def run_probes() -> list[str]:
+    return [m for m in (run_probe(p) for p in PROBES) if m is not None]
+
+
+def describe() -> dict[str, Any]:
+    return {p.api: p.package for p in PROBES}
