@@ -11,9 +11,13 @@ when it is called.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import sys
+import types
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 # --------------------------------------------------------------------------- torch
 
@@ -86,14 +90,16 @@ def fuse_conv_bn(graph_module) -> None:
     (so node names stay those of the prepared graph)."""
     from torchao.quantization.pt2e.utils import _fuse_conv_bn_
 
-    _fuse_conv_bn_(graph_module)
+    with pattern_graphs_once():
+        _fuse_conv_bn_(graph_module)
 
 
 def replace_batchnorm(graph_module, *, train_to_eval: bool) -> None:
     """Rewrite an exported graph's batch_norm ops between their train and eval forms, in place."""
     from torchao.quantization.pt2e.export_utils import _replace_batchnorm
 
-    _replace_batchnorm(graph_module, train_to_eval=train_to_eval)
+    with pattern_graphs_once():
+        _replace_batchnorm(graph_module, train_to_eval=train_to_eval)
 
 
 def exported_training(graph_module) -> bool:
@@ -101,6 +107,80 @@ def exported_training(graph_module) -> bool:
     from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR
 
     return bool(getattr(graph_module, _EXPORTED_TRAINING_ATTR, True))
+
+
+PATTERN_EXPORT = "_get_aten_graph_module_for_pattern"   # torchao's torch.export of one pattern its passes match
+# the modules that bind it by name when they are imported (torchao's own passes, ExecuTorch's XNNPACK annotators)
+PATTERN_USERS = ("torchao.quantization.pt2e.utils", "torchao.quantization.pt2e.export_utils",
+                 "torchao.quantization.pt2e.qat_utils", "torchao.quantization.pt2e.reference_representation_rewrite",
+                 "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils")
+_PATTERN_GRAPHS: dict[tuple, Any] = {}   # a memo of a pure function: pattern key -> its exported graph
+
+
+def _frozen(v: Any) -> Any:
+    """A hashable value that determines what exporting a pattern with ``v`` traces (tensors by shape, dtype, device;
+    functions by their code and what they close over); TypeError for anything else (then nothing is cached)."""
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return ("tensor", tuple(v.shape), v.dtype, v.device.type, v.requires_grad)
+    if v is None or isinstance(v, (bool, int, float, str, torch.dtype)):
+        return (type(v).__name__, v)
+    if isinstance(v, (tuple, list)):
+        return (type(v).__name__, tuple(_frozen(x) for x in v))
+    if isinstance(v, dict):
+        return ("dict", tuple(sorted((str(k), _frozen(x)) for k, x in v.items())))
+    if isinstance(v, (types.BuiltinFunctionType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return ("builtin", v)
+    if isinstance(v, types.FunctionType):
+        cells = tuple(_frozen(c.cell_contents) for c in (v.__closure__ or ()))
+        return ("function", v.__code__, _frozen(v.__defaults__), _frozen(v.__kwdefaults__), cells)
+    if isinstance(v, torch.nn.Module) and set(vars(v)) - set(vars(torch.nn.Module())) == {"fn"} \
+            and not any(True for _ in v.parameters()) and not any(True for _ in v.buffers()):
+        return ("wrapper", type(v), v.training, _frozen(v.fn))      # torchao's WrapperModule(fn)
+    raise TypeError(f"no cache key for {type(v).__name__}")
+
+
+def _cached(original: Callable) -> Callable:
+    def export_pattern(pattern, example_inputs, is_cuda=False, **kwargs):
+        try:
+            key = (_frozen(pattern), _frozen(tuple(example_inputs)), bool(is_cuda), _frozen(kwargs))
+        except TypeError:
+            return original(pattern, example_inputs, is_cuda, **kwargs)
+        if key not in _PATTERN_GRAPHS:
+            _PATTERN_GRAPHS[key] = original(pattern, example_inputs, is_cuda, **kwargs)
+        return copy.deepcopy(_PATTERN_GRAPHS[key])      # callers rewrite the pattern graphs they get
+
+    export_pattern.__wrapped__ = original
+    return export_pattern
+
+
+@contextlib.contextmanager
+def pattern_graphs_once() -> Iterator[None]:
+    """Inside, torchao's pattern export (``torchao.quantization.pt2e.utils._get_aten_graph_module_for_pattern``)
+    exports each pattern once per process and hands out copies of that graph.
+
+    Every ``prepare_pt2e`` / ``prepare_qat_pt2e`` / ``convert_pt2e`` and ExecuTorch's XNNPACK annotators call it
+    two dozen times (each conv/BN/ReLU/dropout pattern, through ``torch.export``: about 0.3 s each, 5-8 s per
+    quantization whatever the model's size), always with the same patterns. The graphs are identical (tested:
+    the same INT8 graph and weights with and without); patterns that cannot be keyed safely are exported as
+    before. The modules' own function is restored on exit."""
+    import importlib
+
+    mods = [importlib.import_module(name) for name in PATTERN_USERS]
+    original = getattr(mods[0], PATTERN_EXPORT)
+    if hasattr(original, "__wrapped__"):           # already inside
+        yield
+        return
+    holders = [m for m in mods if getattr(m, PATTERN_EXPORT, None) is original]
+    cached = _cached(original)
+    for m in holders:
+        setattr(m, PATTERN_EXPORT, cached)
+    try:
+        yield
+    finally:
+        for m in holders:
+            setattr(m, PATTERN_EXPORT, original)
 
 
 PARAM_SEARCH = "_non_linear_param_search"   # HistogramObserver's range search, which the percentile rule replaces
@@ -307,6 +387,36 @@ def _probe_eager_bases() -> None:
     assert issubclass(nniqat.ConvBn2d, qat_conv_bn_base()) and hasattr(qat_conv_bn_base(), "freeze_bn_stats")
 
 
+def _probe_pattern_export() -> None:
+    import importlib
+    import inspect
+
+    import torch
+    import torch.nn.functional as F
+
+    fn = getattr(importlib.import_module(PATTERN_USERS[0]), PATTERN_EXPORT)
+    assert list(inspect.signature(fn).parameters)[:3] == ["pattern", "example_inputs", "is_cuda"]
+    for name in PATTERN_USERS[1:]:       # each binds it by name (or imports it from utils when called)
+        mod = importlib.import_module(name)
+        assert getattr(mod, PATTERN_EXPORT, fn) is fn, f"{name} has its own {PATTERN_EXPORT}"
+
+    from torchao.quantization.pt2e.export_utils import WrapperModule
+
+    def relu_of_conv(x, w):
+        return F.relu(F.conv2d(x, w))
+
+    conv_relu = WrapperModule(relu_of_conv)       # the form torchao's passes hand it
+    args = (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 1, 1))
+    fresh = fn(conv_relu, args)
+    users = [importlib.import_module(name) for name in PATTERN_USERS]
+    with pattern_graphs_once():
+        cached = getattr(users[0], PATTERN_EXPORT)
+        assert cached is not fn and all(getattr(m, PATTERN_EXPORT, cached) is cached for m in users)
+        first, again = cached(conv_relu, args), cached(conv_relu, args)
+    assert all(getattr(m, PATTERN_EXPORT, fn) is fn for m in users)
+    assert first is not again and fresh.code == first.code == again.code
+
+
 PROBES: tuple[Probe, ...] = (
     Probe("torch.ao.quantization.fx._decomposed (quantized_decomposed ops)", "torch", _probe_decomposed),
     Probe("torch.jit.mobile._load_for_lite_interpreter / _save_for_lite_interpreter", "torch", _probe_lite),
@@ -324,6 +434,8 @@ PROBES: tuple[Probe, ...] = (
     Probe("executorch.exir.dialects._ops.ops", "executorch", _probe_edge_ops),
     Probe("ExportedProgram._state_dict / _constants", "torch", _probe_exported_program_stores),
     Probe("EdgeProgramManager._edge_programs / _config_methods", "executorch", _probe_edge_manager),
+    Probe(f"torchao.quantization.pt2e.utils.{PATTERN_EXPORT} (pattern graphs exported once)", "torchao",
+          _probe_pattern_export),
 )
 
 

@@ -73,3 +73,32 @@ def test_no_private_third_party_api_outside_compat():
     hits = [h for p in sorted((REPO / "mbquant").rglob("*.py")) if p.name != "compat.py" for h in _private_uses(p)]
     assert hits == [], "\n".join(hits)
     assert _private_uses(REPO / "mbquant" / "compat.py")        # the check finds them where they are
+
+
+def test_pattern_graphs_exported_once_give_the_same_int8_graph_and_rng(calib32, monkeypatch):
+    """The memo of torchao's pattern export changes nothing but time: the same INT8 graph, weights and outputs as
+    exporting every pattern each time, and the global RNG stream left where it was (QAT and tests draw from it)."""
+    import contextlib
+
+    import torch
+
+    from mbquant.models import create
+    from tests.conftest import quantize_pt2e
+
+    model = create("mobilenet_v2", num_classes=10, width_mult=0.35)
+    outs = []
+    for cached in (False, True, True):
+        if not cached:
+            monkeypatch.setattr(compat, "pattern_graphs_once", contextlib.nullcontext)
+        else:
+            monkeypatch.undo()
+        torch.manual_seed(0)
+        int8 = quantize_pt2e(model, 32, calib32, observer="minmax").int8
+        outs.append((int8.code, int8.state_dict(), torch.get_rng_state()))
+    (code0, sd0, rng0), *rest = outs
+    for code, sd, rng in rest:
+        assert code == code0 and sd.keys() == sd0.keys() and all(torch.equal(sd[k], sd0[k]) for k in sd0)
+        assert torch.equal(rng, rng0)
+    name = compat.PATTERN_EXPORT
+    import torchao.quantization.pt2e.utils as utils
+    assert not hasattr(getattr(utils, name), "__wrapped__")      # restored after each quantization

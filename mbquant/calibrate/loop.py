@@ -7,6 +7,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .. import compat
 from ..errors import QuantizationError
 from .subset import CalibrationSet
 
@@ -54,7 +55,8 @@ def run(prepared: nn.Module, calib: CalibrationSet, *, batch_size: int = 32, pro
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from tqdm import tqdm
 
-    (to_eval or move_exported_model_to_eval)(prepared)
+    with compat.pattern_graphs_once():
+        (to_eval or move_exported_model_to_eval)(prepared)
     samples = batches = 0
     with torch.no_grad():
         for x in tqdm(calib.batches(batch_size), total=-(-len(calib.dataset) // batch_size), disable=not progress,

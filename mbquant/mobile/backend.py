@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping
 import torch
 from torch import nn
 
+from .. import compat
 from ..timing import latency_ms
 from .spec import BackendSpec
 
@@ -134,7 +135,8 @@ class Backend(abc.ABC):
         """Eval mode for calibration (an exported graph ignores ``.eval()``)."""
         from torchao.quantization.pt2e import move_exported_model_to_eval
 
-        move_exported_model_to_eval(prepared)
+        with compat.pattern_graphs_once():
+            move_exported_model_to_eval(prepared)
 
     def reference(self, int8: nn.Module) -> Predictor:
         """The in-process INT8 model the artifact is checked against."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 from torch.fx import GraphModule
 from torchao.quantization.pt2e.quantizer import Quantizer
 
+from .. import compat
 from ..errors import QuantizationError
 from .ops import BN_OPS, count_targets
 from .qat import QatGraph, fake_quants
@@ -17,7 +18,8 @@ def prepare(graph: GraphModule, quantizer: Quantizer) -> GraphModule:
     """Fold BN and insert observers where ``quantizer`` annotates (``graph`` is consumed)."""
     from torchao.quantization.pt2e.quantize_pt2e import prepare_pt2e
 
-    return prepare_pt2e(graph, quantizer)
+    with compat.pattern_graphs_once():
+        return prepare_pt2e(graph, quantizer)
 
 
 def prepare_qat(train_graph: GraphModule, quantizer: Quantizer) -> QatGraph:
@@ -26,7 +28,8 @@ def prepare_qat(train_graph: GraphModule, quantizer: Quantizer) -> QatGraph:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
-    prepared = prepare_qat_pt2e(train_graph, quantizer)
+    with compat.pattern_graphs_once():
+        prepared = prepare_qat_pt2e(train_graph, quantizer)
     allow_exported_model_train_eval(prepared)
     if not fake_quants(prepared):
         raise QuantizationError("prepare_qat inserted no fake-quantize modules; nothing would be trained for INT8")
@@ -38,8 +41,9 @@ def convert(prepared: GraphModule) -> GraphModule:
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    int8 = convert_pt2e(prepared)
-    move_exported_model_to_eval(int8)
+    with compat.pattern_graphs_once():
+        int8 = convert_pt2e(prepared)
+        move_exported_model_to_eval(int8)
     left = count_targets(int8, BN_OPS)
     if left:
         raise QuantizationError(f"{left} batch_norm ops are left after convert (BN was not folded into conv); "

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from .. import compat
 from ..errors import QuantizationError
 from .ops import BN_OPS
 
@@ -101,7 +102,7 @@ class QatGraph(QatModel):
     def set_mode(self, train: bool) -> None:
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
 
-        with _keep_rng():
+        with _keep_rng(), compat.pattern_graphs_once():
             if not train:
                 move_exported_model_to_eval(self.module)
                 return
