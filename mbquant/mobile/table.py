@@ -114,6 +114,16 @@ BUILTIN: tuple[BackendSpec, ...] = (
                  Option("ram_kb", "number", None, "fail when the RAM peak (arena: activations, scratch, input/output) "
                         "is larger (KiB, e.g. 64)", lo=0.0, lo_open=True, hi=1e7, metavar="KIB")),
         sweep_variants=_MCU_VARIANTS, sweep_default=tuple(_MCU_VARIANTS)),
+    BackendSpec(
+        "onnx-qdq", ("phone", "x86"), "onnx", "ONNX Runtime (CPU provider), INT8 QDQ model",
+        "mbquant.mobile.onnx", (".onnx",), ("per-channel", "per-tensor"), OBSERVERS, keep_float=True,
+        bias_correction=True, float_program=True,
+        # measured on the phone checkpoint (README, "ONNX"): the phone recipe's choices hold for ONNX Runtime
+        recipes=_recipes({"observer": "percentile", "fuse_relu6": True, "keep_float": (LOGITS,),
+                          "bias_correction": True}),
+        sweep_variants=_PTE_VARIANTS,
+        sweep_default=("stock", "relu6", "relu6+percentile", "relu6+percentile+fp32-logits", "best", "best+equalize"),
+        requires=("onnx", "onnxscript", "onnxruntime"), install="pip install 'mbquant[onnx]'"),
 )
 
 BACKENDS: dict[str, BackendSpec] = {}
