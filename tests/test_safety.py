@@ -270,7 +270,8 @@ def test_training_on_other_image_sizes_derives_the_preset_from_the_data(tiny_ckp
     assert main(["train", "mobilenet_v1", "--data", str(tmp_path / "d"), "--width-mult", "0.25", "--resolution", "32",
                  "--epochs", "1", "--batch-size", "16", "--out", str(out), "--quiet"]) == 0, capsys.readouterr().err
     preset = torch.load(out, weights_only=True)["preset"]
-    assert preset["kind"] == "small" and 0.2 < preset["mean"][0] < 0.4 and preset["mean"][0] != 0.286
+    # the data's own mean (Fashion-MNIST at 20x20: about 0.29; the unit tier's synthetic bars: about 0.19), not 0.286
+    assert preset["kind"] == "small" and 0.1 < preset["mean"][0] < 0.4 and preset["mean"][0] != 0.286
 
 
 def test_fashion_mnist_mean_std_are_what_the_preset_derives(fmnist):
@@ -467,6 +468,9 @@ def test_help_and_quiet_print_no_third_party_lines():
 def test_a_plain_state_dict_of_a_shipped_width_loads_from_the_cli(tiny_ckpt, tmp_path, capsys):
     from mbquant.models import resolve_model
 
+    from tests.conftest import UNIT, needs
+
+    needs("real Fashion-MNIST images (the shipped checkpoint's accuracy)", not UNIT, "run `make test`")
     root, _ = tiny_ckpt
     model, info = resolve_model("mobilenet_v2", "mobilenet_v2_w0.35_r64_fmnist")
     torch.save(model.state_dict(), tmp_path / "sd.pth")

@@ -260,6 +260,9 @@ def test_training_recalibrates_batchnorm_and_refuses_an_eval_mode_that_does_not_
     """torchvision's MobileNetV3 has BatchNorm momentum 0.01: a few dozen steps leave its running statistics near
     their initial values and eval mode at chance. `train` re-estimates them (cumulative average) before it writes;
     without that (--bn-recalibration 0) the model is refused, not saved."""
+    from tests.conftest import UNIT, needs
+
+    needs("real Fashion-MNIST images (eval-mode accuracy after three epochs)", not UNIT, "run `make test`")
     root = world["root"]
     argv = ["train", "mobilenet_v3_small", "--data", str(root), "--width-mult", "0.5", "--resolution", "32",
             "--epochs", "3", "--batch-size", "32", "--quiet"]
