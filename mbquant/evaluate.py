@@ -176,39 +176,3 @@ def layer_sqnr(float_gm, int8_gm, x: torch.Tensor) -> list[dict]:
                      "sqnr_db": round(sqnr_db(a, b), 2), "index": len(rows)})
     rows.sort(key=lambda r: r["sqnr_db"])
     return rows
-
-
-def evaluate_dataset(predictors: Mapping[str, Predictor], dataset, batch_size: int, *, dist=None, workers: int = 0,
-                     progress: bool = False, desc: str = "evaluate") -> Comparison:
-    """:func:`compare` on every image of ``dataset`` (an :class:`~mbquant.data.dataset.ImageFolderDataset`), decoded by
-    ``workers`` processes. Under torchrun (``dist`` active) each rank measures its shard (every ``world``-th image)
-    and the per-image outcomes and unreadable images of all ranks are gathered, so every rank returns the
-    Comparison one process would (same images, same order)."""
-    from .data.dataset import make_loader
-
-    if dist is None or not dist.active:
-        return compare(predictors, make_loader(dataset, batch_size, workers=workers), progress=progress, desc=desc)
-    import torch.distributed as tdist
-
-    mine = dist.shard(len(dataset))
-    shard = dataset.subset(mine)
-    local = compare(predictors, make_loader(shard, batch_size, workers=workers), progress=progress and dist.is_main,
-                    desc=desc)
-    readable = [i for i, s in zip(mine, shard.samples) if s.path not in shard.skipped]
-    part = {"index": readable, "skipped": dict(shard.skipped), "labels": local.labels,
-            "preds": local.preds, "in_top5": local.in_top5, "margins": local.margins,
-            "max_abs_diff": local.max_abs_diff}
-    parts: list = [None] * dist.world
-    tdist.all_gather_object(parts, part)
-    order = torch.tensor([i for p in parts for i in p["index"]], dtype=torch.long).argsort()
-
-    def merge(key, name=None):
-        return torch.cat([p[key][name] if name is not None else p[key] for p in parts])[order]
-
-    for p in parts:
-        dataset.skipped.update(p["skipped"])
-    return Comparison(count=len(order), skipped=sum(len(p["skipped"]) for p in parts), labels=merge("labels"),
-                      preds={n: merge("preds", n) for n in predictors},
-                      in_top5={n: merge("in_top5", n) for n in predictors},
-                      margins={n: merge("margins", n) for n in predictors},
-                      max_abs_diff={k: merge("max_abs_diff", k) for k in local.max_abs_diff})
