@@ -110,10 +110,10 @@ def exported_training(graph_module) -> bool:
 
 
 PATTERN_EXPORT = "_get_aten_graph_module_for_pattern"   # torchao's torch.export of one pattern its passes match
-# the modules that bind it by name when they are imported (torchao's own passes, ExecuTorch's XNNPACK annotators)
+# torchao's modules that call it (imported first, so that none binds the memo while it is active); a backend's
+# quantizer module that imports it by name is already loaded when its quantizer is built, and is found by scanning
 PATTERN_USERS = ("torchao.quantization.pt2e.utils", "torchao.quantization.pt2e.export_utils",
-                 "torchao.quantization.pt2e.qat_utils", "torchao.quantization.pt2e.reference_representation_rewrite",
-                 "executorch.backends.xnnpack.quantizer.xnnpack_quantizer_utils")
+                 "torchao.quantization.pt2e.qat_utils", "torchao.quantization.pt2e.reference_representation_rewrite")
 _PATTERN_GRAPHS: dict[tuple, Any] = {}   # a memo of a pure function: pattern key -> its exported graph
 
 
@@ -155,6 +155,12 @@ def _cached(original: Callable) -> Callable:
     return export_pattern
 
 
+def _binding(fn: Callable) -> list[types.ModuleType]:
+    """Every loaded module whose namespace binds ``fn`` by name (read from ``vars``: no lazy-module hooks run)."""
+    return [m for m in list(sys.modules.values())
+            if isinstance(m, types.ModuleType) and vars(m).get(PATTERN_EXPORT) is fn]
+
+
 @contextlib.contextmanager
 def pattern_graphs_once() -> Iterator[None]:
     """Inside, torchao's pattern export (``torchao.quantization.pt2e.utils._get_aten_graph_module_for_pattern``)
@@ -172,7 +178,7 @@ def pattern_graphs_once() -> Iterator[None]:
     if hasattr(original, "__wrapped__"):           # already inside
         yield
         return
-    holders = [m for m in mods if getattr(m, PATTERN_EXPORT, None) is original]
+    holders = _binding(original)
     cached = _cached(original)
     for m in holders:
         setattr(m, PATTERN_EXPORT, cached)
@@ -398,7 +404,7 @@ def _probe_pattern_export() -> None:
     assert list(inspect.signature(fn).parameters)[:3] == ["pattern", "example_inputs", "is_cuda"]
     for name in PATTERN_USERS[1:]:       # each binds it by name (or imports it from utils when called)
         mod = importlib.import_module(name)
-        assert getattr(mod, PATTERN_EXPORT, fn) is fn, f"{name} has its own {PATTERN_EXPORT}"
+        assert vars(mod).get(PATTERN_EXPORT, fn) is fn, f"{name} has its own {PATTERN_EXPORT}"
 
     from torchao.quantization.pt2e.export_utils import WrapperModule
 
@@ -408,12 +414,13 @@ def _probe_pattern_export() -> None:
     conv_relu = WrapperModule(relu_of_conv)       # the form torchao's passes hand it
     args = (torch.randn(1, 3, 4, 4), torch.randn(2, 3, 1, 1))
     fresh = fn(conv_relu, args)
-    users = [importlib.import_module(name) for name in PATTERN_USERS]
+    users = _binding(fn)
+    assert len(users) >= 2, "torchao's passes no longer import it by name from utils"
     with pattern_graphs_once():
-        cached = getattr(users[0], PATTERN_EXPORT)
-        assert cached is not fn and all(getattr(m, PATTERN_EXPORT, cached) is cached for m in users)
+        cached = getattr(importlib.import_module(PATTERN_USERS[0]), PATTERN_EXPORT)
+        assert cached is not fn and not _binding(fn) and set(_binding(cached)) == set(users)
         first, again = cached(conv_relu, args), cached(conv_relu, args)
-    assert all(getattr(m, PATTERN_EXPORT, fn) is fn for m in users)
+    assert not _binding(cached) and set(_binding(fn)) == set(users)
     assert first is not again and fresh.code == first.code == again.code
 
 
