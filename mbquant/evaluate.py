@@ -156,9 +156,10 @@ def layer_sqnr(float_gm, int8_gm, x: torch.Tensor) -> list[dict]:
     An activation is quantized where a compute op's output goes through quantize -> dequantize; that
     dequantized tensor is what the next layer sees. Sorted worst first; ``index`` is the graph order.
     """
+    from .quant.fast_qdq import with_fast_qdq
     from .quant.ops import COMPUTE_OPS, DEQUANTIZE_OPS, QUANTIZE_OPS, module_path
 
-    fvals, qvals = _record(float_gm, x), _record(int8_gm, x)
+    fvals, qvals = _record(float_gm, x), _record(with_fast_qdq(int8_gm), x)
     fnodes = {n.name: n for n in float_gm.graph.nodes}
     rows = []
     for n in int8_gm.graph.nodes:

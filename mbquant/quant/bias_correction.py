@@ -29,6 +29,7 @@ import torch.fx
 from torch.fx import GraphModule, Node
 
 from ..errors import QuantizationError
+from .fast_qdq import fast
 from .ops import CONV_OPS, DEQUANTIZE_OPS, LINEAR_OPS
 
 Batches = Callable[[], Iterable[torch.Tensor]]
@@ -296,5 +297,5 @@ def _evaluate(gm: GraphModule, node: Node, env: dict[Node, Any], store: BatchSto
             return env[a]
         return store.get(a, b)
 
-    fn = node.target if node.op == "call_function" else gm.get_submodule(node.target)
+    fn = fast(node.target) if node.op == "call_function" else gm.get_submodule(node.target)
     return fn(*torch.fx.node.map_arg(node.args, value), **torch.fx.node.map_arg(node.kwargs, value))
