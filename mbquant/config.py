@@ -71,6 +71,9 @@ class QuantConfig(_Config):
     ``equalize``: cross-layer equalization of the float model first (:mod:`mbquant.quant.equalize`).
     ``keep_float``: layers (module names, or ``"logits"`` for the layer producing the model output) that run
     in fp32 on their dequantized INT8 inputs. ``num_calib`` counts samples, not batches.
+    ``bias_correction_images``: how many of the calibration images bias correction reads (the first ones, in
+    whole batches; None: all). Its cost grows with them (per image, about four float forward passes), the
+    calibration's ranges do not change.
     """
 
     recipe: str = "best"
@@ -84,6 +87,7 @@ class QuantConfig(_Config):
     num_calib: int = 512
     seed: int = 0
     batch_size: int = 32
+    bias_correction_images: int | None = None
 
     def __post_init__(self) -> None:
         _choice(self.recipe, RECIPES, "recipe")
@@ -102,6 +106,8 @@ class QuantConfig(_Config):
         _positive_int(self.num_calib, "num_calib (calibration samples)", "--num-calib")
         _number(self.seed, "seed", "--seed", lo=0, hi=SEED_MAX, integer=True)
         _positive_int(self.batch_size, "calibration batch size", "--batch-size")
+        if self.bias_correction_images is not None:
+            _positive_int(self.bias_correction_images, "bias_correction_images", "--bias-correction-images")
         _number(self.percentile, "percentile", "--percentile", lo=50.0, hi=100.0, lo_open=True)
 
 

@@ -87,7 +87,7 @@ def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: 
         bias = None
         if config.bias_correction:
             bias = _timed(seconds, "bias_correction", lambda: correct_biases(
-                int8, fm.graph, calib.source(config.batch_size), progress=progress))
+                int8, fm.graph, calib.source(config.batch_size, config.bias_correction_images), progress=progress))
     return Quantized(int8, config, result, bias, seconds, fm, eq)
 
 

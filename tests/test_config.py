@@ -22,6 +22,7 @@ def test_round_trip_through_json(cfg):
     (lambda: QuantConfig(percentile=math.inf), "percentile must be a number, got inf"),
     (lambda: QuantConfig(num_calib=True), r"num_calib \(calibration samples\) must be an integer"),
     (lambda: QuantConfig(keep_float="logits"), "keep_float must be a list of layer names"),
+    (lambda: QuantConfig(bias_correction_images=0), r"bias_correction_images .*0.*--bias-correction-images"),
     (lambda: QuantConfig(recipe="fast"), "recipe 'fast' is not supported; choose one of: best, stock, qat"),
     (lambda: TrainConfig(weight_decay=math.nan), "weight_decay must be a number, got nan"),
     (lambda: TrainConfig(lr=0), r"learning rate 0 is out of range \(0.0, 10.0\]"),

@@ -63,9 +63,21 @@ class CalibrationSet:
                             "); pass a folder of valid images (.jpg .jpeg .png .bmp .webp .tif)")
         self._used = seen
 
-    def source(self, batch_size: int):
-        """A callable giving a fresh pass over the batches (for stages that read them more than once)."""
-        return lambda: self.batches(batch_size)
+    def source(self, batch_size: int, limit: int | None = None):
+        """A callable giving a fresh pass over the batches (for stages that read them more than once); with
+        ``limit``, over the first ``limit`` images only (the last batch cut)."""
+        if limit is None:
+            return lambda: self.batches(batch_size)
+
+        def first() -> Iterator[torch.Tensor]:
+            left = limit
+            for b in self.batches(batch_size):
+                if left <= 0:
+                    return
+                yield b[:left]
+                left -= len(b)
+
+        return first
 
     @property
     def images(self) -> torch.Tensor:

@@ -161,7 +161,8 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     config = QuantConfig(recipe=args.recipe, observer=args.observer, granularity=args.granularity,
                          num_calib=args.num_calib, seed=args.seed, batch_size=args.batch_size,
                          fuse_relu6=args.fuse_relu6, keep_float=args.keep_float, percentile=args.percentile,
-                         bias_correction=args.bias_correction, equalize=args.equalize)
+                         bias_correction=args.bias_correction, equalize=args.equalize,
+                         bias_correction_images=args.bias_correction_images)
     run = _run_config(args)
     check_run(config, run)
     out = args.out if args.out is not None else default_out_dir(args.model)

@@ -257,9 +257,12 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
         if config.observer not in (None, "moving-average"):
             raise ConfigError(f"observer '{config.observer}' is for post-training quantization; QAT uses "
                               f"moving-average fake-quantize: drop --observer")
-        if config.bias_correction:
+        if config.bias_correction or config.bias_correction_images is not None:
             raise ConfigError("--bias-correction is a post-training fix; QAT learns the correction itself: drop the flag")
         recipe = {**recipe, "observer": "moving-average", "bias_correction": False}
+    if config.bias_correction is False and config.bias_correction_images is not None:
+        raise ConfigError(f"--bias-correction-images {config.bias_correction_images} with --no-bias-correction: "
+                          f"drop one of them")
     values = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in recipe.items()}
     for k, v in spec.fixed.items():
         if values[k] != v:

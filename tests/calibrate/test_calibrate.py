@@ -135,3 +135,25 @@ def test_calibration_batches_stay_whole_when_images_are_unreadable(small_folder,
         s.path.write_bytes(b"not an image")
     sizes = [len(b) for b in cs.batches(8)]
     assert sizes == [8, 8, 1] and cs.used == 17 and cs.skipped == 3
+
+
+def test_a_limited_source_reads_the_first_images_in_whole_batches(small_folder):
+    calib = calibrate.from_folder(small_folder, small_preset(32), 40, seed=0)
+    every = torch.cat(list(calib.batches(16)))
+    for limit, sizes in ((40, [16, 16, 8]), (20, [16, 4]), (16, [16]), (1, [1]), (1000, [16, 16, 8])):
+        got = list(calib.source(16, limit)())
+        assert [len(b) for b in got] == sizes
+        assert torch.equal(torch.cat(got), every[:limit])
+        assert [len(b) for b in calib.source(16, limit)()] == sizes          # a fresh pass each call
+
+
+def test_bias_correction_reads_only_the_images_it_is_given(small_folder):
+    from tests.conftest import quantize_pt2e
+
+    calib = calibrate.from_folder(small_folder, small_preset(32), 40, seed=0)
+    q = quantize_pt2e(create("mobilenet_v2", num_classes=10, width_mult=0.35), 32, calib, bias_correction_images=20)
+    assert q.bias_correction.samples == 20 and q.bias_correction.layers_corrected > 0
+    with pytest.raises(ConfigError, match="--bias-correction-images 8 with --no-bias-correction"):
+        table.resolve(QuantConfig(bias_correction=False, bias_correction_images=8), table.get_spec("pte-xnnpack"))
+    with pytest.raises(ConfigError, match="QAT learns the correction"):
+        table.resolve(QuantConfig(bias_correction_images=8), table.get_spec("pte-xnnpack"), qat=True)
