@@ -1,6 +1,8 @@
 """What the benchmark scripts share: run the real job (``mbquant.pipeline.run_job``) and summarise its report."""
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -39,3 +41,23 @@ def summary(rep: dict, artifact: int = 0) -> dict:
             "quantize_ops": b.get("quantize"), "config": b["config"], "status": rep["status"],
             "failures": rep["failures"], "images": a["images"], "seconds": b["seconds"],
             "wall_seconds": rep["wall_seconds"]}
+
+
+def run_measured(cmd: list[str], *, check: bool = True) -> dict:
+    """Run ``cmd``; its wall time, exit code, output and its own peak RSS (wait4's rusage of that child only).
+    Output goes through temporary files (a pipe could fill up and stall the child before wait4 returns)."""
+    t = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if check and code != 0:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({code}):\n{stderr[-2000:]}")
+    return {"wall_seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
+            "returncode": code, "stdout": stdout, "stderr": stderr}
+
+
+def mbquant_cmd(*args: str) -> list[str]:
+    return [str(Path(sys.executable).with_name("mbquant")), *args]

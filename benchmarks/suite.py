@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO
+from _common import REPO, mbquant_cmd, run_measured
 from mbquant import calibrate, checkpoints
 from mbquant._quiet import filtered_stderr
 from mbquant.mobile.backend import torch_threads
@@ -43,23 +41,6 @@ from mbquant.models import resolve_model
 RESULTS = REPO / "benchmarks" / "results"
 MARK = "<!-- bench:suite -->"
 STAGES = ("export", "prepare", "calibrate", "bias_correction", "convert", "lower")
-
-
-def run_measured(cmd: list[str]) -> dict:
-    """Run ``cmd``; its wall time and its own peak RSS (wait4's rusage of that child only)."""
-    t = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{err[-2000:]}")
-    return {"wall_seconds": round(time.perf_counter() - t, 2), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),
-            "stdout": out}
-
-
-def mbquant_cmd(*args: str) -> list[str]:
-    return [str(Path(sys.executable).with_name("mbquant")), *args]
 
 
 def latencies(fp32: Path, int8: Path, ts: Path, x: torch.Tensor, runs: int, rounds: int = 5) -> dict:

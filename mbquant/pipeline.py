@@ -298,14 +298,14 @@ def judgeable(cmp: Comparison, selected: int) -> list[str]:
 
 
 def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, run: RunConfig,
-             float_file: tuple[Written, Predictor] | None, progress: bool):
+             float_file: tuple[Written, Predictor] | None, progress: bool, seconds: dict[str, float]):
     predictors: dict[str, Predictor] = {FLOAT: ModulePredictor(fm.graph, "in-process float model")}
     for b in built:
         predictors[b.backend.name] = b.backend.reference(b.int8)
         for w, pred in b.files:
             predictors[f"{b.backend.name}:{w.path.name}"] = pred
-    cmp = compare(predictors, make_loader(eval_set, run.eval_batch_size), progress=progress,
-                  desc=f"evaluate {len(predictors)} models")
+    cmp = _timed(seconds, "evaluate", lambda: compare(predictors, make_loader(eval_set, run.eval_batch_size),
+                                                      progress=progress, desc=f"evaluate {len(predictors)} models"))
     if cmp.count == 0 or not cmp.labelled:
         raise DataError(f"no readable labelled evaluation images among {len(eval_set)} ({cmp.skipped} unreadable); "
                         f"pass a labelled ImageFolder with readable images")
@@ -391,7 +391,7 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
         float_file = (w, b.backend.open(w.path, _sidecar(w, b.backend, b.config, info, digests)))
     try:
         cmp, results, fl, x8 = _timed(seconds, "verify", lambda: _measure(fm, built, eval_set, run, float_file,
-                                                                           progress))
+                                                                           progress, seconds))
     finally:
         for b in built:
             for _, pred in b.files:

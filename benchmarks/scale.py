@@ -1,0 +1,201 @@
+"""The main job at the size users ship: width 1.0 at 224 px, mbquant's default recipe against `--recipe stock`.
+
+    python benchmarks/scale.py [--models mobilenet_v2,mobilenet_v3_large,resnet50] [--num-calib 512]
+                               [--eval-limit 200] [--growth 128,512,2048] [--out benchmarks/results/scale.json]
+
+Per model (10 classes, ImageNet preprocessing at 224 px; weights: seeded random initialisation with BatchNorm
+statistics from 64 real training images, so accuracy figures are chance-level and the job's gates refuse them:
+this table is about time and memory, not accuracy), in one run on this host:
+  * the float model's own batched forward time (batch 32, the job's threads) over the same calibration and
+    evaluation images the jobs use (decoded beforehand, decode time listed apart);
+  * `mbquant ptq` with the default recipe and with `--recipe stock` (and, for the first model, the default
+    recipe with bias correction on the first 128 calibration images), each in its own process: every stage's
+    seconds from the report, wall time and the process's own peak RSS (wait4);
+  * ratios in the same run: quantization stages (export ... lower + write) default / stock, peak RSS default /
+    stock, calibration / float forward over the calibration images, evaluation (the float graph, the INT8
+    module and the INT8 program on every image, decoding included) / float forward over the evaluation images;
+  * the growth table: the first model, default recipe, `--num-calib` 128 / 512 / 2048: peak RSS, bias
+    correction's seconds and the bytes it kept on disk between layers.
+Writes the JSON (with the host's CPU and ISA) and prints the table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from _common import REPO, mbquant_cmd, run_measured
+from mbquant import calibrate
+from mbquant.data.contract import spec_of
+from mbquant.data.dataset import eval_set, make_loader
+from mbquant.models.load import create_with_info
+from mbquant.report import host, library_versions
+
+QUANT_STAGES = ("equalize", "export", "prepare", "calibrate", "convert", "bias_correction", "write", "open")
+RESOLUTION, CLASSES, BATCH = 224, 10, 32
+
+
+def build(name: str, data: Path, path: Path, seed: int = 0):
+    """A seeded random model with BN statistics from 64 real training images, saved as a plain state dict."""
+    torch.manual_seed(seed)
+    model, info = create_with_info(name, num_classes=CLASSES)
+    calib = calibrate.from_folder(data / "train", spec_of(info.preset), 64, seed=seed + 1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None                        # a cumulative average over the batches
+    model.train()
+    with torch.no_grad():
+        for x in calib.batches(BATCH):
+            model(x)
+    model.eval()
+    torch.save(model.state_dict(), path)
+    return model, info
+
+
+def forward_seconds(model, batches: list[torch.Tensor]) -> float:
+    """The float model's batched forward over ``batches`` (one warm-up batch first), no_grad."""
+    with torch.no_grad():
+        model(batches[0][:2])
+        t = time.perf_counter()
+        for x in batches:
+            model(x)
+    return time.perf_counter() - t
+
+
+def float_reference(model, info, data: Path, num_calib: int, eval_limit: int, seed: int) -> dict:
+    spec = spec_of(info.preset)
+    t = time.perf_counter()
+    calib = list(calibrate.from_folder(data / "train", spec, num_calib, seed=seed).batches(BATCH))
+    images = eval_set(data / "val", info.preset, limit=eval_limit, seed=seed)
+    evals = [b[0] for b in make_loader(images, BATCH) if b is not None]
+    decode = time.perf_counter() - t
+    n_calib, n_eval = sum(len(b) for b in calib), sum(len(b) for b in evals)
+    out = {"decode_seconds": round(decode, 2), "calibration_images": n_calib, "eval_images": n_eval,
+           "forward_calibration_seconds": round(forward_seconds(model, calib), 2),
+           "forward_eval_seconds": round(forward_seconds(model, evals), 2)}
+    out["float_images_per_s"] = round(n_calib / out["forward_calibration_seconds"], 1)
+    return out
+
+
+def job(name: str, weights: Path, data: Path, work: Path, *, recipe: str, num_calib: int, eval_limit: int,
+        seed: int, extra: tuple[str, ...] = ()) -> dict:
+    """One `mbquant ptq` in its own process; the report's stage seconds, wall time and peak RSS."""
+    out = work / f"{name}-{recipe}-{num_calib}{'-'.join(('',) + extra).replace('--', '')}"
+    run = run_measured(mbquant_cmd(
+        "ptq", name, "--weights", str(weights), "--num-classes", str(CLASSES), "--preset", "imagenet",
+        "--resolution", str(RESOLUTION), "--calib", str(data / "train"), "--eval", str(data / "val"),
+        "--num-calib", str(num_calib), "--eval-limit", str(eval_limit), "--seed", str(seed), "--recipe", recipe,
+        "--quiet", "--out", str(out), *extra), check=False)
+    folder = out if (out / "report.json").exists() else out.with_name(out.name + ".failed")
+    if not (folder / "report.json").exists():
+        raise SystemExit(f"mbquant ptq {name} --recipe {recipe} wrote no report ({run['returncode']}):\n"
+                         f"{run['stderr'][-3000:]}")
+    rep = json.loads((folder / "report.json").read_text())
+    backend = next(iter(rep["backends"].values()))
+    stages = {k: v for k, v in backend["seconds"].items()}
+    stages.update(rep["seconds"])
+    bias = backend.get("bias_correction") or {}
+    return {"recipe": recipe, "num_calib": num_calib, "flags": list(extra), "exit_code": run["returncode"],
+            "failures": rep.get("failures", []), "wall_seconds": run["wall_seconds"],
+            "peak_rss_mb": run["peak_rss_mb"], "stages": stages,
+            "quant_seconds": round(sum(stages.get(k, 0.0) for k in QUANT_STAGES), 2),
+            "calibration_images": backend["calibration"]["samples"],
+            "eval_images": rep["artifacts"][0]["images"],
+            "bias_correction_samples": bias.get("samples"), "bias_correction_stored_mb":
+                round(bias["stored_bytes"] / 2 ** 20, 1) if bias.get("stored_bytes") else None}
+
+
+def ratios(default: dict, stock: dict, ref: dict) -> dict:
+    d, s = default["stages"], stock["stages"]
+    return {"quant_default_over_stock": round(default["quant_seconds"] / stock["quant_seconds"], 2),
+            "rss_default_over_stock": round(default["peak_rss_mb"] / stock["peak_rss_mb"], 2),
+            "calibrate_over_forward": round(d["calibrate"] / ref["forward_calibration_seconds"], 2),
+            "stock_calibrate_over_forward": round(s["calibrate"] / ref["forward_calibration_seconds"], 2),
+            "evaluate_over_forward": round(d["evaluate"] / ref["forward_eval_seconds"], 2),
+            "calibration_images_per_s": round(default["calibration_images"] / d["calibrate"], 1),
+            "eval_images_per_s": round(default["eval_images"] / d["evaluate"], 1)}
+
+
+def table(result: dict) -> str:
+    lines = [f"host: {result['host'].get('cpu', '?')}; threads {torch.get_num_threads()}",
+             "| model | recipe | calib imgs | wall s | peak RSS MB | quant s | calibrate s | bias corr. s | lower+write s "
+             "| evaluate s | verify s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for m in result["models"]:
+        for r in m["runs"]:
+            st = r["stages"]
+            lines.append(f"| {m['model']} | {r['recipe']}{' ' + ' '.join(r['flags']) if r['flags'] else ''} | "
+                         f"{r['calibration_images']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['quant_seconds']:.1f} | {st['calibrate']:.1f} | {st.get('bias_correction', 0):.1f} | "
+                         f"{st.get('write', 0):.1f} | {st['evaluate']:.1f} | {st['verify']:.1f} |")
+    lines += ["", "| model | float img/s | quant default/stock | RSS default/stock | calibrate/forward (stock) | "
+              "evaluate/forward | calib img/s | eval img/s |", "|---|---|---|---|---|---|---|---|"]
+    for m in result["models"]:
+        r, f = m["ratios"], m["float"]
+        lines.append(f"| {m['model']} | {f['float_images_per_s']} | {r['quant_default_over_stock']} | "
+                     f"{r['rss_default_over_stock']} | {r['calibrate_over_forward']} ({r['stock_calibrate_over_forward']})"
+                     f" | {r['evaluate_over_forward']} | {r['calibration_images_per_s']} | {r['eval_images_per_s']} |")
+    if result.get("growth"):
+        lines += ["", "| --num-calib | peak RSS MB | bias corr. s | kept on disk MB | wall s |", "|---|---|---|---|---|"]
+        for g in result["growth"]:
+            lines.append(f"| {g['num_calib']} | {g['peak_rss_mb']:.0f} | {g['stages'].get('bias_correction', 0):.1f} | "
+                         f"{g['bias_correction_stored_mb']} | {g['wall_seconds']:.0f} |")
+        rss = [g["peak_rss_mb"] for g in result["growth"]]
+        lines.append(f"peak RSS spread across the growth points: {100 * (max(rss) / min(rss) - 1):.1f} %")
+    return "\n".join(lines)
+
+
+def save(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", type=Path, default=REPO / "data")
+    ap.add_argument("--models", default="mobilenet_v2,mobilenet_v3_large,resnet50")
+    ap.add_argument("--num-calib", type=int, default=512)
+    ap.add_argument("--eval-limit", type=int, default=200)
+    ap.add_argument("--growth", default="128,512,2048", help="--num-calib points of the growth table ('' to skip)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
+    args = ap.parse_args(argv)
+    names = [n for n in args.models.split(",") if n]
+    growth = [int(g) for g in args.growth.split(",") if g]
+    result = {"host": host(), "libraries": library_versions(), "resolution": RESOLUTION, "classes": CLASSES,
+              "weights": "seeded random initialisation, BN statistics from 64 training images (cost only)",
+              "num_calib": args.num_calib, "eval_limit": args.eval_limit, "models": [], "growth": []}
+    with tempfile.TemporaryDirectory(prefix="mbquant-scale-") as tmp:
+        work = Path(tmp)
+        for i, name in enumerate(names):
+            weights = work / f"{name}.pth"
+            model, info = build(name, args.data, weights, args.seed)
+            ref = float_reference(model, info, args.data, args.num_calib, args.eval_limit, args.seed)
+            del model
+            common = dict(num_calib=args.num_calib, eval_limit=args.eval_limit, seed=args.seed)
+            runs = [job(name, weights, args.data, work, recipe="best", **common),
+                    job(name, weights, args.data, work, recipe="stock", **common)]
+            if i == 0:
+                runs.append(job(name, weights, args.data, work, recipe="best", extra=("--bias-correction-images",
+                                                                                     "128"), **common))
+            result["models"].append({"model": name, "float": ref, "runs": runs, "ratios": ratios(runs[0], runs[1], ref)})
+            print(f"{name}: {json.dumps(result['models'][-1]['ratios'])}", flush=True)
+            if i == 0:
+                for n in growth:
+                    g = runs[0] if n == args.num_calib else job(name, weights, args.data, work, recipe="best",
+                                                                  num_calib=n, eval_limit=args.eval_limit, seed=args.seed)
+                    result["growth"].append(g)
+                    print(f"growth {n}: peak RSS {g['peak_rss_mb']} MB", flush=True)
+            save(args.out, result)                  # after every model: a later failure keeps what was measured
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
