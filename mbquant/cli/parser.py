@@ -191,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="correct each layer's bias for the mean shift quantization causes (recipe: on for pte)")
     p.add_argument("--bias-correction-images", type=int, default=None, metavar="N",
-                   help="bias correction reads the first N calibration images (default: all; its time grows with N)")
+                   help="bias correction reads the first N calibration images (default: at most 512; its time grows with N)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     _add_quant_args(p)
     _add_run_args(p)

@@ -19,7 +19,7 @@ import importlib
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..config import LOGITS, OBSERVERS, QuantConfig
+from ..config import BIAS_CORRECTION_IMAGES, LOGITS, OBSERVERS, QuantConfig
 from ..errors import ConfigError
 from .spec import BackendSpec, Option
 
@@ -280,6 +280,8 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     if values["bias_correction"] and not spec.bias_correction:
         raise ConfigError(f"--bias-correction is not supported by backend '{spec.name}'; supported by: "
                           f"{_having('bias_correction')}; drop the flag or pass --no-bias-correction")
+    if values["bias_correction"] and config.bias_correction_images is None:
+        values["bias_correction_images"] = BIAS_CORRECTION_IMAGES
     return config.replace(**values)
 
 

@@ -153,6 +153,11 @@ def test_bias_correction_reads_only_the_images_it_is_given(small_folder):
     calib = calibrate.from_folder(small_folder, small_preset(32), 40, seed=0)
     q = quantize_pt2e(create("mobilenet_v2", num_classes=10, width_mult=0.35), 32, calib, bias_correction_images=20)
     assert q.bias_correction.samples == 20 and q.bias_correction.layers_corrected > 0
+    spec = table.get_spec("pte-xnnpack")
+    assert table.resolve(QuantConfig(), spec).bias_correction_images == 512               # at most 512 by default
+    assert table.resolve(QuantConfig(num_calib=2048, bias_correction_images=2048), spec).bias_correction_images == 2048
+    assert table.resolve(QuantConfig(recipe="stock"), spec).bias_correction_images is None     # no correction
+    assert quantize_pt2e(create("mobilenet_v2", num_classes=10, width_mult=0.35), 32, calib).bias_correction.samples == 40
     with pytest.raises(ConfigError, match="--bias-correction-images 8 with --no-bias-correction"):
         table.resolve(QuantConfig(bias_correction=False, bias_correction_images=8), table.get_spec("pte-xnnpack"))
     with pytest.raises(ConfigError, match="QAT learns the correction"):
