@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .distributed import Dist
 from .errors import ConfigError, DataError
 from .records import VERDICT, Baseline, PreprocessSpec, RunReport, Sidecar, check_tolerance, paths
 from .stats import MIN_IMAGES, chance_message, indistinguishable_from_chance
@@ -140,12 +141,13 @@ def _same_weights(sha: str | None, model, given) -> None:
 
 
 def measure(artifact: Path | str, data: Path | str, *, float_model: nn.Module | str | Path | None = None,
-            limit: int | None = None) -> Verdict:
+            limit: int | None = None, dist: Dist | None = None) -> Verdict:
     """``artifact``'s top-1 (and, with ``float_model``, its paired drop and agreement) on ``data``: the whole
-    folder, or the seeded class-stratified slice of ``limit`` images."""
-    from .data.dataset import eval_set, make_loader
+    folder, or the seeded class-stratified slice of ``limit`` images. With an active ``dist`` (torchrun) each
+    rank runs its shard and every rank gets the verdict of all images."""
+    from .data.dataset import eval_set
     from .data.folders import files_digest
-    from .evaluate import compare
+    from .evaluate import compare_dataset
     from .atomic import sha256_file
 
     path = _path(artifact)
@@ -156,7 +158,7 @@ def measure(artifact: Path | str, data: Path | str, *, float_model: nn.Module | 
         fl = _float_module(float_model, src.model)
         if fl is not None:
             predictors["float"] = fl
-        cmp = compare(predictors, make_loader(ds, 100))
+        cmp = compare_dataset(predictors, ds, 100, dist=dist)
     finally:
         src.close()
     if cmp.count == 0 or not cmp.labelled:
@@ -250,7 +252,7 @@ def check_limit(limit: int | None) -> None:
 def check(artifact: Path | str, data: Path | str, *, float_model: nn.Module | str | Path | None = None,
           baseline: Baseline | Path | str | None = None, max_drop: float | None = None,
           min_agreement: float | None = None, tolerance: float | None = None, strict_ci: bool = False,
-          limit: int | None = None) -> Verdict:
+          limit: int | None = None, dist: Dist | None = None) -> Verdict:
     """:func:`measure` then :func:`judge`; with a baseline, on the images it was recorded on (its ``limit``)."""
     if isinstance(baseline, (str, Path)):
         baseline = read_baseline(baseline)
@@ -258,7 +260,7 @@ def check(artifact: Path | str, data: Path | str, *, float_model: nn.Module | st
         limit = baseline.limit
     # before the measurement: a request that cannot be judged fails before any image is run
     check_request(max_drop, min_agreement, baseline, tolerance, has_float=float_model is not None, limit=limit)
-    v = measure(artifact, data, float_model=float_model, limit=limit)
+    v = measure(artifact, data, float_model=float_model, limit=limit, dist=dist)
     return judge(v, baseline=baseline, max_drop=max_drop, min_agreement=min_agreement, tolerance=tolerance,
                  strict_ci=strict_ci)
 

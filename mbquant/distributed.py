@@ -2,11 +2,18 @@
 
 :func:`from_env` reads torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``); outside torchrun
 it returns a single-process :class:`Dist`, so the same code runs both ways. Only rank 0 writes files.
+
+What runs where: QAT trains on every rank (DistributedDataParallel, a DistributedSampler per rank). PTQ and
+``check`` shard evaluation: calibration, bias correction and lowering run on every rank (same seed, same images,
+so the same ranges; the programs' digests are compared and a difference is an error), each rank evaluates every
+``world``-th image, and the per-image outcomes are gathered so that every paired statistic is computed on all
+images exactly as in one process.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -48,6 +55,14 @@ class Dist:
             torch.distributed.all_gather(moved, state.to(self.device))
             return [m.cpu() for m in moved]
         torch.distributed.all_gather(out, state)
+        return out
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj`` (picklable: per-image results, file digests), in rank order, on every rank."""
+        if not self.active:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
         return out
 
     def shard(self, n: int) -> list[int]:

@@ -15,11 +15,12 @@ from typing import Callable, Iterable, Mapping
 
 import torch
 
+from .errors import VerificationError
 from .stats import PairedDifference, paired, top2_margin
 
 Predictor = Callable[[torch.Tensor], torch.Tensor]
 
-__all__ = ["Comparison", "PairedDifference", "compare", "layer_sqnr", "paired", "sqnr_db"]
+__all__ = ["Comparison", "PairedDifference", "compare", "compare_dataset", "layer_sqnr", "merge", "paired", "sqnr_db"]
 
 
 @dataclass
@@ -105,6 +106,48 @@ def compare(predictors: Mapping[str, Predictor], batches: Iterable, *, progress:
                       preds={n: cat(v) for n, v in preds.items()}, in_top5={n: cat(v, torch.bool) for n, v in top5.items()},
                       margins={n: cat(v, torch.float) for n, v in margins.items()},
                       max_abs_diff={p: cat(v, torch.float) for p, v in diffs.items()})
+
+
+def merge(parts: list[tuple[list[int], Comparison]]) -> Comparison:
+    """One Comparison from several over disjoint shards of a dataset: ``(indices in the dataset of each shard's
+    readable images, in the order compared, its Comparison)``; the result is in dataset order."""
+    order = torch.tensor([i for idx, _ in parts for i in idx], dtype=torch.long).argsort()
+    cmps = [c for _, c in parts]
+
+    def cat(get) -> torch.Tensor:
+        return torch.cat([get(c) for c in cmps])[order]
+
+    first = cmps[0]
+    return Comparison(count=sum(c.count for c in cmps), skipped=sum(c.skipped for c in cmps),
+                      labels=cat(lambda c: c.labels),
+                      preds={n: cat(lambda c, n=n: c.preds[n]) for n in first.preds},
+                      in_top5={n: cat(lambda c, n=n: c.in_top5[n]) for n in first.in_top5},
+                      margins={n: cat(lambda c, n=n: c.margins[n]) for n in first.margins},
+                      max_abs_diff={p: cat(lambda c, p=p: c.max_abs_diff[p]) for p in first.max_abs_diff})
+
+
+def compare_dataset(predictors: Mapping[str, Predictor], dataset, batch_size: int, *, dist=None,
+                    progress: bool = False, desc: str = "evaluate") -> Comparison:
+    """:func:`compare` over an :class:`~mbquant.data.dataset.ImageFolderDataset`; with an active ``dist``
+    (:class:`~mbquant.distributed.Dist`) each rank runs every ``world``-th image and every rank gets the whole
+    Comparison in dataset order (the same numbers as one process); unreadable images of every shard are
+    recorded in ``dataset.skipped``."""
+    from .data.dataset import make_loader
+
+    if dist is None or not dist.active:
+        return compare(predictors, make_loader(dataset, batch_size), progress=progress, desc=desc)
+    idx = dist.shard(len(dataset))
+    part = dataset.subset(idx)
+    cmp = compare(predictors, make_loader(part, batch_size), progress=progress and dist.is_main,
+                  desc=f"{desc} (rank {dist.rank} of {dist.world})")
+    readable = [i for i, s in zip(idx, part.samples) if s.path not in part.skipped]
+    if len(readable) != cmp.count:
+        raise VerificationError(f"rank {dist.rank}: {cmp.count} images were compared but {len(readable)} of its "
+                                f"shard are readable; the shard's per-image results cannot be placed")
+    parts = dist.gather((readable, cmp, dict(part.skipped)))
+    for _, _, skipped in parts:
+        dataset.skipped.update(skipped)
+    return merge([(r, c) for r, c, _ in parts])
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:

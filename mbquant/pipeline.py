@@ -11,7 +11,7 @@ them and each one writes, opens, gates and summarises its own artifacts.
 from __future__ import annotations
 
 import copy
-import os
+import tempfile
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,8 +26,9 @@ from .atomic import sha256_file
 from .calibrate import CalibrationResult, CalibrationSet, calibration_set
 from .config import QATConfig, QuantConfig, RunConfig
 from .data.dataset import ImageFolderDataset, make_loader, samples_digest
-from .errors import ConfigError, DataError
-from .evaluate import Comparison, compare
+from .distributed import Dist
+from .errors import ConfigError, DataError, VerificationError
+from .evaluate import Comparison, compare_dataset
 from .mobile import table
 from .mobile.backend import Backend, ModulePredictor, Predictor, Written
 from .models.info import ModelInfo
@@ -142,7 +143,7 @@ def _sidecar(w: Written, backend: Backend, cfg: QuantConfig, info: ModelInfo, di
 
 def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunConfig, calib: CalibrationSet,
            eval_set: ImageFolderDataset, staging: Path | None, ckpt_dir: Path | None, report: Report,
-           digests: dict[str, str], *, finetune: Finetune | None, progress: bool) -> Built | None:
+           digests: dict[str, str], *, finetune: Finetune | None, progress: bool, dist: Dist) -> Built | None:
     """[equalize ->] prepare -> calibrate or fine-tune -> convert -> write -> open, for one backend (None on other
     ranks)."""
     backend = table.load(spec, run)
@@ -162,7 +163,7 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
         src, eq = source_model(fm, cfg, calib, seconds)
         facts["equalization"] = eq.to_dict() if eq else None
         int8 = _finetune(backend, src, info, cfg, calib, eval_set, ckpt_dir, report, finetune, facts, progress,
-                         seconds)
+                         seconds, dist)
         if int8 is None:
             return None
     if cfg.keep_float:
@@ -187,26 +188,22 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
 
 def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfig, calib: CalibrationSet,
               eval_set: ImageFolderDataset, ckpt_dir: Path | None, report: Report, ft: Finetune, facts: dict,
-              progress: bool, seconds: dict[str, float]):
+              progress: bool, seconds: dict[str, float], dist: Dist):
     """prepare_qat -> range init -> fit_qat -> convert; returns the INT8 model, None on ranks > 0."""
-    from . import distributed, finetune
+    from . import finetune
 
-    dist = distributed.from_env()
-    try:
-        with backend.session():
-            qm = _timed(seconds, "prepare", lambda: backend.prepare_qat(fm, cfg))
-            qm.module.to(dist.device)
-            if ft.config.init_ranges and ft.resume is None:
-                seen = _timed(seconds, "calibrate", lambda: qm.init_ranges(
-                    x.to(dist.device) for x in calib.batches(cfg.batch_size)))
-                facts["calibration"] = {"samples": seen, "use": "initial fake-quantize ranges"}
-            result, warnings = _timed(seconds, "finetune", lambda: finetune.fit_qat(
-                qm, info, ft.train_set, eval_set, config=ft.config, quant=cfg,
-                float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=ckpt_dir if dist.is_main else None,
-                resume=ft.resume, progress=progress, on_step=ft.on_step,
-                teacher=copy.deepcopy(fm.module).eval() if ft.config.distill > 0 else None))
-    finally:
-        distributed.shutdown(dist)
+    with backend.session():
+        qm = _timed(seconds, "prepare", lambda: backend.prepare_qat(fm, cfg))
+        qm.module.to(dist.device)
+        if ft.config.init_ranges and ft.resume is None:
+            seen = _timed(seconds, "calibrate", lambda: qm.init_ranges(
+                x.to(dist.device) for x in calib.batches(cfg.batch_size)))
+            facts["calibration"] = {"samples": seen, "use": "initial fake-quantize ranges"}
+        result, warnings = _timed(seconds, "finetune", lambda: finetune.fit_qat(
+            qm, info, ft.train_set, eval_set, config=ft.config, quant=cfg,
+            float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=ckpt_dir if dist.is_main else None,
+            resume=ft.resume, progress=progress, on_step=ft.on_step,
+            teacher=copy.deepcopy(fm.module).eval() if ft.config.distill > 0 else None))
     if not dist.is_main:
         return None
     for w in warnings:
@@ -298,14 +295,17 @@ def judgeable(cmp: Comparison, selected: int) -> list[str]:
 
 
 def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, run: RunConfig,
-             float_file: tuple[Written, Predictor] | None, progress: bool, seconds: dict[str, float]):
+             float_file: tuple[Written, Predictor] | None, progress: bool, seconds: dict[str, float], dist: Dist):
+    """Every model on every evaluation image (sharded over ``dist``'s ranks), then the results; None on ranks > 0."""
     predictors: dict[str, Predictor] = {FLOAT: ModulePredictor(fm.graph, "in-process float model")}
     for b in built:
         predictors[b.backend.name] = b.backend.reference(b.int8)
         for w, pred in b.files:
             predictors[f"{b.backend.name}:{w.path.name}"] = pred
-    cmp = _timed(seconds, "evaluate", lambda: compare(predictors, make_loader(eval_set, run.eval_batch_size),
-                                                      progress=progress, desc=f"evaluate {len(predictors)} models"))
+    cmp = _timed(seconds, "evaluate", lambda: compare_dataset(predictors, eval_set, run.eval_batch_size, dist=dist,
+                                                              progress=progress, desc=f"evaluate {len(predictors)} models"))
+    if not dist.is_main:
+        return None
     if cmp.count == 0 or not cmp.labelled:
         raise DataError(f"no readable labelled evaluation images among {len(eval_set)} ({cmp.skipped} unreadable); "
                         f"pass a labelled ImageFolder with readable images")
@@ -316,6 +316,18 @@ def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, r
         w, pred = float_file
         fl = FloatResult(fl.images, fl.top1, fl.top5, w.path.name, w.bytes, _latency(pred, x8[:1], run))
     return cmp, results, fl, x8
+
+
+def same_programs(built: list[Built], dist: Dist) -> None:
+    """Every rank built the same files (each rank evaluates its shard on its own): compare their digests."""
+    mine = [sha256_file(w.path) for b in built for w, _ in b.files]
+    every = dist.gather(mine)
+    if any(d != every[0] for d in every):
+        names = [w.path.name for b in built for w, _ in b.files]
+        differ = sorted({names[i] for d in every for i, (a, b) in enumerate(zip(d, every[0])) if a != b})
+        raise VerificationError(f"the {dist.world} ranks built different programs ({', '.join(differ)}): the sharded "
+                                f"evaluation would mix them; run in one process, or give every rank the same torch "
+                                f"threads and the same calibration folder")
 
 
 def check_run(config: QuantConfig, run: RunConfig, *, qat: bool = False) -> list:
@@ -345,27 +357,34 @@ def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_se
         raise ConfigError(f"{len(eval_set)} evaluation images cannot judge the quantization: gates need at least "
                           f"{MIN_IMAGES} (on 10 images the 95 % interval of a drop spans more than 60 pp); pass "
                           f"--eval-limit {MIN_IMAGES} or more, or a folder with more images")
-    if int(os.environ.get("RANK", "0")) != 0:  # a torchrun worker: trains its shard, writes nothing
-        _job(model, info, specs, calib=calib, eval_set=eval_set, staging=None, ckpt_dir=None, config=config, run=run,
-             finetune=finetune, progress=progress, report=Report(command))
-        return None
-    resume = finetune is not None and finetune.resume is not None
-    with RunFolder(Path(out_dir), overwrite=overwrite, resume=resume) as folder:
-        report = Report(command, warnings=list(warnings))
-        for note in folder.notes:
-            report.note(note)
-        _job(model, info, specs, calib=calib, eval_set=eval_set, staging=folder.staging, ckpt_dir=folder.work,
-             config=config, run=run, finetune=finetune, progress=progress, report=report)
-        if report.ok:
-            report.location = folder.publish()
-        else:
-            report.location = folder.fail()
-    return report
+    from . import distributed
+
+    dist = distributed.from_env()
+    try:
+        if not dist.is_main:     # a torchrun worker: trains or evaluates its shard, writes nothing of the user's
+            with tempfile.TemporaryDirectory(prefix=f"mbquant-rank{dist.rank}-") as tmp:
+                _job(model, info, specs, calib=calib, eval_set=eval_set, staging=Path(tmp), ckpt_dir=None,
+                     config=config, run=run, finetune=finetune, progress=False, report=Report(command), dist=dist)
+            return None
+        resume = finetune is not None and finetune.resume is not None
+        with RunFolder(Path(out_dir), overwrite=overwrite, resume=resume) as folder:
+            report = Report(command, warnings=list(warnings))
+            for note in folder.notes:
+                report.note(note)
+            _job(model, info, specs, calib=calib, eval_set=eval_set, staging=folder.staging, ckpt_dir=folder.work,
+                 config=config, run=run, finetune=finetune, progress=progress, report=report, dist=dist)
+            if report.ok:
+                report.location = folder.publish()
+            else:
+                report.location = folder.fail()
+        return report
+    finally:
+        distributed.shutdown(dist)
 
 
 def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSet, eval_set: ImageFolderDataset,
-         staging: Path | None, ckpt_dir: Path | None, config: QuantConfig, run: RunConfig, finetune: Finetune | None,
-         progress: bool, report: Report) -> None:
+         staging: Path, ckpt_dir: Path | None, config: QuantConfig, run: RunConfig, finetune: Finetune | None,
+         progress: bool, report: Report, dist: Dist) -> None:
     started = time.perf_counter()
     fm = FloatModel(model, info.resolution)
     for name, section in (("model", info.to_dict()), ("config", config.to_dict()), ("run", run.to_dict()),
@@ -378,26 +397,33 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
     built: list[Built] = []
     for spec in specs:
         b = _build(spec, fm, info, config, run, calib, eval_set, staging, ckpt_dir, report, digests,
-                   finetune=finetune, progress=progress)
+                   finetune=finetune, progress=progress, dist=dist)
         if b is None:
             return
         built.append(b)
+    # QAT trained on every rank and converted on rank 0 alone: it evaluates there; PTQ built on every rank
+    eval_dist = dist if finetune is None else Dist()
+    if eval_dist.active:
+        same_programs(built, eval_dist)
     float_file, seconds = None, {}
-    if run.float_program and any(b.backend.spec.float_program for b in built):
+    if run.float_program and dist.is_main and any(b.backend.spec.float_program for b in built):
         b = next(b for b in built if b.backend.spec.float_program)
         with stage(f"{b.backend.name}: lower and write the fp32 program", enabled=progress):
             w = _timed(seconds, "float_program", lambda: b.backend.write(
                 fm.graph, staging / paths.artifact_name(info, "fp32", ""), resolution=info.resolution)[0])
         float_file = (w, b.backend.open(w.path, _sidecar(w, b.backend, b.config, info, digests)))
     try:
-        cmp, results, fl, x8 = _timed(seconds, "verify", lambda: _measure(fm, built, eval_set, run, float_file,
-                                                                           progress, seconds))
+        measured = _timed(seconds, "verify", lambda: _measure(fm, built, eval_set, run, float_file, progress,
+                                                               seconds, eval_dist))
     finally:
         for b in built:
             for _, pred in b.files:
                 pred.close()
         if float_file is not None:
             float_file[1].close()
+    if measured is None:
+        return
+    cmp, results, fl, x8 = measured
     with stage("per-layer SQNR", enabled=progress):
         report.add("backends", {b.backend.name: {**b.facts, **_timed(seconds, "diagnose", lambda: b.backend.diagnose(
             b.source, b.int8, x8))} for b in built})

@@ -183,6 +183,8 @@ def cmd_ptq(args: argparse.Namespace) -> int:
     report = run_job(model, info, calib=calib, eval_set=images, out_dir=out, config=config, run=run,
                      progress=_progress(args), command=command_line(args), warnings=tuple(warnings),
                      overwrite=args.overwrite)
+    if report is None:  # a torchrun worker other than rank 0: rank 0 reports
+        return 0
     return _finish(args, report)
 
 
@@ -259,8 +261,17 @@ def cmd_check(args: argparse.Namespace) -> int:
         check_outputs({"--out": args.out}, {"ARTIFACT": args.artifact, "--data": args.data,
                                             **({"--baseline": args.baseline} if args.baseline else {})},
                       kind=VERDICT.rsplit("/", 1)[0], overwrite=args.overwrite)
-    v = check(args.artifact, args.data, float_model=args.float_weights, baseline=args.baseline, max_drop=args.max_drop,
-              min_agreement=args.min_agreement, tolerance=args.tolerance, strict_ci=args.strict_ci, limit=args.limit)
+    from .. import distributed
+
+    dist = distributed.from_env()       # under torchrun: every rank evaluates its shard, rank 0 writes and prints
+    try:
+        v = check(args.artifact, args.data, float_model=args.float_weights, baseline=args.baseline,
+                  max_drop=args.max_drop, min_agreement=args.min_agreement, tolerance=args.tolerance,
+                  strict_ci=args.strict_ci, limit=args.limit, dist=dist)
+    finally:
+        distributed.shutdown(dist)
+    if not dist.is_main:
+        return 0 if v.ok else 1
     if args.out is not None:
         write_record_file(args.out, v.to_dict(), kind=VERDICT.rsplit("/", 1)[0], overwrite=args.overwrite)
     if args.json:
