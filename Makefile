@@ -108,6 +108,7 @@ bench: $(STAMP) data
 	$(BIN)/mbquant report runs/bench-phone --calibration-sweep default --recipes default --plot --plot-dir docs/plots --quiet
 	cp runs/bench-phone/calibration_sweep.json runs/bench-phone/recipes.json benchmarks/results/
 	$(BIN)/python benchmarks/recipe_walltime.py
+	$(BIN)/python benchmarks/scale.py
 
 # Re-measure mbquant's own accuracy baselines (tests/baselines/*.json) and their tolerances; nothing else writes them.
 baselines: $(STAMP) data

@@ -6,14 +6,15 @@
 Per model (10 classes, ImageNet preprocessing at 224 px; weights: seeded random initialisation with BatchNorm
 statistics from 64 real training images, so accuracy figures are chance-level and the job's gates refuse them:
 this table is about time and memory, not accuracy), in one run on this host:
-  * the float model's own batched forward time (batch 32, the job's threads) over the same calibration and
-    evaluation images the jobs use (decoded beforehand, decode time listed apart);
+  * the float model's own batched forward time per image (batch 32, the job's threads) on 128 of the jobs'
+    calibration images (decoded beforehand), measured right before and right after every job (the host drifts);
   * `mbquant ptq` with the default recipe and with `--recipe stock` (and, for the first model, the default
     recipe with bias correction on the first 128 calibration images), each in its own process: every stage's
     seconds from the report, wall time and the process's own peak RSS (wait4);
   * ratios in the same run: quantization stages (export ... lower + write) default / stock, peak RSS default /
-    stock, calibration / float forward over the calibration images, evaluation (the float graph, the INT8
-    module and the INT8 program on every image, decoding included) / float forward over the evaluation images;
+    stock, calibration / the float forward around the same job, and evaluation (the float graph, the INT8 module
+    and the INT8 program on every image, decoding included) / the float graph's own time in that same pass
+    (the job's report times every model batch by batch);
   * the growth table: the first model, default recipe, `--num-calib` 128 / 512 / 2048: peak RSS, bias
     correction's seconds and the bytes it kept on disk between layers.
 Writes the JSON (with the host's CPU and ISA) and prints the table.
@@ -31,7 +32,6 @@ import torch
 from _common import REPO, mbquant_cmd, run_measured
 from mbquant import calibrate
 from mbquant.data.contract import spec_of
-from mbquant.data.dataset import eval_set, make_loader
 from mbquant.models.load import create_with_info
 from mbquant.report import host, library_versions
 
@@ -67,18 +67,25 @@ def forward_seconds(model, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - t
 
 
-def float_reference(model, info, data: Path, num_calib: int, eval_limit: int, seed: int) -> dict:
+def float_reference(model, info, data: Path, num_calib: int, seed: int, images: int = 128) -> dict:
+    """The float model's forward per image, on the first ``images`` calibration images (decoded beforehand)."""
     spec = spec_of(info.preset)
     t = time.perf_counter()
-    calib = list(calibrate.from_folder(data / "train", spec, num_calib, seed=seed).batches(BATCH))
-    images = eval_set(data / "val", info.preset, limit=eval_limit, seed=seed)
-    evals = [b[0] for b in make_loader(images, BATCH) if b is not None]
+    batches = list(calibrate.from_folder(data / "train", spec, num_calib, seed=seed).source(BATCH, images)())
     decode = time.perf_counter() - t
-    n_calib, n_eval = sum(len(b) for b in calib), sum(len(b) for b in evals)
-    out = {"decode_seconds": round(decode, 2), "calibration_images": n_calib, "eval_images": n_eval,
-           "forward_calibration_seconds": round(forward_seconds(model, calib), 2),
-           "forward_eval_seconds": round(forward_seconds(model, evals), 2)}
-    out["float_images_per_s"] = round(n_calib / out["forward_calibration_seconds"], 1)
+    n = sum(len(b) for b in batches)
+    return {"decode_ms_per_image": round(1000 * decode / n, 2), "images": n,
+            "forward_ms_per_image": round(1000 * forward_seconds(model, batches) / n, 2), "batches": batches}
+
+
+def timed_job(model, ref: dict, *args, **kwargs) -> dict:
+    """:func:`job` with the float forward measured right before and right after it (the host drifts; the ratio
+    of calibration to the float forward uses the mean of the two)."""
+    before = forward_seconds(model, ref["batches"])
+    out = job(*args, **kwargs)
+    after = forward_seconds(model, ref["batches"])
+    out["float_forward_ms_per_image"] = round(1000 * (before + after) / 2 / ref["images"], 2)
+    out["float_forward_drift"] = round(after / before, 3)
     return out
 
 
@@ -110,13 +117,18 @@ def job(name: str, weights: Path, data: Path, work: Path, *, recipe: str, num_ca
                 round(bias["stored_bytes"] / 2 ** 20, 1) if bias.get("stored_bytes") else None}
 
 
-def ratios(default: dict, stock: dict, ref: dict) -> dict:
+def ratios(default: dict, stock: dict) -> dict:
+    """Same-run ratios: default / stock; calibration / the float forward measured around the same job;
+    evaluation / the float model's own share of the same evaluation pass (every model on every image)."""
     d, s = default["stages"], stock["stages"]
+
+    def calib(r: dict) -> float:
+        return round(r["stages"]["calibrate"] / (r["float_forward_ms_per_image"] * r["calibration_images"] / 1000), 2)
+
     return {"quant_default_over_stock": round(default["quant_seconds"] / stock["quant_seconds"], 2),
             "rss_default_over_stock": round(default["peak_rss_mb"] / stock["peak_rss_mb"], 2),
-            "calibrate_over_forward": round(d["calibrate"] / ref["forward_calibration_seconds"], 2),
-            "stock_calibrate_over_forward": round(s["calibrate"] / ref["forward_calibration_seconds"], 2),
-            "evaluate_over_forward": round(d["evaluate"] / ref["forward_eval_seconds"], 2),
+            "calibrate_over_forward": calib(default), "stock_calibrate_over_forward": calib(stock),
+            "evaluate_over_forward": round(d["evaluate"] / d["evaluate float"], 2),
             "calibration_images_per_s": round(default["calibration_images"] / d["calibrate"], 1),
             "eval_images_per_s": round(default["eval_images"] / d["evaluate"], 1)}
 
@@ -136,7 +148,7 @@ def table(result: dict) -> str:
               "evaluate/forward | calib img/s | eval img/s |", "|---|---|---|---|---|---|---|---|"]
     for m in result["models"]:
         r, f = m["ratios"], m["float"]
-        lines.append(f"| {m['model']} | {f['float_images_per_s']} | {r['quant_default_over_stock']} | "
+        lines.append(f"| {m['model']} | {1000 / f['forward_ms_per_image']:.1f} | {r['quant_default_over_stock']} | "
                      f"{r['rss_default_over_stock']} | {r['calibrate_over_forward']} ({r['stock_calibrate_over_forward']})"
                      f" | {r['evaluate_over_forward']} | {r['calibration_images_per_s']} | {r['eval_images_per_s']} |")
     if result.get("growth"):
@@ -176,15 +188,16 @@ def main(argv=None) -> int:
         for i, name in enumerate(names):
             weights = work / f"{name}.pth"
             model, info = build(name, args.data, weights, args.seed)
-            ref = float_reference(model, info, args.data, args.num_calib, args.eval_limit, args.seed)
-            del model
+            ref = float_reference(model, info, args.data, args.num_calib, args.seed)
             common = dict(num_calib=args.num_calib, eval_limit=args.eval_limit, seed=args.seed)
-            runs = [job(name, weights, args.data, work, recipe="best", **common),
-                    job(name, weights, args.data, work, recipe="stock", **common)]
+            runs = [timed_job(model, ref, name, weights, args.data, work, recipe="best", **common),
+                    timed_job(model, ref, name, weights, args.data, work, recipe="stock", **common)]
             if i == 0:
-                runs.append(job(name, weights, args.data, work, recipe="best", extra=("--bias-correction-images",
-                                                                                     "128"), **common))
-            result["models"].append({"model": name, "float": ref, "runs": runs, "ratios": ratios(runs[0], runs[1], ref)})
+                runs.append(timed_job(model, ref, name, weights, args.data, work, recipe="best",
+                                      extra=("--bias-correction-images", "128"), **common))
+            ref.pop("batches")
+            del model
+            result["models"].append({"model": name, "float": ref, "runs": runs, "ratios": ratios(runs[0], runs[1])})
             print(f"{name}: {json.dumps(result['models'][-1]['ratios'])}", flush=True)
             if i == 0:
                 for n in growth:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import operator
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Mapping
 
@@ -34,6 +35,7 @@ class Comparison:
     in_top5: dict[str, torch.Tensor] = field(default_factory=dict)
     margins: dict[str, torch.Tensor] = field(default_factory=dict)
     max_abs_diff: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)   # each predictor's own time in the pass
 
     @property
     def labelled(self) -> bool:
@@ -80,6 +82,7 @@ def compare(predictors: Mapping[str, Predictor], batches: Iterable, *, progress:
     margins: dict[str, list] = {n: [] for n in names}
     diffs: dict[tuple[str, str], list] = {p: [] for p in pairs}
     labels: list[torch.Tensor] = []
+    seconds = dict.fromkeys(names, 0.0)
     dataset = getattr(batches, "dataset", None)
     skipped0 = len(getattr(dataset, "skipped", ()))
     total = len(dataset) if dataset is not None and hasattr(dataset, "__len__") else None
@@ -89,7 +92,11 @@ def compare(predictors: Mapping[str, Predictor], batches: Iterable, *, progress:
             if batch is None:
                 continue
             x, y = batch
-            logits = {n: p(x).float() for n, p in predictors.items()}
+            logits = {}
+            for n, p in predictors.items():           # timed one by one, batch by batch: drift hits all alike
+                t = time.perf_counter()
+                logits[n] = p(x).float()
+                seconds[n] += time.perf_counter() - t
             k = min(5, next(iter(logits.values())).shape[1])
             for n, v in logits.items():
                 preds[n].append(v.argmax(1))
@@ -105,7 +112,8 @@ def compare(predictors: Mapping[str, Predictor], batches: Iterable, *, progress:
     return Comparison(count=sum(len(y) for y in labels), skipped=skipped, labels=cat(labels),
                       preds={n: cat(v) for n, v in preds.items()}, in_top5={n: cat(v, torch.bool) for n, v in top5.items()},
                       margins={n: cat(v, torch.float) for n, v in margins.items()},
-                      max_abs_diff={p: cat(v, torch.float) for p, v in diffs.items()})
+                      max_abs_diff={p: cat(v, torch.float) for p, v in diffs.items()},
+                      seconds={n: round(v, 3) for n, v in seconds.items()})
 
 
 def merge(parts: list[tuple[list[int], Comparison]]) -> Comparison:
@@ -123,7 +131,8 @@ def merge(parts: list[tuple[list[int], Comparison]]) -> Comparison:
                       preds={n: cat(lambda c, n=n: c.preds[n]) for n in first.preds},
                       in_top5={n: cat(lambda c, n=n: c.in_top5[n]) for n in first.in_top5},
                       margins={n: cat(lambda c, n=n: c.margins[n]) for n in first.margins},
-                      max_abs_diff={p: cat(lambda c, p=p: c.max_abs_diff[p]) for p in first.max_abs_diff})
+                      max_abs_diff={p: cat(lambda c, p=p: c.max_abs_diff[p]) for p in first.max_abs_diff},
+                      seconds={n: round(max(c.seconds.get(n, 0.0) for c in cmps), 3) for n in first.seconds})
 
 
 def compare_dataset(predictors: Mapping[str, Predictor], dataset, batch_size: int, *, dist=None,

@@ -306,6 +306,7 @@ def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, r
                                                               progress=progress, desc=f"evaluate {len(predictors)} models"))
     if not dist.is_main:
         return None
+    seconds.update({f"evaluate {name}": v for name, v in cmp.seconds.items()})
     if cmp.count == 0 or not cmp.labelled:
         raise DataError(f"no readable labelled evaluation images among {len(eval_set)} ({cmp.skipped} unreadable); "
                         f"pass a labelled ImageFolder with readable images")

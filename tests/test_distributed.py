@@ -66,6 +66,7 @@ def test_merged_shards_equal_one_pass(small_val):
         assert torch.equal(merged.in_top5[n], whole.in_top5[n])
     assert torch.equal(merged.max_abs_diff[("a", "b")], whole.max_abs_diff[("a", "b")])
     assert merged.paired_accuracy("a", "b") == whole.paired_accuracy("a", "b")
+    assert set(whole.seconds) == set(merged.seconds) == {"a", "b"} and all(v >= 0 for v in whole.seconds.values())
 
 
 def test_ranks_that_built_different_programs_are_refused(tmp_path):
