@@ -88,7 +88,7 @@ build/kotlin/host-check.jar: $(KOTLIN_SRC)
 
 # Every real-data check (Fashion-MNIST, the ARM runners, the Kotlin classes, the Arm toolchain): what CI runs.
 test: $(STAMP) data toolchains arm kotlin
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest --durations=15
 
 # The contributors' quick tier: no apt tools and no data download; tiny models on synthetic images (a few minutes).
 # Tests that need the real data or a tool are skipped with the reason.
