@@ -92,7 +92,7 @@ def timed_job(model, ref: dict, *args, **kwargs) -> dict:
 def job(name: str, weights: Path, data: Path, work: Path, *, recipe: str, num_calib: int, eval_limit: int,
         seed: int, extra: tuple[str, ...] = ()) -> dict:
     """One `mbquant ptq` in its own process; the report's stage seconds, wall time and peak RSS."""
-    out = work / f"{name}-{recipe}-{num_calib}{'-'.join(('',) + extra).replace('--', '')}"
+    out = work / "-".join([name, recipe, str(num_calib), *(a.lstrip("-") for a in extra)])
     run = run_measured(mbquant_cmd(
         "ptq", name, "--weights", str(weights), "--num-classes", str(CLASSES), "--preset", "imagenet",
         "--resolution", str(RESOLUTION), "--calib", str(data / "train"), "--eval", str(data / "val"),
@@ -104,8 +104,7 @@ def job(name: str, weights: Path, data: Path, work: Path, *, recipe: str, num_ca
                          f"{run['stderr'][-3000:]}")
     rep = json.loads((folder / "report.json").read_text())
     backend = next(iter(rep["backends"].values()))
-    stages = {k: v for k, v in backend["seconds"].items()}
-    stages.update(rep["seconds"])
+    stages = {**backend["seconds"], **rep["seconds"]}
     bias = backend.get("bias_correction") or {}
     return {"recipe": recipe, "num_calib": num_calib, "flags": list(extra), "exit_code": run["returncode"],
             "failures": rep.get("failures", []), "wall_seconds": run["wall_seconds"],

@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator, Mapping
 import torch
 from torch import nn
 
-from .. import compat
 from ..timing import latency_ms
 from .spec import BackendSpec
 
@@ -135,8 +134,7 @@ class Backend(abc.ABC):
         """Eval mode for calibration (an exported graph ignores ``.eval()``)."""
         from torchao.quantization.pt2e import move_exported_model_to_eval
 
-        with compat.pattern_graphs_once():
-            move_exported_model_to_eval(prepared)
+        move_exported_model_to_eval(prepared)        # calibrate.run calls it with torchao's patterns memoised
 
     def reference(self, int8: nn.Module) -> Predictor:
         """The in-process INT8 model the artifact is checked against (a converted graph runs with

@@ -258,7 +258,10 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
             raise ConfigError(f"observer '{config.observer}' is for post-training quantization; QAT uses "
                               f"moving-average fake-quantize: drop --observer")
         if config.bias_correction or config.bias_correction_images is not None:
-            raise ConfigError("--bias-correction is a post-training fix; QAT learns the correction itself: drop the flag")
+            asked = "--bias-correction" if config.bias_correction else \
+                f"--bias-correction-images {config.bias_correction_images}"
+            raise ConfigError(f"{asked}: bias correction is a post-training fix; QAT learns the correction itself: "
+                              f"drop the flag")
         recipe = {**recipe, "observer": "moving-average", "bias_correction": False}
     if config.bias_correction is False and config.bias_correction_images is not None:
         raise ConfigError(f"--bias-correction-images {config.bias_correction_images} with --no-bias-correction: "
