@@ -1,0 +1,224 @@
+"""A converted graph evaluated layer by layer over the calibration batches, in bounded memory.
+
+Stages that change one layer at a time, each seeing the layers before it already changed (bias correction,
+AdaRound), walk the graph here. The visited layers cut the graph into segments. A segment is evaluated batch by
+batch (one batch in memory at a time): the previous visited layer again with its changed parameters, the nodes up
+to the next visited layer, and then the stage looks at that layer on this batch (its inputs, its output). When
+every batch has been seen, the stage changes the layer; the next segment sees the change. Only the tensors a later
+segment reads are kept between segments, in the dtype they have (the INT8 graph's activations cross segments as
+int8; a dequantize is recomputed where it is used), in files of a temporary folder. Each visited layer is
+computed twice in all, every other node once.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.fx
+from torch.fx import GraphModule, Node
+
+from ..errors import QuantizationError
+from .fast_qdq import fast
+from .ops import DEQUANTIZE_OPS
+
+Batches = Callable[[], Iterable[torch.Tensor]]
+
+
+def attr(gm: GraphModule, target: str) -> torch.Tensor:
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def source(batches: "Batches | Iterable[torch.Tensor]") -> Batches:
+    """A callable giving a fresh iterator over ``batches`` (a list is kept; a callable is used as it is)."""
+    if callable(batches):
+        return batches
+    kept = list(batches)
+    return lambda: iter(kept)
+
+
+class BatchStore:
+    """Per-batch tensors kept between segments, in one file per node in a temporary folder (memory holds one batch
+    at a time). Strides are kept (a channels-last tensor comes back channels-last) and so is the dtype."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._index: dict[Node, list[tuple[int, int, tuple, torch.dtype, list[int]]]] = {}
+        self._files: dict[Node, Any] = {}
+        self.bytes = 0
+        self.peak = 0
+
+    def put(self, key: Node, t: torch.Tensor) -> None:
+        t = t.detach()
+        order = sorted(range(t.dim()), key=lambda d: (-t.stride(d), d))        # physical (dense) order of dims
+        physical = t.permute(order).contiguous()
+        data = physical.numpy().tobytes() if physical.dtype != torch.bool else physical.to(torch.uint8).numpy().tobytes()
+        f = self._files.get(key)
+        if f is None:
+            f = self._files[key] = open(self.root / f"{len(self._files)}_{key.name}.bin", "w+b")
+            self._index[key] = []
+        offset = f.seek(0, 2)
+        f.write(data)
+        self._index[key].append((offset, len(data), tuple(physical.shape), t.dtype, order))
+        self.bytes += len(data)
+        self.peak = max(self.peak, self.bytes)
+
+    def get(self, key: Node, b: int) -> torch.Tensor:
+        offset, size, shape, dtype, order = self._index[key][b]
+        f = self._files[key]
+        f.flush()
+        f.seek(offset)
+        raw = bytearray(f.read(size))
+        t = torch.frombuffer(raw, dtype=dtype if dtype != torch.bool else torch.uint8) if size else \
+            torch.empty(0, dtype=dtype)
+        t = t.reshape(shape).permute([order.index(d) for d in range(len(order))])
+        return t.to(torch.bool) if dtype == torch.bool else t
+
+    def __contains__(self, key: Node) -> bool:
+        return key in self._index
+
+    def drop(self, key: Node) -> None:
+        f = self._files.pop(key, None)
+        if f is not None:
+            path = Path(f.name)
+            f.close()
+            path.unlink(missing_ok=True)
+            self.bytes -= sum(e[1] for e in self._index.pop(key))
+
+
+@dataclass
+class Plan:
+    """The graph cut at the visited layers (see the module doc)."""
+
+    syncs: list[Node]                     # visited layers, in graph order
+    segments: list[list[Node]]            # per segment: the nodes computed there (a visited layer's real pass first)
+    stats: list[Node | None]              # per segment: the layer measured at its end (None for the last)
+    consumers: dict[Node, set[int]]       # node -> segments that read it
+    home: dict[Node, int]                 # node -> the segment that computes it
+    lazy: set[Node]                       # constant nodes and dequantizes: computed where they are used
+
+
+def plan(gm: GraphModule, syncs: list[Node]) -> Plan:
+    const: set[Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "get_attr" or (n.op in ("call_function", "call_module") and n.all_input_nodes and
+                                  all(a in const for a in n.all_input_nodes)):
+            const.add(n)
+    remat = {n for n in gm.graph.nodes if n.op == "call_function" and n.target in DEQUANTIZE_OPS and n not in const}
+    lazy = const | remat
+    sync_index = {s: i for i, s in enumerate(syncs)}
+    home: dict[Node, int] = {}
+    seg = 0
+    segments: list[list[Node]] = [[]]
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            home[n] = -1
+        elif n.op in ("call_function", "call_module") and n not in lazy:
+            if n in sync_index:
+                seg = sync_index[n] + 1
+                segments.append([])
+            home[n] = seg
+            segments[seg].append(n)
+    consumers: dict[Node, set[int]] = {n: set() for n in home}
+
+    def reads(node: Node, where: int) -> None:
+        """``node`` is needed in segment ``where``: lazy nodes pass the need on to their inputs."""
+        if node in const:
+            return
+        if node in remat:
+            for a in node.all_input_nodes:
+                reads(a, where)
+            return
+        if node in consumers:
+            consumers[node].add(where)
+
+    for n in home:
+        if n.op == "placeholder":
+            continue
+        for a in n.all_input_nodes:
+            reads(a, home[n])
+            if n in sync_index:
+                reads(a, home[n] - 1)            # measured at the end of the segment before its own
+    stats = [syncs[i] if i < len(syncs) else None for i in range(len(segments))]
+    return Plan(syncs, segments, stats, consumers, home, lazy)
+
+
+@dataclass
+class Walked:
+    samples: int                  # images seen per pass
+    batches: int
+    stored_bytes: int             # the largest set of tensors kept between segments (in files)
+
+
+Value = Callable[[Node], Any]
+
+
+def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch.Tensor]", *,
+         visit: Callable[[Node, Value], None], done: Callable[[Node], None], workdir: Path | None = None,
+         progress: bool = False, desc: str = "layers") -> Walked:
+    """Walk ``gm`` over ``batches`` (each read once, into the store) with the ``layers`` as segment ends, in graph
+    order. For each layer and each batch, ``visit(layer, value)`` is called, where ``value(node)`` is any node's
+    value on that batch (the layer's inputs, the layer itself); then ``done(layer)`` once, when every batch has
+    been visited: the stage changes the layer's parameters there, before the rest of the graph runs."""
+    from tqdm import tqdm
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(placeholders) != 1:
+        raise QuantizationError(f"{desc}: layer-by-layer stages run single-input graphs; this one has "
+                                f"{len(placeholders)} inputs")
+    cut = plan(gm, layers)
+    with tempfile.TemporaryDirectory(prefix="mbquant-walk-", dir=workdir) as tmp, torch.no_grad():
+        store = BatchStore(Path(tmp))
+        n_batches = samples = 0
+        for x in source(batches)():
+            store.put(placeholders[0], x)
+            n_batches += 1
+            samples += int(x.shape[0])
+        if n_batches == 0:
+            raise QuantizationError(f"{desc} needs calibration images; none were given")
+        bar = tqdm(total=len(cut.segments), disable=not progress, desc=desc, unit="layer", leave=False)
+        for s, nodes in enumerate(cut.segments):
+            stat = cut.stats[s]
+            for b in range(n_batches):
+                env: dict[Node, Any] = {}
+                for n in nodes:
+                    env[n] = _evaluate(gm, n, env, store, b, cut)
+                    if any(c != s for c in cut.consumers[n]):
+                        store.put(n, env[n])
+                if stat is not None:
+                    visit(stat, lambda node, env=env, b=b: _value(gm, node, env, store, b, cut))
+            if stat is not None:
+                done(stat)
+            for n in [n for n in cut.consumers if n in store and max(cut.consumers[n], default=-1) <= s]:
+                store.drop(n)
+            bar.update(1)
+        bar.close()
+    gm.recompile()
+    return Walked(samples, n_batches, store.peak)
+
+
+def _value(gm: GraphModule, a: Node, env: dict[Node, Any], store: BatchStore, b: int, plan: Plan) -> Any:
+    if a in env:
+        return env[a]
+    if a.op == "get_attr":
+        return attr(gm, a.target)
+    if a in plan.lazy:
+        env[a] = _evaluate(gm, a, env, store, b, plan)
+        return env[a]
+    if a in store:
+        return store.get(a, b)
+    env[a] = _evaluate(gm, a, env, store, b, plan)          # a visited layer, from its inputs
+    return env[a]
+
+
+def _evaluate(gm: GraphModule, node: Node, env: dict[Node, Any], store: BatchStore, b: int, plan: Plan) -> Any:
+    """``node``'s value for batch ``b``: computed from its inputs (this segment's values, the store, constants;
+    lazy nodes are computed where they are needed and remembered for the rest of the batch)."""
+    fn = fast(node.target) if node.op == "call_function" else gm.get_submodule(node.target)
+    value = lambda a: _value(gm, a, env, store, b, plan)  # noqa: E731
+    return fn(*torch.fx.node.map_arg(node.args, value), **torch.fx.node.map_arg(node.kwargs, value))
