@@ -15,6 +15,7 @@ GRANULARITIES = ("per-channel", "per-tensor")
 RECIPES = ("best", "stock", "qat")
 SEED_MAX = 2 ** 32 - 1  # a 32-bit generator seed (mbquant.data.slicing)
 BIAS_CORRECTION_IMAGES = 512  # bias correction reads at most this many calibration images unless told otherwise
+ADAROUND_IMAGES = 256  # AdaRound learns each layer's rounding on at most this many calibration images unless told otherwise
 LOGITS = "logits"  # --keep-float alias: the layer(s) whose output is the model's output (the classifier)
 
 T = TypeVar("T", bound="_Config")
@@ -76,6 +77,10 @@ class QuantConfig(_Config):
     whole batches; unset: at most ``BIAS_CORRECTION_IMAGES`` = 512, the default ``num_calib``). Its time and the
     disk it keeps between layers grow with them (at 224 px: about four float forward passes and 1.4 MB per
     image), so a larger calibration set buys better ranges without a slower correction.
+    ``adaround``: learn each INT8 weight's rounding (up or down) per layer on the calibration images
+    (:mod:`mbquant.quant.adaround`), on the first ``adaround_images`` of them (unset: at most ``ADAROUND_IMAGES``),
+    ``adaround_iterations`` optimiser steps per layer; before bias correction. Its time grows with the iterations
+    and the layers (not with the images); its memory with the images (each layer's input and float output).
     """
 
     recipe: str = "best"
@@ -90,13 +95,16 @@ class QuantConfig(_Config):
     seed: int = 0
     batch_size: int = 32
     bias_correction_images: int | None = None
+    adaround: bool | None = None
+    adaround_images: int | None = None
+    adaround_iterations: int = 500
 
     def __post_init__(self) -> None:
         _choice(self.recipe, RECIPES, "recipe")
         if self.observer is not None:
             _choice(self.observer, OBSERVERS, "observer")
         _choice(self.granularity, GRANULARITIES, "weight granularity")
-        for name in ("fuse_relu6", "bias_correction", "equalize"):
+        for name in ("fuse_relu6", "bias_correction", "equalize", "adaround"):
             v = getattr(self, name)
             if v is not None and not isinstance(v, bool):
                 raise ConfigError(f"{name} must be true, false or unset (the recipe decides), got {v!r}")
@@ -110,6 +118,9 @@ class QuantConfig(_Config):
         _positive_int(self.batch_size, "calibration batch size", "--batch-size")
         if self.bias_correction_images is not None:
             _positive_int(self.bias_correction_images, "bias_correction_images", "--bias-correction-images")
+        if self.adaround_images is not None:
+            _positive_int(self.adaround_images, "adaround_images", "--adaround-images")
+        _positive_int(self.adaround_iterations, "adaround_iterations", "--adaround-iterations")
         _number(self.percentile, "percentile", "--percentile", lo=50.0, hi=100.0, lo_open=True)
 
 

@@ -33,6 +33,7 @@ from .mobile import table
 from .mobile.backend import Backend, ModulePredictor, Predictor, Written
 from .models.info import ModelInfo
 from .progress import resources, stage
+from .quant.adaround import AdaRoundResult, adaround
 from .quant.bias_correction import BiasCorrectionResult, correct_biases
 from .quant.equalize import EqualizationResult, equalize
 from .quant.export import FloatModel
@@ -52,6 +53,7 @@ class Quantized:
     config: QuantConfig                    # resolved for the backend
     calibration: CalibrationResult | None
     bias_correction: BiasCorrectionResult | None = None
+    adaround: AdaRoundResult | None = None
     seconds: dict[str, float] = field(default_factory=dict)
     source: FloatModel | None = None       # the float model quantized (equalized when the config asks)
     equalization: EqualizationResult | None = None
@@ -75,8 +77,8 @@ def source_model(fm: FloatModel, config: QuantConfig, calib: CalibrationSet,
 
 def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: CalibrationSet, *,
                   progress: bool = False) -> Quantized:
-    """[equalize ->] prepare -> calibrate -> convert [-> bias correction] for one backend; ``config`` resolved for
-    it."""
+    """[equalize ->] prepare -> calibrate -> convert [-> AdaRound] [-> bias correction] for one backend; ``config``
+    resolved for it."""
     seconds: dict[str, float] = {}
     fm, eq = source_model(fm, config, calib, seconds)
     with backend.session():
@@ -85,11 +87,16 @@ def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: 
         result = _timed(seconds, "calibrate", lambda: calibrate.run(
             prepared, calib, batch_size=config.batch_size, progress=progress, to_eval=backend.to_eval))
         int8 = _timed(seconds, "convert", lambda: backend.convert(prepared))
+        rounding = None
+        if config.adaround:
+            rounding = _timed(seconds, "adaround", lambda: adaround(
+                int8, fm.graph, calib.source(config.batch_size, config.adaround_images),
+                iterations=config.adaround_iterations, seed=config.seed, progress=progress))
         bias = None
         if config.bias_correction:
             bias = _timed(seconds, "bias_correction", lambda: correct_biases(
                 int8, fm.graph, calib.source(config.batch_size, config.bias_correction_images), progress=progress))
-    return Quantized(int8, config, result, bias, seconds, fm, eq)
+    return Quantized(int8, config, result, bias, rounding, seconds, fm, eq)
 
 
 def quantize(model: nn.Module, calib: CalibrationSet | Path | str, *, info: ModelInfo,
@@ -154,6 +161,7 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
         int8, seconds, src = q.int8, q.seconds, q.source
         facts.update(calibration=q.calibration.to_dict(),
                      bias_correction=q.bias_correction.to_dict() if q.bias_correction else None,
+                     adaround=q.adaround.to_dict() if q.adaround else None,
                      equalization=q.equalization.to_dict() if q.equalization else None)
         if q.calibration.skipped_unreadable:
             report.warn(f"{q.calibration.skipped_unreadable} unreadable calibration images were skipped (first: "

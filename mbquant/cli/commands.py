@@ -162,7 +162,8 @@ def cmd_ptq(args: argparse.Namespace) -> int:
                          num_calib=args.num_calib, seed=args.seed, batch_size=args.batch_size,
                          fuse_relu6=args.fuse_relu6, keep_float=args.keep_float, percentile=args.percentile,
                          bias_correction=args.bias_correction, equalize=args.equalize,
-                         bias_correction_images=args.bias_correction_images)
+                         bias_correction_images=args.bias_correction_images, adaround=args.adaround,
+                         adaround_images=args.adaround_images, adaround_iterations=args.adaround_iterations)
     run = _run_config(args)
     check_run(config, run)
     out = args.out if args.out is not None else default_out_dir(args.model)

@@ -192,6 +192,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="correct each layer's bias for the mean shift quantization causes (recipe: on for pte)")
     p.add_argument("--bias-correction-images", type=int, default=None, metavar="N",
                    help="bias correction reads the first N calibration images (default: at most 512; its time grows with N)")
+    p.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=None,
+                   help="learn each INT8 weight's rounding (up or down) per layer on the calibration images, before bias "
+                        "correction (AdaRound; pte and onnx backends; recipe: off)")
+    p.add_argument("--adaround-images", type=int, default=None, metavar="N",
+                   help="AdaRound learns on the first N calibration images (default: at most 256; memory grows with N)")
+    p.add_argument("--adaround-iterations", type=int, default=500, metavar="N",
+                   help="AdaRound's optimiser steps per layer (default 500; time grows with N)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     _add_quant_args(p)
     _add_run_args(p)

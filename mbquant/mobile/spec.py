@@ -88,6 +88,7 @@ class BackendSpec:
     sweep_default: tuple[str, ...] = ()
     requires: tuple[str, ...] = ()     # Python modules it needs beyond mbquant's own dependencies
     install: str = ""                  # how to install them
+    adaround: bool = False             # --adaround supported (the backend lowers a converted PT2E graph's weights)
 
     def recipe(self, name: str) -> Mapping[str, Any]:
         return self.recipes[name]

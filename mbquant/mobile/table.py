@@ -19,7 +19,7 @@ import importlib
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..config import BIAS_CORRECTION_IMAGES, LOGITS, OBSERVERS, QuantConfig
+from ..config import ADAROUND_IMAGES, BIAS_CORRECTION_IMAGES, LOGITS, OBSERVERS, QuantConfig
 from ..errors import ConfigError
 from .spec import BackendSpec, Option
 
@@ -27,12 +27,14 @@ if TYPE_CHECKING:
     from ..config import RunConfig
     from .backend import Backend
 
-_STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False, "equalize": False}
-_QAT = {"observer": "moving-average", "fuse_relu6": True, "keep_float": (), "bias_correction": False, "equalize": False}
+_STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False, "equalize": False,
+          "adaround": False}
+_QAT = {"observer": "moving-average", "fuse_relu6": True, "keep_float": (), "bias_correction": False, "equalize": False,
+        "adaround": False}
 
 
 def _recipes(best: dict[str, Any], stock: dict[str, Any] | None = None) -> Mapping[str, Mapping[str, Any]]:
-    return MappingProxyType({"best": MappingProxyType({"equalize": False, **best}),
+    return MappingProxyType({"best": MappingProxyType({"equalize": False, "adaround": False, **best}),
                              "stock": MappingProxyType({**_STOCK, **(stock or {})}), "qat": MappingProxyType(dict(_QAT))})
 
 
@@ -50,6 +52,7 @@ _PTE_VARIANTS = MappingProxyType({
     "per-tensor-stock": MappingProxyType(dict(recipe="stock", granularity="per-tensor")),
     "per-tensor-relu6": MappingProxyType(dict(recipe="stock", fuse_relu6=True, granularity="per-tensor")),
     "per-tensor-best": MappingProxyType(dict(granularity="per-tensor")),
+    "best+adaround": MappingProxyType(dict(adaround=True)),
 })
 _TS_VARIANTS = MappingProxyType({
     "stock": MappingProxyType(dict(recipe="stock")),
@@ -62,6 +65,7 @@ _MCU_VARIANTS = MappingProxyType({
     "equalize": MappingProxyType(dict(recipe="stock", equalize=True)),
     "bias-correction": MappingProxyType(dict(recipe="stock", bias_correction=True)),
     "best": MappingProxyType(dict()),
+    "best+adaround": MappingProxyType(dict(adaround=True)),
 })
 
 CPUS = ("cortex-m4", "cortex-m7", "cortex-m33", "cortex-m55")
@@ -77,7 +81,7 @@ BUILTIN: tuple[BackendSpec, ...] = (
         # measured on the phone checkpoint (README, "PTQ choices"): drop 0.03 pp, float~.pte agreement 99.53 %
         recipes=_recipes({"observer": "percentile", "fuse_relu6": True, "keep_float": (LOGITS,),
                           "bias_correction": True}),
-        options=(MIN_DELEGATED,), bundle=True, sweep_variants=_PTE_VARIANTS,
+        options=(MIN_DELEGATED,), bundle=True, sweep_variants=_PTE_VARIANTS, adaround=True,
         sweep_default=("stock", "relu6", "relu6+percentile", "relu6+percentile+fp32-logits", "best", "best+equalize",
                        "per-tensor-stock", "per-tensor-best")),
     BackendSpec(
@@ -113,7 +117,7 @@ BUILTIN: tuple[BackendSpec, ...] = (
                         lo_open=True, hi=1e7, metavar="KIB"),
                  Option("ram_kb", "number", None, "fail when the RAM peak (arena: activations, scratch, input/output) "
                         "is larger (KiB, e.g. 64)", lo=0.0, lo_open=True, hi=1e7, metavar="KIB")),
-        sweep_variants=_MCU_VARIANTS, sweep_default=tuple(_MCU_VARIANTS)),
+        sweep_variants=_MCU_VARIANTS, sweep_default=tuple(_MCU_VARIANTS), adaround=True),
     BackendSpec(
         "onnx-qdq", ("phone", "x86"), "onnx", "ONNX Runtime (CPU provider), INT8 QDQ model",
         "mbquant.mobile.onnx", (".onnx",), ("per-channel", "per-tensor"), OBSERVERS, keep_float=True,
@@ -123,7 +127,7 @@ BUILTIN: tuple[BackendSpec, ...] = (
                           "bias_correction": True}),
         sweep_variants=_PTE_VARIANTS,
         sweep_default=("stock", "relu6", "relu6+percentile", "relu6+percentile+fp32-logits", "best", "best+equalize"),
-        requires=("onnx", "onnxscript", "onnxruntime"), install="pip install 'mbquant[onnx]'"),
+        requires=("onnx", "onnxscript", "onnxruntime"), install="pip install 'mbquant[onnx]'", adaround=True),
 )
 
 BACKENDS: dict[str, BackendSpec] = {}
@@ -262,10 +266,16 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
                 f"--bias-correction-images {config.bias_correction_images}"
             raise ConfigError(f"{asked}: bias correction is a post-training fix; QAT learns the correction itself: "
                               f"drop the flag")
-        recipe = {**recipe, "observer": "moving-average", "bias_correction": False}
+        if config.adaround or config.adaround_images is not None:
+            asked = "--adaround" if config.adaround else f"--adaround-images {config.adaround_images}"
+            raise ConfigError(f"{asked}: AdaRound is a post-training fix; QAT learns the weights themselves: drop the "
+                              f"flag")
+        recipe = {**recipe, "observer": "moving-average", "bias_correction": False, "adaround": False}
     if config.bias_correction is False and config.bias_correction_images is not None:
         raise ConfigError(f"--bias-correction-images {config.bias_correction_images} with --no-bias-correction: "
                           f"drop one of them")
+    if config.adaround is False and config.adaround_images is not None:
+        raise ConfigError(f"--adaround-images {config.adaround_images} with --no-adaround: drop one of them")
     values = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in recipe.items()}
     for k, v in spec.fixed.items():
         if values[k] != v:
@@ -280,11 +290,23 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     if values["keep_float"] and not spec.keep_float:
         raise ConfigError(f"--keep-float {','.join(values['keep_float'])}: backend '{spec.name}' runs every layer in "
                           f"INT8 (layers kept in float are supported by: {_having('keep_float')}); drop --keep-float")
+    if values["adaround"] and config.bias_correction is None and config.bias_correction_images is None:
+        # measured (README, "AdaRound"): the learned rounding already fits each layer's float output, mean included;
+        # a bias correction after it lowered agreement on every checkpoint tried. Asked for, both run.
+        values["bias_correction"] = False
     if values["bias_correction"] and not spec.bias_correction:
         raise ConfigError(f"--bias-correction is not supported by backend '{spec.name}'; supported by: "
                           f"{_having('bias_correction')}; drop the flag or pass --no-bias-correction")
     if values["bias_correction"] and config.bias_correction_images is None:
         values["bias_correction_images"] = BIAS_CORRECTION_IMAGES
+    if values["adaround"] and not spec.adaround:
+        raise ConfigError(f"--adaround is not supported by backend '{spec.name}'; supported by: {_having('adaround')}; "
+                          f"drop the flag")
+    if not values["adaround"] and config.adaround_images is not None:
+        raise ConfigError(f"--adaround-images {config.adaround_images} without AdaRound (the recipe of backend "
+                          f"'{spec.name}' does not run it): add --adaround or drop --adaround-images")
+    if values["adaround"] and config.adaround_images is None:
+        values["adaround_images"] = ADAROUND_IMAGES
     return config.replace(**values)
 
 

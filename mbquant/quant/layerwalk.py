@@ -158,48 +158,84 @@ class Walked:
 Value = Callable[[Node], Any]
 
 
+class _Track:
+    """One graph being walked: its cut, and per batch the values of the current segment."""
+
+    def __init__(self, gm: GraphModule, layers: list[Node], store: BatchStore, desc: str):
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        if len(placeholders) != 1:
+            raise QuantizationError(f"{desc}: layer-by-layer stages run single-input graphs; this one has "
+                                    f"{len(placeholders)} inputs")
+        self.gm, self.input, self.store = gm, placeholders[0], store
+        self.cut = plan(gm, layers)
+
+    def segment(self, s: int, b: int) -> dict[Node, Any]:
+        env: dict[Node, Any] = {}
+        for n in self.cut.segments[s]:
+            env[n] = _evaluate(self.gm, n, env, self.store, b, self.cut)
+            if any(c != s for c in self.cut.consumers[n]):
+                self.store.put(n, env[n])
+        return env
+
+    def value(self, node: Node, env: dict[Node, Any], b: int) -> Any:
+        return _value(self.gm, node, env, self.store, b, self.cut)
+
+    def release(self, s: int) -> None:
+        """Drop what no segment after ``s`` reads."""
+        for n in [n for n in self.cut.consumers if n in self.store and max(self.cut.consumers[n], default=-1) <= s]:
+            self.store.drop(n)
+
+
 def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch.Tensor]", *,
-         visit: Callable[[Node, Value], None], done: Callable[[Node], None], workdir: Path | None = None,
+         visit: Callable[[Node, Value], None], done: Callable[[Node], None],
+         reference: tuple[GraphModule, list[Node]] | None = None, workdir: Path | None = None,
          progress: bool = False, desc: str = "layers") -> Walked:
     """Walk ``gm`` over ``batches`` (each read once, into the store) with the ``layers`` as segment ends, in graph
     order. For each layer and each batch, ``visit(layer, value)`` is called, where ``value(node)`` is any node's
     value on that batch (the layer's inputs, the layer itself); then ``done(layer)`` once, when every batch has
-    been visited: the stage changes the layer's parameters there, before the rest of the graph runs."""
+    been visited: the stage changes the layer's parameters there, before the rest of the graph runs.
+
+    ``reference``: a second graph and its layers, one per layer of ``gm`` in the same order (the float graph the
+    INT8 one was converted from), walked in step on the same images: ``value`` also answers for its nodes."""
     from tqdm import tqdm
 
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(placeholders) != 1:
-        raise QuantizationError(f"{desc}: layer-by-layer stages run single-input graphs; this one has "
-                                f"{len(placeholders)} inputs")
-    cut = plan(gm, layers)
     with tempfile.TemporaryDirectory(prefix="mbquant-walk-", dir=workdir) as tmp, torch.no_grad():
         store = BatchStore(Path(tmp))
+        tracks = [_Track(gm, layers, store, desc)]
+        if reference is not None:
+            if len(reference[1]) != len(layers):
+                raise QuantizationError(f"{desc}: the reference graph has {len(reference[1])} layers to walk in step "
+                                        f"with {len(layers)}; the graphs do not match")
+            tracks.append(_Track(reference[0], reference[1], store, desc))
         n_batches = samples = 0
         for x in source(batches)():
-            store.put(placeholders[0], x)
+            for t in tracks:
+                store.put(t.input, x)
             n_batches += 1
             samples += int(x.shape[0])
         if n_batches == 0:
             raise QuantizationError(f"{desc} needs calibration images; none were given")
-        bar = tqdm(total=len(cut.segments), disable=not progress, desc=desc, unit="layer", leave=False)
-        for s, nodes in enumerate(cut.segments):
-            stat = cut.stats[s]
+        main = tracks[0]
+        bar = tqdm(total=len(main.cut.segments), disable=not progress, desc=desc, unit="layer", leave=False)
+        for s in range(len(main.cut.segments)):
+            stat = main.cut.stats[s]
             for b in range(n_batches):
-                env: dict[Node, Any] = {}
-                for n in nodes:
-                    env[n] = _evaluate(gm, n, env, store, b, cut)
-                    if any(c != s for c in cut.consumers[n]):
-                        store.put(n, env[n])
+                envs = {t.gm.graph: (t, t.segment(s, b)) for t in tracks}
                 if stat is not None:
-                    visit(stat, lambda node, env=env, b=b: _value(gm, node, env, store, b, cut))
+                    visit(stat, lambda node, envs=envs, b=b: _lookup(envs, node, b))
             if stat is not None:
                 done(stat)
-            for n in [n for n in cut.consumers if n in store and max(cut.consumers[n], default=-1) <= s]:
-                store.drop(n)
+            for t in tracks:
+                t.release(s)
             bar.update(1)
         bar.close()
     gm.recompile()
     return Walked(samples, n_batches, store.peak)
+
+
+def _lookup(envs: dict, node: Node, b: int) -> Any:
+    track, env = envs[node.graph]
+    return track.value(node, env, b)
 
 
 def _value(gm: GraphModule, a: Node, env: dict[Node, Any], store: BatchStore, b: int, plan: Plan) -> Any:

@@ -64,3 +64,4 @@ def test_the_mcu_row_fixes_what_its_kernels_decide():
         table.resolve(QuantConfig(fuse_relu6=False), mcu)
     with pytest.raises(ConfigError, match="granularity 'per-tensor' is not supported by backend 'pte-cortex-m'"):
         table.resolve(QuantConfig(granularity="per-tensor"), mcu)
+
