@@ -89,6 +89,7 @@ class BackendSpec:
     requires: tuple[str, ...] = ()     # Python modules it needs beyond mbquant's own dependencies
     install: str = ""                  # how to install them
     adaround: bool = False             # --adaround supported (the backend lowers a converted PT2E graph's weights)
+    per_tensor_best: Mapping[str, Any] = field(default_factory=dict)   # the best recipe's changes for per-tensor weights
 
     def recipe(self, name: str) -> Mapping[str, Any]:
         return self.recipes[name]

@@ -65,3 +65,13 @@ def test_the_mcu_row_fixes_what_its_kernels_decide():
     with pytest.raises(ConfigError, match="granularity 'per-tensor' is not supported by backend 'pte-cortex-m'"):
         table.resolve(QuantConfig(granularity="per-tensor"), mcu)
 
+
+def test_per_tensor_weights_take_their_own_best_recipe():
+    """Per-tensor weights on the phone: the best recipe equalizes first (V2 0.35, all val images: drop 1.82 ->
+    0.06 pp); an explicit --no-equalize and the stock recipe are left as asked."""
+    pte = table.get_spec("pte-xnnpack")
+    assert table.resolve(QuantConfig(granularity="per-tensor"), pte).equalize is True
+    assert table.resolve(QuantConfig(), pte).equalize is False
+    assert table.resolve(QuantConfig(granularity="per-tensor", equalize=False), pte).equalize is False
+    assert table.resolve(QuantConfig(granularity="per-tensor", recipe="stock"), pte).equalize is False
+    assert table.resolve(QuantConfig(granularity="per-tensor"), table.get_spec("ts-qnnpack")).equalize is False
