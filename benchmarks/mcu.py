@@ -29,6 +29,7 @@ VARIANTS = {  # MCU recipe "stock" = CortexMQuantizer as shipped (histogram, ReL
     "equalization": dict(recipe="stock", equalize=True),
     "bias correction": dict(recipe="stock", bias_correction=True),
     "equalization + bias correction (best)": dict(),
+    "equalization + AdaRound": dict(adaround=True),      # the best recipe with --adaround (bias correction off)
 }
 MODELS = {"mobilenet_v1_w0.25_r96_fmnist": "mobilenet_v1", "mobilenet_v2_w0.35_r64_fmnist": "mobilenet_v2"}
 
@@ -61,30 +62,38 @@ def main(argv=None) -> int:
     ap.add_argument("--num-calib", type=int, default=512)
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: " + ", ".join(VARIANTS))
+    ap.add_argument("--no-memory", action="store_true", help="skip the per-CPU flash/RAM table")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mcu.json")
     args = ap.parse_args(argv)
+    chosen = args.variants.split(",")
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     torch.set_num_threads(args.threads)
     results = {}
     for weights in args.models.split(","):
         model, info = resolve_model(MODELS[weights], weights)
         rows, acc = [], {}
-        for name, cfg in VARIANTS.items():
+        for name in chosen:
+            cfg = VARIANTS[name]
             rep = job(model, info, args.data, config=QuantConfig(num_calib=args.num_calib, **cfg),
                       run=RunConfig(target="mcu", eval_limit=args.eval_limit, options={"int8_input": True}), command=name)
             r = acc[name] = summary(rep)
             rows.append((name, f"{r['float_top1']:.2f}", f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}",
                          f"{r['agreement_float']:.2f}", f"{r['parity']:.2f}"))
             print(f"[{weights} {name}] {rows[-1]}", flush=True)
-        mem = memory_per_cpu(model, info, args.data, args.num_calib)
+        mem = {} if args.no_memory else memory_per_cpu(model, info, args.data, args.num_calib)
         results[weights] = {"accuracy": acc, "memory": mem}
         print(f"\n{weights}: the Cortex-M program's own accuracy (host reference kernels), "
               f"{acc[next(iter(acc))]['images']} val images\n")
         print(format_table(rows, ("variant", "float top-1", "MCU program top-1", "drop pp", "agree float %",
                                   "agree PT2E module %")))
         print()
-        print(format_table([(k, f"{v['flash_bytes']:,}", f"{v['ram_peak_bytes']:,}", f"{v['input_bytes']:,}",
-                             f"{v['scratch_max_bytes']:,}") for k, v in mem.items()],
-                           ("CPU", "flash B", "RAM peak B", "input B", "largest scratch B")))
+        if mem:
+            print(format_table([(k, f"{v['flash_bytes']:,}", f"{v['ram_peak_bytes']:,}", f"{v['input_bytes']:,}",
+                                 f"{v['scratch_max_bytes']:,}") for k, v in mem.items()],
+                               ("CPU", "flash B", "RAM peak B", "input B", "largest scratch B")))
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"results": results, "num_calib": args.num_calib, "host": host(),
                                         "versions": library_versions()}, indent=2) + "\n")

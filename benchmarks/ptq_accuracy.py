@@ -22,6 +22,7 @@ from mbquant.models import resolve_model
 from mbquant.mobile import table
 
 VARIANTS = table.get_spec("pte-xnnpack").sweep_variants   # name: QuantConfig fields, as `mbquant report --recipes`
+QUANT_STAGES = ("equalize", "export", "prepare", "calibrate", "convert", "adaround", "bias_correction")
 
 
 def main(argv=None) -> int:
@@ -49,11 +50,12 @@ def main(argv=None) -> int:
         c = r["config"]
         rows.append((name + (" (eq)" if c["equalize"] else ""), "yes" if c["fuse_relu6"] else "no", c["observer"],
                      ",".join(c["keep_float"]) or "-",
-                     "yes" if c["bias_correction"] else "no", c["granularity"], f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}",
-                     f"{r['agreement_float']:.2f}", f"{r['parity']:.2f}", str(r["quantize_ops"])))
+                     "yes" if c["bias_correction"] else "no", "yes" if c.get("adaround") else "no", c["granularity"], f"{r['top1']:.2f}", f"{r['drop_pp']:.2f}",
+                     f"{r['agreement_float']:.2f}", f"{r['parity']:.2f}", str(r["quantize_ops"]),
+                     f"{sum(r['seconds'].get(k, 0.0) for k in QUANT_STAGES):.0f}"))
         print(f"[{name}] done in {r['wall_seconds']} s: {rows[-1]}", flush=True)
-    header = ("variant", "ReLU6 fused", "observer", "fp32", "bias corr.", "weights", "INT8 .pte top-1", "drop pp",
-              "agree float~pte %", "agree pte~module %", "quantize ops")
+    header = ("variant", "ReLU6 fused", "observer", "fp32", "bias corr.", "AdaRound", "weights", "INT8 .pte top-1", "drop pp",
+              "agree float~pte %", "agree pte~module %", "quantize ops", "quantization s")
     print(f"\n{info.name} w{info.width_mult:g} {info.resolution}x{info.resolution} ({info.weights}); float top-1 "
           f"{results[names[0]]['float_top1']:.2f} %; {args.num_calib} calibration images from data/train; eval on "
           f"data/val ({results[names[0]]['images']} images); host {host()['cpu']} {host()['isa']}\n")
