@@ -284,6 +284,7 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     if config.adaround is False and config.adaround_images is not None:
         raise ConfigError(f"--adaround-images {config.adaround_images} with --no-adaround: drop one of them")
     values = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in recipe.items()}
+    values.setdefault("adaround", bool(config.adaround))        # a row registered with recipes that predate it
     for k, v in spec.fixed.items():
         if values[k] != v:
             raise ConfigError(f"backend '{spec.name}' always has {k.replace('_', '-')} = {v} (its kernels do it); "
