@@ -16,6 +16,7 @@ RECIPES = ("best", "stock", "qat")
 SEED_MAX = 2 ** 32 - 1  # a 32-bit generator seed (mbquant.data.slicing)
 BIAS_CORRECTION_IMAGES = 512  # bias correction reads at most this many calibration images unless told otherwise
 ADAROUND_IMAGES = 256  # AdaRound learns each layer's rounding on at most this many calibration images unless told otherwise
+ADAROUND_ITERATIONS = 500  # AdaRound's optimiser steps per layer unless told otherwise
 LOGITS = "logits"  # --keep-float alias: the layer(s) whose output is the model's output (the classifier)
 
 T = TypeVar("T", bound="_Config")
@@ -79,8 +80,9 @@ class QuantConfig(_Config):
     image), so a larger calibration set buys better ranges without a slower correction.
     ``adaround``: learn each INT8 weight's rounding (up or down) per layer on the calibration images
     (:mod:`mbquant.quant.adaround`), on the first ``adaround_images`` of them (unset: at most ``ADAROUND_IMAGES``),
-    ``adaround_iterations`` optimiser steps per layer; before bias correction. Its time grows with the iterations
-    and the layers (not with the images); its memory with the images (each layer's input and float output).
+    ``adaround_iterations`` optimiser steps per layer (unset: ``ADAROUND_ITERATIONS``); before bias correction.
+    Its time grows with the iterations and the layers (not with the images); its memory with the images (each
+    layer's input and float output).
     """
 
     recipe: str = "best"
@@ -97,7 +99,7 @@ class QuantConfig(_Config):
     bias_correction_images: int | None = None
     adaround: bool | None = None
     adaround_images: int | None = None
-    adaround_iterations: int = 500
+    adaround_iterations: int | None = None
 
     def __post_init__(self) -> None:
         _choice(self.recipe, RECIPES, "recipe")
@@ -120,7 +122,8 @@ class QuantConfig(_Config):
             _positive_int(self.bias_correction_images, "bias_correction_images", "--bias-correction-images")
         if self.adaround_images is not None:
             _positive_int(self.adaround_images, "adaround_images", "--adaround-images")
-        _positive_int(self.adaround_iterations, "adaround_iterations", "--adaround-iterations")
+        if self.adaround_iterations is not None:
+            _positive_int(self.adaround_iterations, "adaround_iterations", "--adaround-iterations")
         _number(self.percentile, "percentile", "--percentile", lo=50.0, hi=100.0, lo_open=True)
 
 

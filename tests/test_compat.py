@@ -75,6 +75,7 @@ def test_no_private_third_party_api_outside_compat():
     assert _private_uses(REPO / "mbquant" / "compat.py")        # the check finds them where they are
 
 
+@pytest.mark.slow   # 20 s; an equivalence check of a time-only memo (make test-slow)
 def test_pattern_graphs_exported_once_give_the_same_int8_graph_and_rng(calib32, monkeypatch):
     """The memo of torchao's pattern export changes nothing but time: the same INT8 graph, weights and outputs as
     exporting every pattern each time, and the global RNG stream left where it was (QAT and tests draw from it)."""

@@ -197,7 +197,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "correction (AdaRound; pte and onnx backends; recipe: off)")
     p.add_argument("--adaround-images", type=int, default=None, metavar="N",
                    help="AdaRound learns on the first N calibration images (default: at most 256; memory grows with N)")
-    p.add_argument("--adaround-iterations", type=int, default=500, metavar="N",
+    p.add_argument("--adaround-iterations", type=int, default=None, metavar="N",
                    help="AdaRound's optimiser steps per layer (default 500; time grows with N)")
     p.add_argument("--batch-size", type=int, default=32, help="calibration batch size")
     _add_quant_args(p)

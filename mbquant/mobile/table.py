@@ -19,7 +19,7 @@ import importlib
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..config import ADAROUND_IMAGES, BIAS_CORRECTION_IMAGES, LOGITS, OBSERVERS, QuantConfig
+from ..config import ADAROUND_IMAGES, ADAROUND_ITERATIONS, BIAS_CORRECTION_IMAGES, LOGITS, OBSERVERS, QuantConfig
 from ..errors import ConfigError
 from .spec import BackendSpec, Option
 
@@ -273,16 +273,19 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
                 f"--bias-correction-images {config.bias_correction_images}"
             raise ConfigError(f"{asked}: bias correction is a post-training fix; QAT learns the correction itself: "
                               f"drop the flag")
-        if config.adaround or config.adaround_images is not None:
-            asked = "--adaround" if config.adaround else f"--adaround-images {config.adaround_images}"
+        if config.adaround or config.adaround_images is not None or config.adaround_iterations is not None:
+            asked = "--adaround" if config.adaround else ("--adaround-images" if config.adaround_images is not None
+                                                          else "--adaround-iterations")
             raise ConfigError(f"{asked}: AdaRound is a post-training fix; QAT learns the weights themselves: drop the "
                               f"flag")
         recipe = {**recipe, "observer": "moving-average", "bias_correction": False, "adaround": False}
     if config.bias_correction is False and config.bias_correction_images is not None:
         raise ConfigError(f"--bias-correction-images {config.bias_correction_images} with --no-bias-correction: "
                           f"drop one of them")
-    if config.adaround is False and config.adaround_images is not None:
-        raise ConfigError(f"--adaround-images {config.adaround_images} with --no-adaround: drop one of them")
+    tuning = [f"--adaround-{k} {v}" for k, v in (("images", config.adaround_images),
+                                                  ("iterations", config.adaround_iterations)) if v is not None]
+    if config.adaround is False and tuning:
+        raise ConfigError(f"{' '.join(tuning)} with --no-adaround: drop one of them")
     values = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in recipe.items()}
     values.setdefault("adaround", bool(config.adaround))        # a row registered with recipes that predate it
     for k, v in spec.fixed.items():
@@ -310,11 +313,12 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     if values["adaround"] and not spec.adaround:
         raise ConfigError(f"--adaround is not supported by backend '{spec.name}'; supported by: {_having('adaround')}; "
                           f"drop the flag")
-    if not values["adaround"] and config.adaround_images is not None:
-        raise ConfigError(f"--adaround-images {config.adaround_images} without AdaRound (the recipe of backend "
-                          f"'{spec.name}' does not run it): add --adaround or drop --adaround-images")
-    if values["adaround"] and config.adaround_images is None:
-        values["adaround_images"] = ADAROUND_IMAGES
+    if not values["adaround"] and tuning:
+        raise ConfigError(f"{' '.join(tuning)} without AdaRound (the recipe of backend '{spec.name}' does not run "
+                          f"it): add --adaround or drop {' and '.join(t.split()[0] for t in tuning)}")
+    if values["adaround"]:
+        values["adaround_images"] = config.adaround_images or ADAROUND_IMAGES
+        values["adaround_iterations"] = config.adaround_iterations or ADAROUND_ITERATIONS
     return config.replace(**values)
 
 

@@ -26,7 +26,8 @@ def onnx_run(tiny_ckpt, tmp_path_factory):
     root, ck = tiny_ckpt
     out = tmp_path_factory.mktemp("onnx") / "run"
     rc = main(["ptq", "mobilenet_v1", "--weights", str(ck), "--calib", str(root / "train"), "--eval", str(root / "val"),
-               "--num-calib", "32", "--format", "pte,onnx", "--latency-runs", "2", "--out", str(out), "--quiet"])
+               "--num-calib", "32", "--format", "pte,onnx", "--latency-runs", "2", "--no-float-program", "--out", str(out),
+               "--quiet"])
     assert rc == 0
     return root, ck, out
 
