@@ -35,7 +35,7 @@ from torch.fx import GraphModule, Node
 from ..errors import QuantizationError
 from .bias_correction import folded_reference
 from .fast_qdq import fast
-from .layerwalk import Batches, attr, walk
+from .layerwalk import Batches, attr, constants, walk
 from .ops import CONV_OPS, DEQUANTIZE_OPS, LINEAR_OPS, _A, _Q
 
 ZETA, GAMMA = 1.1, -0.1                  # the rectified sigmoid's stretch (paper, section 4)
@@ -176,52 +176,40 @@ def adaround(int8: GraphModule, float_gm: GraphModule, batches: Batches | Iterab
         if _distance(floats[n], grids[n]) > 0.5 + 1e-3:
             raise QuantizationError(f"AdaRound: layer {n.name}'s INT8 weights are not the nearest rounding of its float "
                                     f"weights (the graphs do not match); run without --adaround")
-    inputs: dict[Node, _Inputs] = {}
-    gen = torch.Generator().manual_seed(seed)
-    bar = None
-    if progress:
-        from tqdm import tqdm
-        bar = tqdm(total=len(rounded), desc="adaround", unit="layer", leave=False)
-
     refs = [ref_nodes[n.name] for n in rounded]
     order = {n: i for i, n in enumerate(ref.graph.nodes)}
     if any(order[a] >= order[b] for a, b in zip(refs, refs[1:])):
         raise QuantizationError("AdaRound: the float graph runs the layers in another order than the INT8 graph; "
                                 "run without --adaround")
+    const = constants(int8)
+    for n in rounded:
+        varying = [a.name for a in [*n.args[2:], *n.kwargs.values()] if isinstance(a, Node) and a not in const]
+        if varying:
+            raise QuantizationError(f"AdaRound: argument {varying[0]} of layer {n.name} is not a constant; run "
+                                    f"without --adaround")
+    ref_of = dict(zip(rounded, refs))
+    inputs: dict[Node, _Inputs] = {}
     targets: dict[Node, list[torch.Tensor]] = {}
+    rest: dict[Node, tuple[list, dict]] = {}          # a layer's other arguments (bias, stride, ...), as values
+    gen = torch.Generator().manual_seed(seed)
 
     def visit(layer: Node, value) -> None:
         inputs.setdefault(layer, _Inputs(layer)).add(value)
         targets.setdefault(layer, []).append(_activation(layer)(value(ref_of[layer])).clone())
+        if layer not in rest:
+            resolve = lambda a: value(a) if isinstance(a, Node) else a  # noqa: E731
+            rest[layer] = [resolve(a) for a in layer.args[2:]], {k: resolve(a) for k, a in layer.kwargs.items()}
 
     def done(layer: Node) -> None:
-        collected = inputs.pop(layer)
-        other = {i: value_of(int8, a) for i, a in enumerate(layer.args) if i >= 2}
-        wanted = torch.cat(targets.pop(layer))
-        result.layers.append(_round_layer(layer, grids[layer], floats[layer], collected, wanted, other, iterations,
-                                          gen))
-        if bar is not None:
-            bar.update(1)
+        args, kwargs = rest.pop(layer)
+        result.layers.append(_round_layer(layer, grids[layer], floats[layer], inputs.pop(layer),
+                                          torch.cat(targets.pop(layer)), args, kwargs, iterations, gen))
 
-    ref_of = dict(zip(rounded, refs))
-    walked = walk(int8, rounded, batches, visit=visit, done=done, workdir=workdir, desc="AdaRound",
-                  reference=(ref, refs))
-    if bar is not None:
-        bar.close()
+    walked = walk(int8, rounded, batches, visit=visit, done=done, reference=(ref, refs), workdir=workdir,
+                  progress=progress, desc="AdaRound")
     result.samples = walked.samples
     result.seconds = time.perf_counter() - started
     return result
-
-
-def value_of(gm: GraphModule, a: Any) -> Any:
-    """A constant argument's value (a bias: a float get_attr or the dequantize of an int32 one)."""
-    if not isinstance(a, Node):
-        return a
-    if a.op == "get_attr":
-        return attr(gm, a.target)
-    if a.op == "call_function" and a.target in DEQUANTIZE_OPS:
-        return a.target(*[value_of(gm, b) for b in a.args], **a.kwargs)
-    raise QuantizationError(f"AdaRound: argument {a.name} of a layer is not a constant; run without --adaround")
 
 
 def _distance(w: torch.Tensor, g: _Grid) -> float:
@@ -238,15 +226,14 @@ def _activation(layer: Node):
     return lambda y: y
 
 
-def _round_layer(layer: Node, g: _Grid, w_float: torch.Tensor, inputs: _Inputs, wanted: torch.Tensor,
-                 other: dict[int, Any], iterations: int, gen: torch.Generator) -> LayerRounding:
+def _round_layer(layer: Node, g: _Grid, w_float: torch.Tensor, inputs: _Inputs, wanted: torch.Tensor, args: list,
+                 kwargs: dict, iterations: int, gen: torch.Generator) -> LayerRounding:
     raw = inputs.stacked()
     n = raw.shape[0]
     act = _activation(layer)
-    tail = [other[i] for i in sorted(other)]
 
     def run(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return act(layer.target(x, w, *tail))
+        return act(layer.target(x, w, *args, **kwargs))
 
     w_div = w_float / g.scale
     floor = torch.floor(w_div)

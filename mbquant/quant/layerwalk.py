@@ -103,12 +103,18 @@ class Plan:
     lazy: set[Node]                       # constant nodes and dequantizes: computed where they are used
 
 
-def plan(gm: GraphModule, syncs: list[Node]) -> Plan:
+def constants(gm: GraphModule) -> set[Node]:
+    """The nodes whose value does not depend on the input (parameters and what is computed from them alone)."""
     const: set[Node] = set()
     for n in gm.graph.nodes:
         if n.op == "get_attr" or (n.op in ("call_function", "call_module") and n.all_input_nodes and
                                   all(a in const for a in n.all_input_nodes)):
             const.add(n)
+    return const
+
+
+def plan(gm: GraphModule, syncs: list[Node]) -> Plan:
+    const = constants(gm)
     remat = {n for n in gm.graph.nodes if n.op == "call_function" and n.target in DEQUANTIZE_OPS and n not in const}
     lazy = const | remat
     sync_index = {s: i for i, s in enumerate(syncs)}
