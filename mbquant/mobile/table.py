@@ -27,14 +27,14 @@ if TYPE_CHECKING:
     from ..config import RunConfig
     from .backend import Backend
 
-_STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False, "equalize": False,
-          "adaround": False}
-_QAT = {"observer": "moving-average", "fuse_relu6": True, "keep_float": (), "bias_correction": False, "equalize": False,
-        "adaround": False}
+_STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False, "equalize": False}
+_QAT = {"observer": "moving-average", "fuse_relu6": True, "keep_float": (), "bias_correction": False, "equalize": False}
+# post-training fixes a recipe runs only when it names them (rows registered from outside may predate a field)
+_OFF_UNLESS_NAMED = MappingProxyType({"equalize": False, "adaround": False})
 
 
 def _recipes(best: dict[str, Any], stock: dict[str, Any] | None = None) -> Mapping[str, Mapping[str, Any]]:
-    return MappingProxyType({"best": MappingProxyType({"equalize": False, "adaround": False, **best}),
+    return MappingProxyType({"best": MappingProxyType(dict(best)),
                              "stock": MappingProxyType({**_STOCK, **(stock or {})}), "qat": MappingProxyType(dict(_QAT))})
 
 
@@ -259,7 +259,7 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
 
     With ``qat`` the observer is the training fake-quantize (moving-average) and bias correction is off
     (QAT learns that correction); asking for either explicitly is an error."""
-    recipe = spec.recipe(config.recipe)
+    recipe = {**_OFF_UNLESS_NAMED, **spec.recipe(config.recipe)}
     if config.recipe == "best" and config.granularity == "per-tensor":
         recipe = {**recipe, **spec.per_tensor_best}
     if qat and not spec.qat:
@@ -287,7 +287,6 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     if config.adaround is False and tuning:
         raise ConfigError(f"{' '.join(tuning)} with --no-adaround: drop one of them")
     values = {k: (getattr(config, k) if getattr(config, k) is not None else v) for k, v in recipe.items()}
-    values.setdefault("adaround", bool(config.adaround))        # a row registered with recipes that predate it
     for k, v in spec.fixed.items():
         if values[k] != v:
             raise ConfigError(f"backend '{spec.name}' always has {k.replace('_', '-')} = {v} (its kernels do it); "
