@@ -221,6 +221,8 @@ class RunConfig(_Config):
     (top-1 and agreement with the float model; paired test, ``parity_z`` standard errors);
     ``min_parity``: an optional floor on top-1 agreement (%) between the artifact and that INT8 model.
     ``eval_limit``: evaluate on a seeded, class-stratified subset of this many images (None: all).
+    ``fallback``: ``"auto"`` keeps the fewest blocks in fp32 that bring the drop within ``max_drop`` on
+    ``fallback_images`` held-out calibration-folder images (:mod:`mbquant.fallback`); ``"none"``: never.
     """
 
     target: str | None = "phone"
@@ -235,6 +237,8 @@ class RunConfig(_Config):
     latency_runs: int = 20
     latency_threads: int = 1
     float_program: bool = True
+    fallback: str = "none"
+    fallback_images: int = 2000
 
     _OPTIONS_V1 = ("cpu", "int8_input", "strict", "flash_kb", "ram_kb", "min_delegated")   # fields before options
 
@@ -258,6 +262,11 @@ class RunConfig(_Config):
         _positive_int(self.eval_batch_size, "eval batch size", "--eval-batch-size")
         _positive_int(self.latency_runs, "latency runs", "--latency-runs")
         _positive_int(self.latency_threads, "latency threads", "--latency-threads")
+        _choice(self.fallback, ("none", "auto"), "fallback")
+        _positive_int(self.fallback_images, "fallback_images", "--fallback-images")
+        if self.fallback == "auto" and self.max_drop is None:
+            raise ConfigError("--fallback auto keeps layers in float until the drop is within a budget, and no budget "
+                              "was given; add --max-drop PP (e.g. --max-drop 0.1)")
 
     def to_dict(self) -> dict[str, Any]:
         d = super().to_dict()

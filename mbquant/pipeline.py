@@ -156,9 +156,19 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
     backend = table.load(spec, run)
     cfg = table.resolve(config, spec, qat=finetune is not None)
     facts: dict[str, Any] = {"config": cfg.to_dict()}
+    without = None
     if finetune is None:
-        q = quantize_with(backend, fm, cfg, calib, progress=progress)
-        int8, seconds, src = q.int8, q.seconds, q.source
+        if run.fallback == "auto":
+            q, searched = _fallback(backend, fm, cfg, calib, eval_set, run, progress)
+            cfg, without = q.config, searched.without
+            facts.update(config=cfg.to_dict(), fallback=searched.to_dict())
+            for note in searched.notes:
+                report.note(f"{spec.name}: {note}")
+        else:
+            q = quantize_with(backend, fm, cfg, calib, progress=progress)
+        int8, seconds, src = q.int8, dict(q.seconds), q.source
+        if run.fallback == "auto":
+            seconds["fallback"] = facts["fallback"]["seconds"]
         facts.update(calibration=q.calibration.to_dict(),
                      bias_correction=q.bias_correction.to_dict() if q.bias_correction else None,
                      adaround=q.adaround.to_dict() if q.adaround else None,
@@ -180,7 +190,9 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
         facts["kept_float"] = list(resolve_names(cfg.keep_float, fm.module, fm.graph))
     with backend.session():
         facts.update(backend.describe(int8, cfg))
-        unexpected = sorted(set(backend.float_layers(int8)) - set(facts.get("kept_float", [])))
+        kept = facts.get("kept_float", [])
+        unexpected = sorted(name for name in backend.float_layers(int8)
+                            if not any(name == k or name.startswith(k + ".") for k in kept))
         if unexpected:
             report.warn(f"{spec.name}: layers left in float that were not asked for: {', '.join(unexpected)}; "
                         f"they run in fp32 on the device (check the quantizer's coverage of those ops)")
@@ -190,8 +202,37 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
         files = [(w, _timed(seconds, "open", lambda w=w: backend.open(w.path, _sidecar(w, backend, cfg, info,
                                                                                        digests))))
                  for w in written]
+        if without is not None:
+            facts["fallback"]["without"] = _without(backend, without, info, run, calib, digests, progress)
     facts["seconds"] = seconds
     return Built(backend, cfg, int8, files, facts, src)
+
+
+def _fallback(backend: Backend, fm: FloatModel, cfg: QuantConfig, calib: CalibrationSet,
+              eval_set: ImageFolderDataset, run: RunConfig, progress: bool):
+    """``--fallback auto`` (:mod:`mbquant.fallback`): the chosen probe's Quantized and the search's result."""
+    from . import fallback
+
+    slice_set = fallback.held_out(calib, eval_set, run.fallback_images, cfg.seed)
+    return fallback.search(lambda c: quantize_with(backend, fm, c, calib), backend.reference, fm, cfg, slice_set,
+                           budget=run.max_drop, batch_size=run.eval_batch_size, progress=progress)
+
+
+def _without(backend: Backend, q: Quantized, info: ModelInfo, run: RunConfig, calib: CalibrationSet,
+             digests: dict[str, str], progress: bool) -> dict[str, Any]:
+    """Size and latency of the program the recipe alone gives (every searched block INT8), written to a temporary
+    folder and opened from its file: what the blocks kept in float cost."""
+    x1 = next(iter(calib.batches(1)))
+    with tempfile.TemporaryDirectory(prefix="mbquant-fallback-") as tmp, \
+            stage(f"{backend.name}: lower the program without fallback (its size and latency)", enabled=progress):
+        out = []
+        for w in backend.write(q.int8, Path(tmp) / paths.artifact_name(info, "int8", ""), resolution=info.resolution):
+            pred = backend.open(w.path, _sidecar(w, backend, q.config, info, digests))
+            try:
+                out.append({"file": w.path.name, "bytes": w.bytes, "latency": _latency(pred, x1, run)})
+            finally:
+                pred.close()
+    return {"programs": out}
 
 
 def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfig, calib: CalibrationSet,
@@ -220,6 +261,28 @@ def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfi
     qm.module.to("cpu")
     with backend.session():
         return _timed(seconds, "convert", qm.convert)
+
+
+def _fallback_note(report: Report, searched: dict | None, r: ArtifactResult) -> None:
+    """What ``--fallback auto`` kept in float for this artifact and what that costs against the recipe alone."""
+    if not searched:
+        return
+    kept = searched["kept"]
+    if not kept and searched["met_on_slice"]:
+        report.note(f"{r.backend}: --fallback auto kept no block in float: the recipe alone met --max-drop "
+                    f"{searched['budget_pp']:g} pp on {searched['images']} held-out images")
+        return
+    line = (f"{r.backend}: --fallback auto kept {len(kept)} of {searched['units']} blocks in float "
+            f"({', '.join(kept) or 'none'}; {searched['kept_params']:,} parameters) "
+            f"{'to meet' if searched['met_on_slice'] else 'and did not meet'} --max-drop {searched['budget_pp']:g} pp "
+            f"on {searched['images']} held-out images")
+    other = next((p for p in (searched.get("without") or {}).get("programs", []) if p["file"] == r.file), None)
+    if other is not None:
+        line += f"; {r.file}: {r.bytes / 1024:.0f} KB vs {other['bytes'] / 1024:.0f} KB all-INT8"
+        if r.latency and other["latency"]:
+            line += f", {r.latency['median_ms']:.2f} ms vs {other['latency']['median_ms']:.2f} ms"
+    curve = ", ".join(f"{c['kept']}: {c['drop_pp']:+.2f} pp / {c['agreement']:.2f} %" for c in searched["curve"])
+    report.note(f"{line}; on the held-out images (blocks in float: drop / agreement): {curve}")
 
 
 def _flips(cmp: Comparison, ref: str, art: str, eval_set: ImageFolderDataset, limit: int = 20) -> dict[str, Any]:
@@ -349,6 +412,15 @@ def check_run(config: QuantConfig, run: RunConfig, *, qat: bool = False) -> list
     if qat and len(specs) != 1:
         raise ConfigError(f"QAT trains one model for one engine, got backends {[s.name for s in specs]}; run `mbquant "
                           f"qat` once per format")
+    if run.fallback != "none":
+        if qat:
+            raise ConfigError(f"--fallback {run.fallback} searches post-training quantizations; QAT trains every layer "
+                              f"in INT8: drop --fallback, or name layers with --keep-float")
+        every_int8 = [s.name for s in specs if not s.keep_float]
+        if every_int8:
+            raise ConfigError(f"--fallback {run.fallback}: backend(s) {', '.join(every_int8)} run every layer in INT8 "
+                              f"(layers kept in float are supported by: {table.having('keep_float')}); "
+                              f"drop --fallback or pick those backends with --backend")
     return specs
 
 
@@ -433,6 +505,7 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
     if measured is None:
         return
     cmp, results, fl, x8 = measured
+    by_backend = {b.backend.name: b for b in built}
     with stage("per-layer SQNR", enabled=progress):
         report.add("backends", {b.backend.name: {**b.facts, **_timed(seconds, "diagnose", lambda: b.backend.diagnose(
             b.source, b.int8, x8))} for b in built})
@@ -443,6 +516,7 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
         report.warn(f"{cmp.skipped} unreadable evaluation images were skipped (first: "
                     f"{', '.join(sorted(p.name for p in eval_set.skipped)[:3])}); remove or fix them")
     for r in results:
+        _fallback_note(report, by_backend[r.backend].facts.get("fallback"), r)
         for note in r.details.get("notes", []):
             report.note(f"{r.backend}: {note}")
         for warning in r.details.get("warnings", []):

@@ -42,7 +42,8 @@ def _run_config(args: argparse.Namespace):
     options = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     return RunConfig(target=args.target, formats=args.format, backends=args.backend, options=options,
                      max_drop=args.max_drop, min_parity=args.min_parity, parity_z=args.parity_z,
-                     eval_limit=args.eval_limit, latency_runs=args.latency_runs, float_program=args.float_program)
+                     eval_limit=args.eval_limit, latency_runs=args.latency_runs, float_program=args.float_program,
+                     fallback=args.fallback, fallback_images=args.fallback_images)
 
 
 def cmd_data(args: argparse.Namespace) -> int:

@@ -119,6 +119,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", type=split, default=(), metavar="NAME[,NAME]",
                    help=f"pick backends by name instead of --target/--format: {', '.join(BACKENDS)}")
     p.add_argument("--max-drop", type=float, default=None, help="fail when top-1 drops by more (percentage points)")
+    p.add_argument("--fallback", choices=["none", "auto"], default="none",
+                   help="auto: keep the fewest blocks in fp32 that bring the drop within --max-drop, searched on held-out "
+                        "images of the calibration folder, then confirmed on the artifact (backends with float layers)")
+    p.add_argument("--fallback-images", type=int, default=2000, metavar="N",
+                   help="held-out calibration-folder images the --fallback search measures the drop on")
     p.add_argument("--min-parity", type=float, default=None,
                    help="also fail when an artifact agrees with its INT8 model on fewer than P %% of images")
     p.add_argument("--parity-z", type=float, default=3.0,

@@ -299,18 +299,18 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
                           f"supported: {', '.join(spec.observers)}")
     if values["keep_float"] and not spec.keep_float:
         raise ConfigError(f"--keep-float {','.join(values['keep_float'])}: backend '{spec.name}' runs every layer in "
-                          f"INT8 (layers kept in float are supported by: {_having('keep_float')}); drop --keep-float")
+                          f"INT8 (layers kept in float are supported by: {having('keep_float')}); drop --keep-float")
     if values["adaround"] and config.bias_correction is None and config.bias_correction_images is None:
         # measured (README, "AdaRound"): the learned rounding already fits each layer's float output, mean included;
         # a bias correction after it lowered agreement on every checkpoint tried. Asked for, both run.
         values["bias_correction"] = False
     if values["bias_correction"] and not spec.bias_correction:
         raise ConfigError(f"--bias-correction is not supported by backend '{spec.name}'; supported by: "
-                          f"{_having('bias_correction')}; drop the flag or pass --no-bias-correction")
+                          f"{having('bias_correction')}; drop the flag or pass --no-bias-correction")
     if values["bias_correction"] and config.bias_correction_images is None:
         values["bias_correction_images"] = BIAS_CORRECTION_IMAGES
     if values["adaround"] and not spec.adaround:
-        raise ConfigError(f"--adaround is not supported by backend '{spec.name}'; supported by: {_having('adaround')}; "
+        raise ConfigError(f"--adaround is not supported by backend '{spec.name}'; supported by: {having('adaround')}; "
                           f"drop the flag")
     if not values["adaround"] and tuning:
         raise ConfigError(f"{' '.join(tuning)} without AdaRound (the recipe of backend '{spec.name}' does not run "
@@ -321,7 +321,7 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     return config.replace(**values)
 
 
-def _having(capability: str) -> str:
+def having(capability: str) -> str:
     return ", ".join(s.name for s in BACKENDS.values() if getattr(s, capability))
 
 
