@@ -167,11 +167,13 @@ class QATConfig(_Config):
     (as PTQ does) instead of the first training batch. ``max_train_samples``: a seeded subset per run.
     ``distill``: weight of the distillation term (KL divergence to the float model's softened outputs at
     ``distill_temperature``); 0 trains on the labels only, 1 only to match the float model.
+    ``lr``: the SGD learning rate; ``None`` takes the backend's (its row's ``qat_lr``: 0.005, and 0.0005 on
+    pte-cortex-m, whose QAT graph has BN folded: see :mod:`mbquant.mobile.cortex_m`).
     """
 
     epochs: int = 3
     batch_size: int = 64
-    lr: float = 0.005
+    lr: float | None = None
     momentum: float = 0.9
     weight_decay: float = 1e-5
     warmup_frac: float = 0.0
@@ -198,7 +200,8 @@ class QATConfig(_Config):
 def _check_training(cfg: TrainConfig | QATConfig) -> None:
     _positive_int(cfg.epochs, "epochs", "--epochs 1 or more")
     _positive_int(cfg.batch_size, "training batch size", "--batch-size")
-    _number(cfg.lr, "learning rate", "--lr", lo=0.0, lo_open=True, hi=10.0)
+    if cfg.lr is not None:
+        _number(cfg.lr, "learning rate", "--lr", lo=0.0, lo_open=True, hi=10.0)
     _number(cfg.momentum, "momentum", "--momentum", lo=0.0, hi=0.999)
     _number(cfg.weight_decay, "weight_decay", "--weight-decay", lo=0.0, hi=1.0)
     _number(cfg.warmup_frac, "warmup_frac", "--warmup-frac", lo=0.0, hi=0.99)

@@ -216,6 +216,9 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
     """
     if config.distill > 0 and teacher is None:
         raise ConfigError(f"distill {config.distill} needs the float model as teacher; pass teacher=")
+    if config.lr is None:
+        raise ConfigError("the QAT learning rate is unset (lr=None means the backend's, which run_job fills in); pass "
+                          "config.replace(lr=...) when calling fit_qat directly")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed + dist.rank)
         return _fit_qat(qg, info, train_set, val_set, config=config, quant=quant, float_digest=float_digest,

@@ -432,6 +432,8 @@ def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_se
     ``out_dir`` appears, complete, only when every artifact is verified and every gate passed; a run that fails
     a gate leaves its report in ``<out_dir>.failed/``. Returns the report; None on torchrun ranks > 0."""
     specs = check_run(config, run, qat=finetune is not None)
+    if finetune is not None and finetune.config.lr is None:
+        finetune = replace(finetune, config=finetune.config.replace(lr=specs[0].qat_lr))
     from .stats import MIN_IMAGES
 
     if len(eval_set) < MIN_IMAGES:

@@ -17,7 +17,7 @@ from mbquant.models import ModelInfo, load_checkpoint
 from tests.quant.test_qat import prepare_qat
 
 QUANT = table.resolve(QuantConfig(recipe="qat", num_calib=32), table.get_spec("pte-xnnpack"), qat=True)
-CFG = QATConfig(epochs=2, batch_size=16, freeze_bn_after=1, freeze_observers_after=1, seed=3)
+CFG = QATConfig(epochs=2, batch_size=16, lr=0.005, freeze_bn_after=1, freeze_observers_after=1, seed=3)
 
 
 class Killed(Exception):

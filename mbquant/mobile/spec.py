@@ -81,6 +81,7 @@ class BackendSpec:
     fixed: Mapping[str, Any] = field(default_factory=dict)   # choices its kernels make themselves
     qat: bool = True                   # quantization-aware training offered
     qat_refusal: str = ""              # why not, and what to do instead (when qat is False)
+    qat_lr: float = 0.005              # QAT's learning rate unless --lr is given (measured per backend)
     default: bool = True               # what its (target, format) pairs select without --backend
     options: tuple[Option, ...] = ()
     bundle: bool = False               # an app bundle can carry its program

@@ -1,10 +1,13 @@
 """``pte-cortex-m``: PT2E INT8 with ExecuTorch's CortexMQuantizer -> an ExecuTorch program of CMSIS-NN INT8
 kernels (``cortex_m::`` ops) for Cortex-M microcontrollers (``--target mcu --cpu cortex-m4|m7|m33|m55``).
 
-lower.py (lowering, int8 input, dead constants), memory.py (flash/RAM report, best-fit planner), program.py (a
+quantizer.py (CortexMQuantizer, and its QAT form), lower.py (lowering, int8 input, dead constants), memory.py (flash/RAM report, best-fit planner), program.py (a
 ``.pte`` deserialized and executed instruction by instruction), reference.py (the cortex_m:: kernels' arithmetic,
 batched), firmware.py (C header). The ``.pte`` cannot run on this host's ExecuTorch runtime (its kernels are
 CMSIS-NN's): ``open`` reads the file and runs ITS instructions with the host reference kernels.
+
+QAT trains the channels-last graph with BN folded (CortexMQuantizer has no conv-BN pattern) under the quantizer's
+own patterns with fake-quantize specs of the same numerics; it converts and lowers exactly as PTQ.
 """
 from __future__ import annotations
 
@@ -12,12 +15,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
+from ... import compat
 from ...atomic import write_bytes
 from ...config import QuantConfig
-from ...errors import ConfigError, VerificationError
+from ...errors import VerificationError
+from ...quant import pt2e
 from ...quant.export import FloatModel
+from ...quant.qat import QatGraph
 from ..backend import Predictor, Written
 from ..pt2e import PT2EBackend
 from .firmware import write_header
@@ -34,11 +41,22 @@ class CortexMBackend(PT2EBackend):
     channels_last = True
 
     def quantizer(self, fm: FloatModel, config: QuantConfig, *, qat: bool):
-        from executorch.backends.cortex_m.quantizer.quantizer import CortexMQuantizer
+        from .quantizer import build_quantizer
 
-        if qat:
-            raise ConfigError(f"QAT is not offered for backend '{self.name}': {self.spec.qat_refusal}")
-        return CortexMQuantizer()
+        return build_quantizer(qat=qat)
+
+    def prepare_qat(self, fm: FloatModel, config: QuantConfig) -> QatGraph:
+        """The channels-last graph with BN folded into the convs (CortexMQuantizer's patterns have no conv-BN:
+        training starts from BN's running statistics, as a QAT schedule that freezes BN does later), in train mode
+        (dropout), fake-quantized with the Cortex-M QAT specs (:mod:`.quantizer`)."""
+        from torchao.quantization.pt2e import move_exported_model_to_train
+
+        graph = fm.graph_copy(channels_last=True)
+        compat.fuse_conv_bn(graph)
+        graph.recompile()
+        with torch.random.fork_rng(devices=[]), compat.pattern_graphs_once():
+            move_exported_model_to_train(graph)
+        return pt2e.prepare_qat(graph, self.quantizer(fm, config, qat=True))
 
     def write(self, model: nn.Module, stem: Path, *, resolution: int) -> list[Written]:
         cpu, int8_input = self.options["cpu"], self.options["int8_input"]
