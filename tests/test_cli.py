@@ -169,6 +169,7 @@ def test_parity_gate_tolerates_rounding_flips_and_catches_a_worse_artifact():
     assert len(gate_failures([_result(parity=noisy)], RunConfig(min_parity=99.0))) == 1   # an explicit floor
 
 
+@pytest.mark.slow   # make test: pte + onnx in one run (tests/mobile/onnx), torchscript's own files (mobile/torchscript)
 def test_ptq_writes_and_verifies_both_formats_in_one_run(tiny_ckpt, tmp_path, capsys):
     root, ck = tiny_ckpt
     out = tmp_path / "out"

@@ -33,36 +33,35 @@ def test_the_search_says_when_not_even_every_block_meets():
 
 
 @pytest.fixture(scope="module")
-def shipped(shipped_dir, small_folder):
-    """The shipped V2 0.35 checkpoint (a trained model: a random one outputs near-constant logits), 40 calibration
-    images at its 64 px, and its INT8 graph (minmax ranges, no bias correction: what the ranking starts from)."""
+def tiny(tiny_ckpt):
+    """The session's trained MobileNetV1 0.25 at 32 px (a trained model: a random one outputs near-constant logits),
+    40 calibration images, and its INT8 graph (minmax ranges, no bias correction: what the ranking starts from)."""
     from mbquant import calibrate
-    from mbquant.data.contract import spec_of
     from mbquant.models.checkpoint import load_checkpoint
 
-    model, info = load_checkpoint(shipped_dir / "mobilenet_v2_w0.35_r64_fmnist.pth")[:2]
-    calib = calibrate.from_folder(small_folder, spec_of(info.preset), 40, seed=0)
+    root, ck = tiny_ckpt
+    model, info = load_checkpoint(ck)[:2]
+    calib = calibrate.from_folder(root / "train", info.preset, 40, seed=0)
     return model.eval(), calib, _int8(model, calib)
 
 
 def _int8(model, calib, keep=()):
-    return quantize_pt2e(model, 64, calib, observer="minmax", bias_correction=False, keep_float=keep).int8
+    return quantize_pt2e(model, 32, calib, observer="minmax", bias_correction=False, keep_float=keep).int8
 
 
-def test_units_are_the_blocks_holding_quantized_layers(shipped):
-    blocks = units(shipped[2])
-    assert blocks == [f"features.{i}" for i in range(19)] + ["classifier.1"]
-    assert units(shipped[2], ("features.0", "classifier.1")) == blocks[1:-1]
+def test_units_are_the_blocks_holding_quantized_layers(tiny):
+    blocks = units(tiny[2])
+    assert blocks == [f"features.{i}" for i in range(14)] + ["classifier.1"]
+    assert units(tiny[2], ("features.0", "classifier.1")) == blocks[1:-1]
 
 
-def test_a_block_put_back_in_float_in_the_graph_computes_what_the_quantizer_builds_for_it(shipped):
+def test_a_block_put_back_in_float_in_the_graph_computes_what_the_quantizer_builds_for_it(tiny):
     """The ranking's stand-in (float weights, no quantization inside the block) equals keeping the block in float
     with --keep-float: same ranges at its borders (observers see float activations either way)."""
-    model, calib, int8 = shipped
-    sim = with_float_units(int8, folded_reference(FloatModel(model, 64).graph), ("features.3",))
+    model, calib, int8 = tiny
+    sim = with_float_units(int8, folded_reference(FloatModel(model, 32).graph), ("features.3",))
     real = _int8(model, calib, ("features.3",))
-    assert summarize(sim).float_layers == summarize(real).float_layers
-    assert summarize(sim).float_layers == ["features.3.conv.0.0", "features.3.conv.1.0", "features.3.conv.2"]
+    assert summarize(sim).float_layers == summarize(real).float_layers == ["features.3.dw.0", "features.3.pw.0"]
     x = calib.images[:16]
     with torch.no_grad():
         a, b, before = sim(x), real(x), int8(x)
