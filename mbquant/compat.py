@@ -225,15 +225,6 @@ def drop_config_methods(edge_manager) -> None:
     edge_manager._config_methods = None
 
 
-def cortex_m_bias_qspecs() -> tuple[Callable, Callable]:
-    """ExecuTorch's INT32 bias specs of the Cortex-M configs (per-tensor, per-channel): derived from the input and
-    weight scales, as CMSIS-NN adds the bias. Private functions of its quantization_configs module."""
-    from executorch.backends.cortex_m.quantizer.quantization_configs import (_get_int32_bias_qspec,
-                                                                             _get_int32_per_channel_bias_qspec)
-
-    return _get_int32_bias_qspec, _get_int32_per_channel_bias_qspec
-
-
 def reset_threadpool(threads: int) -> None:
     """Replace the ExecuTorch runtime's (process-global) threadpool with one of ``threads`` threads."""
     from executorch.extension.pybindings import portable_lib
@@ -394,14 +385,6 @@ def _probe_edge_manager() -> None:
     drop_config_methods(edge)
 
 
-def _probe_cortex_m_bias() -> None:
-    from executorch.backends.cortex_m.quantizer.quantization_configs import (INT8_PER_CHANNEL_CONFIG,
-                                                                             INT8_PER_TENSOR_CONFIG)
-
-    per_tensor, per_channel = cortex_m_bias_qspecs()
-    assert INT8_PER_TENSOR_CONFIG.bias is per_tensor and INT8_PER_CHANNEL_CONFIG.bias is per_channel
-
-
 def _probe_eager_bases() -> None:
     import torch.ao.nn.intrinsic.qat as nniqat
     import torch.ao.nn.quantized as nnq
@@ -458,8 +441,6 @@ PROBES: tuple[Probe, ...] = (
     Probe("executorch.exir.dialects._ops.ops", "executorch", _probe_edge_ops),
     Probe("ExportedProgram._state_dict / _constants", "torch", _probe_exported_program_stores),
     Probe("EdgeProgramManager._edge_programs / _config_methods", "executorch", _probe_edge_manager),
-    Probe("cortex_m quantization_configs._get_int32_bias_qspec / _get_int32_per_channel_bias_qspec (QAT for the "
-          "MCU)", "executorch", _probe_cortex_m_bias),
     Probe(f"torchao.quantization.pt2e.utils.{PATTERN_EXPORT} (pattern graphs exported once)", "torchao",
           _probe_pattern_export),
 )

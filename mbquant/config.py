@@ -167,8 +167,8 @@ class QATConfig(_Config):
     (as PTQ does) instead of the first training batch. ``max_train_samples``: a seeded subset per run.
     ``distill``: weight of the distillation term (KL divergence to the float model's softened outputs at
     ``distill_temperature``); 0 trains on the labels only, 1 only to match the float model.
-    ``lr``: the SGD learning rate; ``None`` takes the backend's (its row's ``qat_lr``: 0.005, and 0.0005 on
-    pte-cortex-m, whose QAT graph has BN folded: see :mod:`mbquant.mobile.cortex_m`).
+    ``lr``: the SGD learning rate; ``None`` takes the backend's (its row's ``qat_lr`` in
+    :mod:`mbquant.mobile.table`, measured per backend).
     """
 
     epochs: int = 3

@@ -37,13 +37,13 @@ from torch.fx import GraphModule, Node
 from .config import QuantConfig
 from .data.dataset import ImageFolderDataset, make_loader
 from .errors import ConfigError
-from .evaluate import compare
 from .data.slicing import stratified_indices
+from .evaluate import compare
 from .quant.bias_correction import folded_reference
 from .quant.export import FloatModel
 from .quant.keep_float import in_layers, resolve_names
 from .quant.layerwalk import attr
-from .quant.ops import CONV_OPS, DEQUANTIZE_OPS, LINEAR_OPS, QUANTIZE_OPS, module_paths
+from .quant.ops import CONV_OPS, DEQUANTIZE_OPS, LINEAR_OPS, QUANTIZE_OPS, module_paths, weighted_layers
 from .stats import paired
 
 RANK_IMAGES = 256
@@ -81,15 +81,11 @@ def _unit(node: Node) -> str:
     return paths[1] if len(paths) > 1 else (paths[0] if paths else "")
 
 
-def _weighted(gm: GraphModule) -> list[Node]:
-    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONV_OPS | LINEAR_OPS]
-
-
 def units(int8: GraphModule, already: tuple[str, ...] = ()) -> list[str]:
     """The blocks of a converted graph that hold a quantized conv/linear (weight dequantized in the graph) and
     are not among the layers ``already`` kept in float, in graph order."""
     out: list[str] = []
-    for n in _weighted(int8):
+    for n in weighted_layers(int8):
         w = n.args[1] if len(n.args) > 1 else None
         quantized = isinstance(w, Node) and w.op == "call_function" and w.target in DEQUANTIZE_OPS
         u = _unit(n)
@@ -208,7 +204,7 @@ def search(quantize: Callable[[QuantConfig], Any], reference: Callable[[GraphMod
     xs = [b[0] for b in make_loader(slice_set.subset(rank_idx), 64) if b is not None]
     want = _logits(float_model, xs)
     base_err = float(((_logits(reference(base.int8), xs) - want) ** 2).mean())
-    params = {u: sum(int(attr(ref, a.target).numel()) for n in _weighted(ref) if in_layers(n, (u,))
+    params = {u: sum(int(attr(ref, a.target).numel()) for n in weighted_layers(ref) if in_layers(n, (u,))
                      for a in n.args[1:3] if isinstance(a, Node) and a.op == "get_attr") for u in candidates}
     for u in tqdm(candidates, desc="fallback: rank blocks", disable=not progress, leave=False):
         err = float(((_logits(reference(with_float_units(base.int8, ref, (u,))), xs) - want) ** 2).mean())

@@ -164,11 +164,11 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
             facts.update(config=cfg.to_dict(), fallback=searched.to_dict())
             for note in searched.notes:
                 report.note(f"{spec.name}: {note}")
+            seconds = {**q.seconds, "fallback": facts["fallback"]["seconds"]}
         else:
             q = quantize_with(backend, fm, cfg, calib, progress=progress)
-        int8, seconds, src = q.int8, dict(q.seconds), q.source
-        if run.fallback == "auto":
-            seconds["fallback"] = facts["fallback"]["seconds"]
+            seconds = q.seconds
+        int8, src = q.int8, q.source
         facts.update(calibration=q.calibration.to_dict(),
                      bias_correction=q.bias_correction.to_dict() if q.bias_correction else None,
                      adaround=q.adaround.to_dict() if q.adaround else None,
@@ -184,15 +184,14 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
                          seconds, dist)
         if int8 is None:
             return None
-    if cfg.keep_float:
-        from .quant.keep_float import resolve_names
+    from .quant.keep_float import resolve_names, within
 
+    if cfg.keep_float:
         facts["kept_float"] = list(resolve_names(cfg.keep_float, fm.module, fm.graph))
     with backend.session():
         facts.update(backend.describe(int8, cfg))
         kept = facts.get("kept_float", [])
-        unexpected = sorted(name for name in backend.float_layers(int8)
-                            if not any(name == k or name.startswith(k + ".") for k in kept))
+        unexpected = sorted(name for name in backend.float_layers(int8) if not within(name, kept))
         if unexpected:
             report.warn(f"{spec.name}: layers left in float that were not asked for: {', '.join(unexpected)}; "
                         f"they run in fp32 on the device (check the quantizer's coverage of those ops)")
@@ -432,8 +431,8 @@ def run_job(model: nn.Module, info: ModelInfo, *, calib: CalibrationSet, eval_se
     ``out_dir`` appears, complete, only when every artifact is verified and every gate passed; a run that fails
     a gate leaves its report in ``<out_dir>.failed/``. Returns the report; None on torchrun ranks > 0."""
     specs = check_run(config, run, qat=finetune is not None)
-    if finetune is not None and finetune.config.lr is None:
-        finetune = replace(finetune, config=finetune.config.replace(lr=specs[0].qat_lr))
+    if finetune is not None:
+        finetune = replace(finetune, config=table.resolve_qat(finetune.config, specs[0]))
     from .stats import MIN_IMAGES
 
     if len(eval_set) < MIN_IMAGES:

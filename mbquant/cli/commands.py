@@ -213,9 +213,7 @@ def cmd_qat(args: argparse.Namespace) -> int:
                     distill_temperature=args.distill_temperature)
     run = _run_config(args)
     (spec,) = check_run(config, run, qat=True)
-    resolved = table.resolve(config, spec, qat=True)
-    if qat.lr is None:                  # the backend's learning rate (run_job fills it in the same way)
-        qat = qat.replace(lr=spec.qat_lr)
+    resolved, qat = table.resolve(config, spec, qat=True), table.resolve_qat(qat, spec)
     out = Path(args.out or (run_of_checkpoint(args.resume) if args.resume else default_out_dir(args.model)))
     if args.resume is None:
         _outputs(args, out, {"--data train/": args.data / "train", "--data val/": args.data / "val",

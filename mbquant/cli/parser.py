@@ -142,6 +142,8 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ..mobile import table
+
     parser = argparse.ArgumentParser(
         prog="mbquant", description="INT8 quantization and verified mobile export for MobileNet-family CNNs: "
         "prepare data, train/evaluate float models, quantize (PTQ or QAT) to verified artifacts for phones, MCUs and "
@@ -271,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", type=path, required=True, help="folder with train/ and val/ ImageFolders")
     p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (cosine decay; default: the backend's, "
-                   "0.005, and 0.0005 for --target mcu, whose QAT graph has BN folded)")
+    p.add_argument("--lr", type=float, default=None, help="SGD learning rate (cosine decay; default: the backend's: "
+                   + ", ".join(f"{s.name} {s.qat_lr:g}" for s in table.BACKENDS.values() if s.qat) + ")")
     p.add_argument("--batch-size", type=int, default=64, help="training batch size per process")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-5)

@@ -24,7 +24,7 @@ from ..errors import ConfigError
 from .spec import BackendSpec, Option
 
 if TYPE_CHECKING:
-    from ..config import RunConfig
+    from ..config import QATConfig, RunConfig
     from .backend import Backend
 
 _STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False, "equalize": False}
@@ -320,6 +320,11 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
         values["adaround_images"] = config.adaround_images or ADAROUND_IMAGES
         values["adaround_iterations"] = config.adaround_iterations or ADAROUND_ITERATIONS
     return config.replace(**values)
+
+
+def resolve_qat(schedule: "QATConfig", spec: BackendSpec) -> "QATConfig":
+    """The QAT schedule ``spec`` trains with: an unset learning rate takes the row's ``qat_lr``."""
+    return schedule if schedule.lr is not None else schedule.replace(lr=spec.qat_lr)
 
 
 def having(capability: str) -> str:

@@ -36,7 +36,7 @@ from ..errors import QuantizationError
 from .bias_correction import folded_reference
 from .fast_qdq import fast
 from .layerwalk import Batches, attr, constants, walk
-from .ops import CONV_OPS, DEQUANTIZE_OPS, LINEAR_OPS, _A, _Q
+from .ops import DEQUANTIZE_OPS, _A, _Q, weighted_layers
 
 ZETA, GAMMA = 1.1, -0.1                  # the rectified sigmoid's stretch (paper, section 4)
 BETA_START, BETA_END, WARMUP = 20.0, 2.0, 0.2
@@ -157,7 +157,7 @@ def adaround(int8: GraphModule, float_gm: GraphModule, batches: Batches | Iterab
     """Learn the rounding of every INT8 conv/linear weight of ``int8`` (in place), in graph order, on the
     calibration ``batches``; ``float_gm`` is the exported float graph ``int8`` was converted from."""
     started = time.perf_counter()
-    layers = [n for n in int8.graph.nodes if n.op == "call_function" and n.target in CONV_OPS | LINEAR_OPS]
+    layers = weighted_layers(int8)
     grids = {n: _grid(int8, n) for n in layers}
     result = AdaRoundResult(skipped_float=[n.name for n in layers if grids[n] is None], iterations=iterations)
     rounded = [n for n in layers if grids[n] is not None]

@@ -24,7 +24,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import QuantizationError
 from .layerwalk import Batches, attr as _attr, source, walk
-from .ops import CONV_OPS, DEQUANTIZE_OPS, LINEAR_OPS
+from .ops import DEQUANTIZE_OPS, weighted_layers
 
 
 @dataclass
@@ -104,7 +104,7 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
     """Correct the biases of ``int8`` in place, in graph order, on the calibration ``batches`` (a list, or a callable
     returning a fresh iterator over them: each is read twice, never held together)."""
     batches = source(batches)
-    layers = [n for n in int8.graph.nodes if n.op == "call_function" and n.target in CONV_OPS | LINEAR_OPS]
+    layers = weighted_layers(int8)
     ref = folded_reference(float_gm)
     missing = sorted({n.name for n in layers} - {n.name for n in ref.graph.nodes})
     if missing:

@@ -58,10 +58,14 @@ def _examples(model: nn.Module) -> str:
     return ", ".join(leaves[:2] + leaves[-1:])
 
 
+def within(name: str, layers: Iterable[str]) -> bool:
+    """Whether the module ``name`` is one of ``layers`` or a submodule of one."""
+    return any(name == layer or name.startswith(layer + ".") for layer in layers)
+
+
 def in_layers(node: Node, layers: tuple[str, ...]) -> bool:
     """Whether ``node`` was traced from one of ``layers`` (or a submodule of one)."""
-    paths = module_paths(node)
-    return any(p == layer or p.startswith(layer + ".") for p in paths for layer in layers)
+    return any(within(p, layers) for p in module_paths(node))
 
 
 class KeepFloat(Quantizer):

@@ -29,6 +29,11 @@ TRANSPARENT_OPS = {_A.dropout.default, _A.dropout_.default, _A.flatten.using_int
                    _A.reshape.default, _A.clone.default}
 
 
+def weighted_layers(gm: torch.fx.GraphModule) -> list[torch.fx.Node]:
+    """The conv and linear nodes of a graph, in graph order."""
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in CONV_OPS | LINEAR_OPS]
+
+
 def count_targets(gm: torch.fx.GraphModule, targets: set) -> int:
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target in targets)
 

@@ -19,14 +19,12 @@ def build_quantizer(*, qat: bool):
     if not qat:
         return CortexMQuantizer()
     from executorch.backends.cortex_m.quantizer.quantization_configs import INT8_PER_CHANNEL_CONFIG as PTQ_CONV
+    from executorch.backends.cortex_m.quantizer.quantization_configs import INT8_PER_TENSOR_CONFIG as PTQ_OTHER
     from executorch.backends.cortex_m.quantizer.quantization_configs import CortexMQuantizationConfig
 
-    from ...compat import cortex_m_bias_qspecs
-
-    bias_per_tensor, bias_per_channel = cortex_m_bias_qspecs()
-
     conv_config, other_config = _qat_config(per_channel=True), _qat_config(per_channel=False)
-    quantizer = CortexMQuantizer(CortexMQuantizationConfig(*other_config, bias_per_tensor, "mbquant.qat.int8"))
+    # the INT32 bias specs are the PTQ configs' own (derived from the input and weight scales, as CMSIS-NN adds them)
+    quantizer = CortexMQuantizer(CortexMQuantizationConfig(*other_config, PTQ_OTHER.bias, "mbquant.qat.int8"))
     conv = quantizer.quantizers[0]               # the per-channel conv PatternQuantizer (see CortexMQuantizer)
     if getattr(conv, "quantization_config", None) is not PTQ_CONV:
         from ...errors import QuantizationError
@@ -34,7 +32,7 @@ def build_quantizer(*, qat: bool):
         raise QuantizationError("CortexMQuantizer's first part is not its per-channel conv quantizer any more (the "
                                 "installed ExecuTorch differs from the pinned 1.5.1); QAT for pte-cortex-m cannot "
                                 "be configured: use `mbquant ptq --target mcu`")
-    conv.quantization_config = CortexMQuantizationConfig(*conv_config, bias_per_channel, "mbquant.qat.int8_per_channel")
+    conv.quantization_config = CortexMQuantizationConfig(*conv_config, PTQ_CONV.bias, "mbquant.qat.int8_per_channel")
     return quantizer
 
 
