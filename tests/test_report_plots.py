@@ -33,6 +33,15 @@ def swept(degraded_run, tmp_path_factory):
     return run, cal, rec, lines
 
 
+@pytest.fixture
+def plain(phone_run, tmp_path):
+    """A copy of the default recipe's phone run (no sweeps measured): what the refusals need, in make test."""
+    run = tmp_path / "plain"
+    shutil.copytree(phone_run[0], run)
+    return run
+
+
+@pytest.mark.slow
 def test_calibration_sweep_measures_each_count_on_the_runs_images(swept, degraded_run):
     run, cal, _, lines = swept
     assert [p["num_calib"] for p in cal.points] == [16, 64]
@@ -43,6 +52,7 @@ def test_calibration_sweep_measures_each_count_on_the_runs_images(swept, degrade
     assert lines[0].startswith("calibration sweep: 16 images -> top-1")
 
 
+@pytest.mark.slow
 def test_recipe_sweep_shows_what_the_default_recipe_repairs(swept):
     """Per-tensor weights: the stock recipe loses tens of points, the default recipe's choices (ReLU6 fused,
     percentile ranges, fp32 classifier, bias correction) bring it back within a few."""
@@ -53,6 +63,7 @@ def test_recipe_sweep_shows_what_the_default_recipe_repairs(swept):
     assert best["config"]["bias_correction"] and best["config"]["keep_float"] == ["logits"]
 
 
+@pytest.mark.slow
 def test_report_plot_writes_the_three_pngs(swept, tmp_path, capsys):
     run = swept[0]
     assert main(["report", str(run), "--plot", "--plot-dir", str(tmp_path / "plots")]) == 0
@@ -63,11 +74,9 @@ def test_report_plot_writes_the_three_pngs(swept, tmp_path, capsys):
     assert "float model" in out and "plot written to" in out
 
 
-def test_report_without_matplotlib_says_how_to_get_it_before_any_work(swept, monkeypatch, tmp_path, capsys):
+def test_report_without_matplotlib_says_how_to_get_it_before_any_work(plain, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)          # import matplotlib -> ImportError
-    run = tmp_path / "run"
-    shutil.copytree(swept[0], run)
-    (run / "calibration_sweep.json").unlink()
+    run = plain
     rc = main(["report", str(run), "--plot", "--calibration-sweep", "32"])
     err = capsys.readouterr().err
     assert rc != 0 and "pip install 'mbquant[plot]'" in err
@@ -84,10 +93,10 @@ def test_report_and_sweep_errors_name_the_fix(flow_runs, tmp_path, capsys):
     assert "--calibration-sweep 'a,b' is not a comma-separated list" in capsys.readouterr().err
 
 
-def test_sweep_counts_and_recipes_that_cannot_be_met_are_refused(swept, tmp_path, capsys):
+def test_sweep_counts_and_recipes_that_cannot_be_met_are_refused(plain):
     """Issue 19: a count larger than the calibration folder is an error before any work (never plotted as if
     used); unknown variants name the backend's own list."""
-    run = swept[0]
+    run = plain
     import json as _json
 
     rep = _json.loads((run / "report.json").read_text())
@@ -98,13 +107,13 @@ def test_sweep_counts_and_recipes_that_cannot_be_met_are_refused(swept, tmp_path
         sweep.recipe_sweep(run, ("no-such",))
 
 
-def test_report_plot_never_overwrites_the_users_files(swept, tmp_path, capsys):
+def test_report_plot_never_overwrites_the_users_files(plain, tmp_path, capsys):
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "layer_sqnr.png").write_bytes(b"my own picture")
-    assert main(["report", str(swept[0]), "--plot", "--plot-dir", str(mine)]) == 2
+    assert main(["report", str(plain), "--plot", "--plot-dir", str(mine)]) == 2
     assert "holds files mbquant did not write" in capsys.readouterr().err
     assert (mine / "layer_sqnr.png").read_bytes() == b"my own picture"
     again = tmp_path / "ours"
-    assert main(["report", str(swept[0]), "--plot", "--plot-dir", str(again), "--quiet"]) == 0
-    assert main(["report", str(swept[0]), "--plot", "--plot-dir", str(again), "--quiet"]) == 0   # its own: replaced
+    assert main(["report", str(plain), "--plot", "--plot-dir", str(again), "--quiet"]) == 0
+    assert main(["report", str(plain), "--plot", "--plot-dir", str(again), "--quiet"]) == 0   # its own: replaced
