@@ -132,6 +132,16 @@ def tiny_ckpt(small_val, tmp_path_factory):
     return root, ck
 
 
+def stub_lowering(monkeypatch) -> None:
+    """The phone backend writes a few placeholder bytes instead of lowering (a minute at real sizes, seconds here):
+    for tests of what happens around a write (a full disk, an interrupt), never of what the program computes."""
+    import importlib
+
+    lower = importlib.import_module("mbquant.mobile.xnnpack.lower")
+    monkeypatch.setattr(importlib.import_module("mbquant.mobile.xnnpack.pte"), "lower",
+                        lambda gm, resolution, batch=1: lower.Lowered(b"\0" * 64, lower.Delegation(1, 0, 1)))
+
+
 def quantize_pt2e(model, resolution: int, calib, **config):
     """The phone backend's INT8 graph of ``model`` (prepare -> calibrate on real images -> convert); ``config``
     overrides the QuantConfig (recipe ``best`` otherwise, resolved for pte-xnnpack)."""

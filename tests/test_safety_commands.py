@@ -25,6 +25,7 @@ import pytest
 import torch
 
 from mbquant.cli import main
+from tests.conftest import stub_lowering
 from tests.test_safety import snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -238,11 +239,8 @@ def test_a_full_disk_names_the_path_and_leaves_nothing(world, tmp_path, monkeypa
     monkeypatch.setattr(mbquant.atomic, "write_bytes", full)
     import importlib
 
-    lower = importlib.import_module("mbquant.mobile.xnnpack.lower")
-    monkeypatch.setattr(lower, "write_bytes", full)
-    # what the program holds does not matter to a full disk: its bytes stand in for the lowering (seconds here)
-    monkeypatch.setattr(importlib.import_module("mbquant.mobile.xnnpack.pte"), "lower",
-                        lambda gm, resolution, batch=1: lower.Lowered(b"\0" * 64, lower.Delegation(1, 0, 1)))
+    monkeypatch.setattr(importlib.import_module("mbquant.mobile.xnnpack.lower"), "write_bytes", full)
+    stub_lowering(monkeypatch)                  # what the program holds does not matter to a full disk
     root = world["root"]
     rc = main(["ptq", "mobilenet_v1", "--weights", str(world["ck"]), "--calib", str(root / "train"), "--eval",
                str(root / "val"), "--num-calib", "16", "--no-float-program", "--out", str(tmp_path / "o"), "--quiet"])
@@ -265,7 +263,7 @@ def test_training_recalibrates_batchnorm_and_refuses_an_eval_mode_that_does_not_
     """torchvision's MobileNetV3 has BatchNorm momentum 0.01: a few dozen steps leave its running statistics near
     their initial values and eval mode at chance. `train` re-estimates them (cumulative average) before it writes;
     without that (--bn-recalibration 0) the model is refused, not saved."""
-    from tests.conftest import UNIT, needs
+    from tests.conftest import stub_lowering, UNIT, needs
 
     needs("real Fashion-MNIST images (eval-mode accuracy after three epochs)", not UNIT, "run `make test`")
     root = world["root"]

@@ -2,7 +2,6 @@
 kernels identical to ExecuTorch's), int8 input, the firmware header."""
 from __future__ import annotations
 
-import json
 import re
 from types import SimpleNamespace
 import shutil
@@ -168,20 +167,20 @@ def test_firmware_header_holds_the_program_and_its_contract(programs, tmp_path):
                    check=True)
 
 
-def test_budgets_fail_the_run_naming_what_is_largest(tiny_ckpt, tmp_path, capsys):
-    from mbquant.cli import main
-
-    root, ck = tiny_ckpt
-    rc = main(["ptq", "mobilenet_v1", "--weights", str(ck), "--target", "mcu", "--calib", str(root / "train"),
-               "--eval", str(root / "val"), "--num-calib", "16", "--eval-limit", "100", "--flash-kb", "8",
-               "--ram-kb", "4", "--out", str(tmp_path / "run"), "--quiet"])
-    err = capsys.readouterr().err
-    assert rc == 1
-    assert re.search(r"the program is [\d,]+ B, over --flash-kb 8 \(8,192 B\); largest constants: char \[", err)
-    assert re.search(r"RAM peak .* over --ram-kb 4 \(4,096 B\); at the peak, set by \S+: \w+ \[1, 3, 32, 32\]", err)
-    assert "shrink the resolution or the width, or pass --int8-input" in err
-    rep = json.loads((tmp_path / "run.failed" / "report.json").read_text())
-    assert rep["artifacts"][0]["details"]["memory"]["flash"]["program_bytes"] > 8192
+def test_budgets_fail_naming_what_is_largest(programs):
+    """--flash-kb / --ram-kb judged on the written program's memory report (a failed gate keeps only the report:
+    tests/test_safety.py; a QAT run within its budgets: test_qat.py)."""
+    _, made, *_ = programs
+    _, w = made[False]
+    run = RunConfig(target="mcu", formats=("pte",), options={"flash_kb": 8, "ram_kb": 4})
+    result = SimpleNamespace(file=w.path.name, backend="pte-cortex-m", details=w.details)
+    flash, ram = table.load("pte-cortex-m", run).gate_failures(result, run)
+    assert re.search(r"the program is [\d,]+ B, over --flash-kb 8 \(8,192 B\); largest constants: char \[", flash)
+    assert re.search(r"RAM peak .* over --ram-kb 4 \(4,096 B\); at the peak, set by \S+: \w+ \[1, 3, 32, 32\]", ram)
+    assert "shrink the resolution or the width, or pass --int8-input" in ram
+    assert w.details["memory"]["flash"]["program_bytes"] > 8192
+    roomy = RunConfig(target="mcu", formats=("pte",), options={"flash_kb": 1e6, "ram_kb": 1e6})
+    assert table.load("pte-cortex-m", roomy).gate_failures(result, roomy) == []
 
 
 def test_firmware_sketch_compiles_against_the_wheels_runtime_headers(programs, tmp_path):

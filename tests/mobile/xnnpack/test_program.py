@@ -12,10 +12,10 @@ EXPECTED_FUSED_RELU6 = {"mobilenet_v1": 27, "mobilenet_v2": 35, "mobilenet_v3_sm
                         "mobilenet_v3_large": 0, "resnet18": 0}
 
 
-# MobileNetV2's structure is also checked on the shipped checkpoint (tests/test_pipeline.py); V3 and ResNet lower
-# slowly (V3's hardswish blocks, ResNet's width), so they run with `make test-slow` (`make test` keeps V1 here, V3's
-# classifier in tests/quant/test_keep_float.py)
-CASES = [n if n == "mobilenet_v1" else pytest.param(n, marks=pytest.mark.slow) for n in ZOO_CASES]
+# Every zoo model's program, one lowering each: `make test-slow`. `make test` checks MobileNetV2's structure on the
+# shipped checkpoint (tests/test_pipeline.py), V3's classifier in tests/quant/test_keep_float.py, and every run's
+# program against its INT8 module (parity) and its delegation (--min-delegated) on real images
+CASES = [pytest.param(n, marks=pytest.mark.slow) for n in ZOO_CASES]
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -101,15 +101,16 @@ def test_delegation_figures_are_executorchs_own_without_getitem(calib32):
     assert (d.delegated_ops, d.outside_ops, d.delegate_calls) == (inside, outside, calls) and inside > 10
 
 
-def test_a_loaded_program_survives_threadpool_changes(zoo_case):
+def test_a_loaded_program_survives_threadpool_changes(phone_run):
     """Replacing the runtime's threadpool frees the pool every loaded XNNPACK method captured (executing such a
     method afterwards aborts the process); PteModel reloads its method then, and the pool size is restored."""
     from executorch.extension.pybindings import portable_lib
 
     from mbquant.mobile.xnnpack import runtime_threads
 
-    pte = PteModel(zoo_case("mobilenet_v1").pte)
-    x = torch.zeros(1, 3, RES, RES)
+    (path,) = phone_run[0].glob("*_int8.pte")                   # the default recipe's program (64x64 input)
+    pte = PteModel(path)
+    x = torch.zeros(1, 3, 64, 64)
     ref = pte(x)
     before = portable_lib._threadpool_get_thread_count()
     for n in (1, 2, 1, 3):
