@@ -189,6 +189,39 @@ def pattern_graphs_once() -> Iterator[None]:
             setattr(m, PATTERN_EXPORT, original)
 
 
+QAT_FOLD = "_fold_conv_bn_qat_helper"   # torchao's conv-BN fold of a QAT graph, once per conv kind
+_CONV_KINDS = {"conv1d": "aten.conv1d", "conv2d": "aten.conv2d", "conv_transpose1d": "aten.conv_transpose1d",
+               "conv_transpose2d": "aten.conv_transpose2d"}
+
+
+@contextlib.contextmanager
+def fold_present_convs_only(gm) -> Iterator[None]:
+    """Inside, torchao's QAT convert folds conv-BN only for the conv kinds ``gm`` holds.
+
+    ``convert_pt2e`` of a QAT graph calls its fold once for each of conv1d, conv2d, conv_transpose1d and
+    conv_transpose2d, and each call exports 24 pattern graphs (0.3-0.4 s each: 25-40 s per convert, whatever the
+    model's size) though a MobileNet holds conv2d alone. A fold whose conv op the graph does not call cannot match;
+    it is skipped. A graph with the generic ``aten.convolution`` (or an op of unknown kind) folds every kind."""
+    import importlib
+
+    qat_utils = importlib.import_module("torchao.quantization.pt2e.qat_utils")
+    original = getattr(qat_utils, QAT_FOLD)
+    called = {str(n.target) for n in gm.graph.nodes if n.op == "call_function"}
+    generic = any(t.startswith("aten.convolution") for t in called)
+
+    def fold(m, conv_fn, example_inputs, is_cuda, *args, **kwargs):
+        op = _CONV_KINDS.get(getattr(conv_fn, "__name__", ""))
+        if op is not None and not generic and not any(t.startswith(op + ".") for t in called):
+            return m
+        return original(m, conv_fn, example_inputs, is_cuda, *args, **kwargs)
+
+    setattr(qat_utils, QAT_FOLD, fold)
+    try:
+        yield
+    finally:
+        setattr(qat_utils, QAT_FOLD, original)
+
+
 PARAM_SEARCH = "_non_linear_param_search"   # HistogramObserver's range search, which the percentile rule replaces
 
 
@@ -424,6 +457,20 @@ def _probe_pattern_export() -> None:
     assert first is not again and fresh.code == first.code == again.code
 
 
+def _probe_qat_fold() -> None:
+    import importlib
+    import inspect
+
+    import torch.nn.functional as F
+
+    qat_utils = importlib.import_module("torchao.quantization.pt2e.qat_utils")
+    fold = getattr(qat_utils, QAT_FOLD)
+    assert list(inspect.signature(fold).parameters)[:4] == ["m", "conv_fn", "example_inputs", "is_cuda"]
+    source = inspect.getsource(qat_utils._fold_conv_bn_qat)
+    assert f"{QAT_FOLD}(" in source, "the QAT convert no longer folds through it"
+    assert all(getattr(F, kind).__name__ == kind for kind in _CONV_KINDS)
+
+
 PROBES: tuple[Probe, ...] = (
     Probe("torch.ao.quantization.fx._decomposed (quantized_decomposed ops)", "torch", _probe_decomposed),
     Probe("torch.jit.mobile._load_for_lite_interpreter / _save_for_lite_interpreter", "torch", _probe_lite),
@@ -443,6 +490,8 @@ PROBES: tuple[Probe, ...] = (
     Probe("EdgeProgramManager._edge_programs / _config_methods", "executorch", _probe_edge_manager),
     Probe(f"torchao.quantization.pt2e.utils.{PATTERN_EXPORT} (pattern graphs exported once)", "torchao",
           _probe_pattern_export),
+    Probe(f"torchao.quantization.pt2e.qat_utils.{QAT_FOLD} (conv-BN folds of the conv kinds a graph holds)",
+          "torchao", _probe_qat_fold),
 )
 
 

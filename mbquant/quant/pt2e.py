@@ -41,7 +41,7 @@ def convert(prepared: GraphModule) -> GraphModule:
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
-    with compat.pattern_graphs_once():
+    with compat.pattern_graphs_once(), compat.fold_present_convs_only(prepared):
         int8 = convert_pt2e(prepared)
         move_exported_model_to_eval(int8)
     left = count_targets(int8, BN_OPS)
