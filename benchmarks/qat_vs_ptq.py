@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=QATConfig().lr)
     ap.add_argument("--max-train-samples", type=int, default=20000)
-    ap.add_argument("--distill", type=float, default=0.0, help="QAT distillation weight (0: labels only)")
+    ap.add_argument("--distill", type=float, default=QATConfig().distill,
+                    help="QAT distillation weight (0: labels only; default: mbquant qat's)")
     ap.add_argument("--eval-limit", type=int, default=None)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "qat_vs_ptq.json")

@@ -13,6 +13,7 @@ from .errors import ConfigError
 OBSERVERS = ("histogram", "minmax", "percentile", "moving-average")
 GRANULARITIES = ("per-channel", "per-tensor")
 RECIPES = ("best", "stock", "qat")
+INIT_RANGES = ("recipe", "minmax", "off")
 SEED_MAX = 2 ** 32 - 1  # a 32-bit generator seed (mbquant.data.slicing)
 BIAS_CORRECTION_IMAGES = 512  # bias correction reads at most this many calibration images unless told otherwise
 ADAROUND_IMAGES = 256  # AdaRound learns each layer's rounding on at most this many calibration images unless told otherwise
@@ -158,13 +159,22 @@ class TrainConfig(_Config):
 
 @dataclass(frozen=True)
 class QATConfig(_Config):
-    """Quantization-aware fine-tuning schedule (after torchvision's QAT recipe, shortened).
+    """Quantization-aware fine-tuning schedule.
+
+    The defaults start where post-training quantization starts and train toward the float model: the recipe's
+    ranges (``init_ranges="recipe"``) and distillation (``distill=1``), with torchvision's schedule (BN statistics
+    frozen after 1 epoch, ranges after 2); measured against label training, mean-of-min/max ranges and freezing both
+    from the start in README, "QAT defaults".
 
     ``batch_size`` is per process (the global batch is ``batch_size * world_size`` under torchrun).
     ``freeze_bn_after``: after this many epochs BN uses (and stops updating) its running statistics;
     ``freeze_observers_after``: after this many epochs every range (scale/zero-point) is kept fixed.
-    ``None`` never freezes. ``init_ranges``: start from ranges calibrated on the seeded calibration subset
-    (as PTQ does) instead of the first training batch. ``max_train_samples``: a seeded subset per run.
+    ``None`` never freezes. ``init_ranges``: where the ranges start, measured on the seeded calibration subset:
+    ``recipe`` (the backend's post-training observer, e.g. percentile: the ranges PTQ of the same checkpoint uses),
+    ``minmax`` (the mean of the per-batch min/max), ``off`` (the first training batch sets them).
+    ``max_train_samples``: a seeded subset per run. ``compare_ptq``: also quantize the checkpoint post-training with
+    the backend's default recipe and the same flags, measure it on the same images, and say in the report whether
+    QAT beat it.
     ``distill``: weight of the distillation term (KL divergence to the float model's softened outputs at
     ``distill_temperature``); 0 trains on the labels only, 1 only to match the float model.
     ``lr``: the SGD learning rate; ``None`` takes the backend's (its row's ``qat_lr`` in
@@ -179,14 +189,20 @@ class QATConfig(_Config):
     warmup_frac: float = 0.0
     freeze_bn_after: int | None = 1
     freeze_observers_after: int | None = 2
-    init_ranges: bool = True
+    init_ranges: str = "recipe"
     seed: int = 0
     max_train_samples: int | None = None
-    distill: float = 0.0
+    distill: float = 1.0
     distill_temperature: float = 1.0
+    compare_ptq: bool = True
 
     def __post_init__(self) -> None:
         _check_training(self)
+        _choice(self.init_ranges, INIT_RANGES, "QAT range initialisation (--init-ranges)")
+        if self.init_ranges == "off" and self.freeze_observers_after == 0:
+            raise ConfigError("--init-ranges off with --freeze-observers-after 0: no range would ever be measured; "
+                              "pass --init-ranges recipe (the default), or let the observers run for an epoch "
+                              "(--freeze-observers-after 1)")
         _number(self.distill, "distill weight", "--distill (e.g. --distill 1.0 to match the float model)", lo=0.0,
                 hi=1.0)
         _number(self.distill_temperature, "distillation temperature", "--distill-temperature", lo=0.0, lo_open=True)

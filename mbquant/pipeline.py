@@ -127,6 +127,7 @@ class Built:
     files: list[tuple[Written, Predictor]]
     facts: dict[str, Any]
     source: FloatModel                     # the float model that was quantized
+    ptq: nn.Module | None = None           # a QAT run's post-training INT8 model of the same checkpoint (compared)
 
 
 @dataclass(frozen=True)
@@ -178,12 +179,17 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
                         f"{next(iter(calib.dataset.skipped)).name}); remove or fix them")
     else:
         seconds = {}
+        ptq_cfg = table.resolve(config.replace(recipe="best"), spec)   # what QAT starts from and is compared with
         src, eq = source_model(fm, cfg, calib, seconds)
         facts["equalization"] = eq.to_dict() if eq else None
         int8 = _finetune(backend, src, info, cfg, calib, eval_set, ckpt_dir, report, finetune, facts, progress,
-                         seconds, dist)
+                         seconds, dist, ptq_cfg)
         if int8 is None:
             return None
+        if finetune.config.compare_ptq:
+            with stage(f"{spec.name}: post-training quantization of the same checkpoint, to compare", enabled=progress):
+                ptq = _timed(seconds, "ptq_to_compare", lambda: quantize_with(backend, fm, ptq_cfg, calib))
+            facts["ptq_config"] = ptq_cfg.to_dict()
     from .quant.keep_float import resolve_names, within
 
     if cfg.keep_float:
@@ -204,7 +210,8 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
         if without is not None:
             facts["fallback"]["without"] = _without(backend, without, info, run, calib, digests, progress)
     facts["seconds"] = seconds
-    return Built(backend, cfg, int8, files, facts, src)
+    return Built(backend, cfg, int8, files, facts, src,
+                 ptq.int8 if finetune is not None and finetune.config.compare_ptq else None)
 
 
 def _fallback(backend: Backend, fm: FloatModel, cfg: QuantConfig, calib: CalibrationSet,
@@ -236,17 +243,21 @@ def _without(backend: Backend, q: Quantized, info: ModelInfo, run: RunConfig, ca
 
 def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfig, calib: CalibrationSet,
               eval_set: ImageFolderDataset, ckpt_dir: Path | None, report: Report, ft: Finetune, facts: dict,
-              progress: bool, seconds: dict[str, float], dist: Dist):
-    """prepare_qat -> range init -> fit_qat -> convert; returns the INT8 model, None on ranks > 0."""
+              progress: bool, seconds: dict[str, float], dist: Dist, ptq_cfg: QuantConfig):
+    """prepare_qat -> range init (``ptq_cfg``'s observer: where PTQ starts) -> fit_qat -> convert; returns the INT8
+    model, None on ranks > 0."""
     from . import finetune
+    from .calibrate.observers import activation_observer
 
     with backend.session():
         qm = _timed(seconds, "prepare", lambda: backend.prepare_qat(fm, cfg))
         qm.module.to(dist.device)
-        if ft.config.init_ranges and ft.resume is None:
+        if ft.config.init_ranges != "off" and ft.resume is None:
+            observer = activation_observer(ptq_cfg) if ft.config.init_ranges == "recipe" else None
             seen = _timed(seconds, "calibrate", lambda: qm.init_ranges(
-                x.to(dist.device) for x in calib.batches(cfg.batch_size)))
-            facts["calibration"] = {"samples": seen, "use": "initial fake-quantize ranges"}
+                (x.to(dist.device) for x in calib.batches(cfg.batch_size)), observer))
+            facts["calibration"] = {"samples": seen, "use": "initial fake-quantize ranges",
+                                    "observer": ptq_cfg.observer if observer is not None else "mean of batch min/max"}
         result, warnings = _timed(seconds, "finetune", lambda: finetune.fit_qat(
             qm, info, ft.train_set, eval_set, config=ft.config, quant=cfg,
             float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=ckpt_dir if dist.is_main else None,
@@ -370,6 +381,8 @@ def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, r
     predictors: dict[str, Predictor] = {FLOAT: ModulePredictor(fm.graph, "in-process float model")}
     for b in built:
         predictors[b.backend.name] = b.backend.reference(b.int8)
+        if b.ptq is not None:
+            predictors[_ptq_name(b)] = b.backend.reference(b.ptq)
         for w, pred in b.files:
             predictors[f"{b.backend.name}:{w.path.name}"] = pred
     cmp = _timed(seconds, "evaluate", lambda: compare_dataset(predictors, eval_set, run.eval_batch_size, dist=dist,
@@ -387,6 +400,39 @@ def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, r
         w, pred = float_file
         fl = FloatResult(fl.images, fl.top1, fl.top5, w.path.name, w.bytes, _latency(pred, x8[:1], run))
     return cmp, results, fl, x8
+
+
+def _ptq_name(b: Built) -> str:
+    return f"{b.backend.name} PTQ"
+
+
+def versus_ptq(cmp: Comparison, b: Built) -> dict[str, Any]:
+    """A QAT run's INT8 model against the post-training INT8 model of the same checkpoint (its backend's default
+    recipe, same flags), on the same images: each one's drop and agreement with the float model, and the paired
+    differences QAT minus PTQ with their standard errors. ``qat_worse``: QAT agrees with the float model on fewer
+    images than PTQ does."""
+    ptq, qat = _ptq_name(b), b.backend.name
+    agreement, top1 = cmp.paired_agreement(FLOAT, qat, ptq), cmp.paired_accuracy(qat, ptq)
+    return {"images": cmp.count, "ptq_config": b.facts.get("ptq_config"),
+            "ptq": {"top1": round(cmp.top1(ptq), 3), "drop_pp": round(cmp.drop(FLOAT, ptq), 3),
+                    "agreement_float": round(cmp.agree(FLOAT, ptq), 3)},
+            "qat": {"top1": round(cmp.top1(qat), 3), "drop_pp": round(cmp.drop(FLOAT, qat), 3),
+                    "agreement_float": round(cmp.agree(FLOAT, qat), 3)},
+            "qat_minus_ptq": {"agreement": agreement.to_dict(), "top1": top1.to_dict()},
+            "qat_worse": agreement.diff_pp < 0}
+
+
+def _versus_ptq_lines(report: Report, b: Built, v: dict[str, Any]) -> None:
+    q, p, d = v["qat"], v["ptq"], v["qat_minus_ptq"]["agreement"]
+    line = (f"{b.backend.name}: QAT's INT8 model agrees with the float model on {q['agreement_float']:.2f} % of "
+            f"{v['images']} images (drop {q['drop_pp']:.2f} pp), post-training quantization of the same checkpoint "
+            f"on {p['agreement_float']:.2f} % (drop {p['drop_pp']:.2f} pp); QAT minus PTQ: {d['diff_pp']:+.2f} pp "
+            f"agreement (SE {d['se_pp']:.2f} pp)")
+    if v["qat_worse"]:
+        report.warn(f"{line}: QAT did worse than post-training quantization here; ship `mbquant ptq` with the same "
+                    f"flags (its INT8 model is the closer one), or train again with a lower --lr or --distill 1")
+    else:
+        report.note(line)
 
 
 def same_programs(built: list[Built], dist: Dist) -> None:
@@ -522,6 +568,12 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
             report.note(f"{r.backend}: {note}")
         for warning in r.details.get("warnings", []):
             report.warn(f"{r.backend}: {warning}")
+    compared = {b.backend.name: versus_ptq(cmp, b) for b in built if b.ptq is not None}
+    if compared:
+        report.add("versus_ptq", compared)
+        for b in built:
+            if b.backend.name in compared:
+                _versus_ptq_lines(report, b, compared[b.backend.name])
     for failure in judgeable(cmp, len(eval_set)):
         report.fail(failure)
     for failure in gate_failures(results, run, {b.backend.name: b.backend for b in built}):

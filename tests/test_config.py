@@ -27,6 +27,10 @@ def test_round_trip_through_json(cfg):
     (lambda: TrainConfig(weight_decay=math.nan), "weight_decay must be a number, got nan"),
     (lambda: TrainConfig(lr=0), r"learning rate 0 is out of range \(0.0, 10.0\]"),
     (lambda: QATConfig(freeze_bn_after=-1), r"freeze_bn_after .* -1 is out of range"),
+    (lambda: QATConfig(init_ranges=True), r"QAT range initialisation \(--init-ranges\) 'True' is not supported; "
+                                          r"choose one of: recipe, minmax, off"),
+    (lambda: QATConfig(init_ranges="off", freeze_observers_after=0), r"--init-ranges off with --freeze-observers-after 0: no range would ever "
+                                           r"be measured; pass --init-ranges recipe"),
 ])
 def test_bad_values_name_the_value_and_the_fix(make, match):
     with pytest.raises(ConfigError, match=match):

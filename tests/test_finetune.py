@@ -17,7 +17,7 @@ from mbquant.models import ModelInfo, load_checkpoint
 from tests.quant.test_qat import prepare_qat
 
 QUANT = table.resolve(QuantConfig(recipe="qat", num_calib=32), table.get_spec("pte-xnnpack"), qat=True)
-CFG = QATConfig(epochs=2, batch_size=16, lr=0.005, freeze_bn_after=1, freeze_observers_after=1, seed=3)
+CFG = QATConfig(epochs=2, batch_size=16, lr=0.005, freeze_bn_after=1, freeze_observers_after=1, seed=3, distill=0.0)
 
 
 class Killed(Exception):
@@ -150,3 +150,14 @@ def test_qat_torchscript_trains_the_eager_engine_and_verifies_pt_ptl(tiny_ckpt, 
     assert sorted(arts) == ["mobilenet_v1_w0.25_r32_int8.pt", "mobilenet_v1_w0.25_r32_int8.ptl"]
     assert all(a["backend"] == "ts-qnnpack" and a["parity"]["agreement"] >= 99 for a in arts.values())
     assert rep["backends"]["ts-qnnpack"]["engine"] == "qnnpack" and (out / CHECKPOINT_NAME).exists()
+    # the post-training INT8 model of the same checkpoint, measured on the same images, and the verdict said
+    v = rep["versus_ptq"]["ts-qnnpack"]
+    a = arts["mobilenet_v1_w0.25_r32_int8.pt"]
+    assert v["images"] == a["images"] == 100 and v["ptq_config"]["recipe"] == "best"
+    assert v["qat"]["agreement_float"] == a["reference_agreement_float"]
+    d = v["qat_minus_ptq"]["agreement"]
+    assert d["diff_pp"] == pytest.approx(v["qat"]["agreement_float"] - v["ptq"]["agreement_float"], abs=1e-3)
+    assert v["qat_worse"] is (d["diff_pp"] < 0)
+    said = rep["warnings"] if v["qat_worse"] else rep["notes"]
+    assert any("post-training quantization of the same checkpoint" in line for line in said)
+    assert rep["backends"]["ts-qnnpack"]["calibration"]["observer"] == "histogram"   # the recipe's ranges

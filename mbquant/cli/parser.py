@@ -7,10 +7,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..config import GRANULARITIES, LOGITS, OBSERVERS
+from ..config import GRANULARITIES, LOGITS, OBSERVERS, QATConfig
 from ..data.images import MAX_IMAGE_PIXELS
 from ..data.presets import PRESET_KINDS
 from ..models.info import MODEL_NAMES
+
+
+QAT_DEFAULTS = QATConfig()   # the flags' defaults are the config's
 
 
 def path(value: str) -> Path:
@@ -278,15 +281,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="training batch size per process")
     p.add_argument("--momentum", type=float, default=0.9)
     p.add_argument("--weight-decay", type=float, default=1e-5)
-    p.add_argument("--freeze-bn-after", type=epochs_or_never, default=1, metavar="N|never",
-                   help="use BN running statistics after N epochs (default 1)")
-    p.add_argument("--freeze-observers-after", type=epochs_or_never, default=2, metavar="N|never",
-                   help="keep every quantization range fixed after N epochs (default 2)")
-    p.add_argument("--init-ranges", action=argparse.BooleanOptionalAction, default=True,
-                   help="start from ranges calibrated on --num-calib training images (as PTQ)")
+    p.add_argument("--freeze-bn-after", type=epochs_or_never, default=QAT_DEFAULTS.freeze_bn_after, metavar="N|never",
+                   help=f"use BN running statistics after N epochs (default {QAT_DEFAULTS.freeze_bn_after})")
+    p.add_argument("--freeze-observers-after", type=epochs_or_never, default=QAT_DEFAULTS.freeze_observers_after,
+                   metavar="N|never", help=f"keep every quantization range fixed after N epochs (default "
+                                           f"{QAT_DEFAULTS.freeze_observers_after})")
+    p.add_argument("--init-ranges", choices=("recipe", "minmax", "off"), default="recipe",
+                   help="where the ranges start, measured on --num-calib training images: recipe (the backend's PTQ "
+                        "observer: where PTQ starts; default), minmax (mean of per-batch min/max), off (first batch)")
+    p.add_argument("--no-init-ranges", dest="init_ranges", action="store_const", const="off",
+                   help="the same as --init-ranges off")
+    p.add_argument("--compare-ptq", action=argparse.BooleanOptionalAction, default=True,
+                   help="also quantize post-training (the backend's default recipe, same flags) and report on the same "
+                        "images whether QAT beat it (default on)")
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of N images")
-    p.add_argument("--distill", type=float, default=0.0, metavar="A",
-                   help="weight of distillation from the float model (0: labels only, 1: match the float model)")
+    p.add_argument("--distill", type=float, default=QAT_DEFAULTS.distill, metavar="A",
+                   help=f"weight of distillation from the float model (0: labels only, 1: match the float model; "
+                        f"default {QAT_DEFAULTS.distill:g})")
     p.add_argument("--distill-temperature", type=float, default=1.0)
     p.add_argument("--resume", type=path, default=None, help="qat_last.pt (or the --out folder) of a run to continue")
     _add_quant_args(p)

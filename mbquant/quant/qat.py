@@ -64,31 +64,74 @@ class QatModel(abc.ABC):
         for fq in fake_quants(self.module).values():
             fq.enable_fake_quant(on)
 
-    def init_ranges(self, batches: Iterable[torch.Tensor]) -> int:
-        """Set every range from real images before training: eval mode, fake-quant off, each observer's
-        range the mean of the per-batch min/max (the moving-average observer with weights 1/k).
+    def init_ranges(self, batches: Iterable[torch.Tensor], observer: Callable[..., nn.Module] | None = None) -> int:
+        """Set every range from real images before training (eval mode, fake-quant off).
+
+        ``observer``: the constructor of the post-training recipe's activation observer (percentile, histogram):
+        each activation range is then the one that observer finds on these images, as post-training quantization
+        does, and the model starts where PTQ starts. ``None``: each range is the mean of the per-batch min/max (the
+        moving-average observer with weights 1/k). Weight ranges are their min/max either way.
 
         Returns the number of samples seen."""
         self.set_mode(False)
         self.enable_fake_quant(False)
-        observers = [fq.activation_post_process for fq in fake_quants(self.module).values()
-                     if hasattr(fq.activation_post_process, "averaging_constant")]  # not fixed-qparams ones
-        constants = [obs.averaging_constant for obs in observers]
+        fqs = fake_quants(self.module)
+        moving = {name: fq.activation_post_process for name, fq in fqs.items()
+                  if hasattr(fq.activation_post_process, "averaging_constant")}   # not fixed-qparams ones
+        constants = {name: obs.averaging_constant for name, obs in moving.items()}
+        recipe = {name: observer(dtype=obs.dtype, qscheme=obs.qscheme, quant_min=obs.quant_min,
+                                 quant_max=obs.quant_max)
+                  for name, obs in moving.items() if observer is not None and _is_activation(obs)}
+        hooks = [fqs[name].register_forward_pre_hook(_feed(obs)) for name, obs in recipe.items()]
         seen = 0
-        with torch.no_grad():
-            for k, x in enumerate(batches):
-                for obs in observers:
-                    obs.averaging_constant = 1.0 / (k + 1)
-                self.module(x)
-                seen += len(x)
-        for obs, c in zip(observers, constants):
-            obs.averaging_constant = c
+        try:
+            with torch.no_grad():
+                for k, x in enumerate(batches):
+                    for obs in moving.values():
+                        obs.averaging_constant = 1.0 / (k + 1)
+                    self.module(x)
+                    seen += len(x)
+        finally:
+            for h in hooks:
+                h.remove()
+            for name, c in constants.items():
+                moving[name].averaging_constant = c
         if seen == 0:
             raise QuantizationError("no calibration images reached the model; QAT ranges cannot be initialised")
-        for fq in fake_quants(self.module).values():
+        for name, obs in recipe.items():
+            _take_range(moving[name], obs)
+        for fq in fqs.values():
             _sync_qparams(fq)
+        for name, obs in recipe.items():      # exactly the recipe's step and zero point (no float round trip)
+            scale, zero_point = obs.calculate_qparams()
+            fqs[name].scale.copy_(scale.reshape(fqs[name].scale.shape))
+            fqs[name].zero_point.copy_(zero_point.reshape(fqs[name].zero_point.shape).to(fqs[name].zero_point.dtype))
         self.enable_fake_quant(True)
         return seen
+
+
+def _is_activation(obs: nn.Module) -> bool:
+    """Activation observers are per-tensor affine; weights are symmetric (per channel or per tensor)."""
+    return getattr(obs, "qscheme", None) == torch.per_tensor_affine
+
+
+def _feed(obs: nn.Module):
+    def hook(module, args):
+        obs(args[0].detach())
+        # None: the fake-quantize's input is left as it is
+
+    return hook
+
+
+def _take_range(moving: nn.Module, recipe: nn.Module) -> None:
+    """Give a moving-average observer the range whose qparams are the recipe observer's (training then moves it
+    from there while observers are on)."""
+    scale, zero_point = recipe.calculate_qparams()
+    scale, zero_point = scale.reshape(()).double(), zero_point.reshape(()).double()
+    lo = (moving.quant_min - zero_point) * scale
+    hi = (moving.quant_max - zero_point) * scale
+    moving.min_val.resize_(()).copy_(lo.to(moving.min_val.dtype))
+    moving.max_val.resize_(()).copy_(hi.to(moving.max_val.dtype))
 
 
 class QatGraph(QatModel):

@@ -155,6 +155,7 @@ class RunReport(Record):
     qat_config: dict[str, Any] | None = None
     qat: dict[str, Any] | None = None
     resources: dict[str, Any] | None = None
+    versus_ptq: dict[str, dict[str, Any]] | None = None     # a QAT run against PTQ of the same checkpoint
 
     KIND = "mbquant-report"
     VERSION = 2
@@ -189,6 +190,8 @@ class RunReport(Record):
         out["artifacts"] = [a.to_dict() for a in self.artifacts]
         if self.qat is not None:
             out["qat"] = self.qat
+        if self.versus_ptq is not None:
+            out["versus_ptq"] = self.versus_ptq
         out["versions"] = self.versions
         return out
 
@@ -218,4 +221,4 @@ class RunReport(Record):
             artifacts=tuple(ArtifactResult.from_fields(a) for a in arts),
             versions=f.json("versions", optional=True, default={}) or {},
             qat_config=f.json("qat_config", optional=True), qat=f.json("qat", optional=True),
-            resources=f.json("resources", optional=True))
+            resources=f.json("resources", optional=True), versus_ptq=f.json("versus_ptq", optional=True))

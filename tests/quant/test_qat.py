@@ -131,3 +131,35 @@ def test_convert_folds_bn_and_keeps_the_weight_granularity(batches, granularity,
     with torch.no_grad():
         out = int8(batches[2][0])
     assert out.shape == (16, 10) and bool(torch.isfinite(out).all())
+
+
+def test_recipe_ranges_start_qat_where_post_training_quantization_starts(tiny_ckpt):
+    """Issue 20 item 5: with ``init_ranges="recipe"`` the fake-quantized model, converted before any training step,
+    computes what PTQ's recipe (its percentile observer, without bias correction) computes on the same calibration
+    images: the same logits to float rounding. The mean-of-min/max start (the former default) gives other ranges."""
+    from mbquant import calibrate
+    from mbquant.calibrate.observers import activation_observer
+    from mbquant.data.contract import spec_of
+    from tests.conftest import quantize_pt2e
+
+    root, ck = tiny_ckpt
+    model, info = load_checkpoint(ck)
+    calib = calibrate.from_folder(root / "train", spec_of(info.preset), 32, seed=0, expected_classes=info.classes)
+    spec = table.get_spec("pte-xnnpack")
+    ptq_cfg = table.resolve(QuantConfig(num_calib=32, bias_correction=False), spec)
+    assert ptq_cfg.observer == "percentile"
+    x = torch.stack([load_folder(root / "val", info.preset)[i][0] for i in range(100)])
+    qg = prepare_qat(model, info.resolution, QuantConfig(recipe="qat", num_calib=32))
+    scales = {}
+    for init in ("minmax", "recipe"):
+        qg.init_ranges(calib.batches(ptq_cfg.batch_size), activation_observer(ptq_cfg) if init == "recipe" else None)
+        scales[init] = {n: float(fq.scale) for n, fq in fake_quants(qg.module).items()
+                        if fq.activation_post_process.qscheme == torch.per_tensor_affine}
+    with torch.no_grad():
+        ref = quantize_pt2e(model, info.resolution, calib, bias_correction=False).int8(x)
+        out = qg.convert()(x)
+    step = float((ref.max() - ref.min()) / 255)                            # about one INT8 step of the logits
+    assert float((out - ref).abs().max()) < 0.01 * step
+    assert len(scales["recipe"]) > 20
+    differ = sum(abs(scales["minmax"][n] - v) > 1e-3 * v for n, v in scales["recipe"].items())
+    assert differ >= len(scales["recipe"]) // 4, (differ, len(scales["recipe"]))     # 11 of 28 here
