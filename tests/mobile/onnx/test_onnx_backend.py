@@ -32,6 +32,7 @@ def onnx_run(tiny_ckpt, tmp_path_factory):
     return root, ck, out
 
 
+@pytest.mark.slow   # the dynamo ONNX export and a .pte in one run: 40 s
 def test_pte_and_onnx_are_written_verified_and_reported_in_one_run(onnx_run):
     import onnx
 
@@ -59,6 +60,7 @@ def test_pte_and_onnx_are_written_verified_and_reported_in_one_run(onnx_run):
     assert any("QDQ graph" in line for line in a["summary"])
 
 
+@pytest.mark.slow   # the dynamo ONNX export and a .pte in one run: 40 s
 def test_check_reproduces_the_reports_onnx_figures(onnx_run, capsys):
     root, ck, out = onnx_run
     (model,) = out.glob("*_int8.onnx")
@@ -70,6 +72,7 @@ def test_check_reproduces_the_reports_onnx_figures(onnx_run, capsys):
     assert verdict["top1"] == a["top1"] and verdict["images"] == a["images"]
 
 
+@pytest.mark.slow   # the dynamo ONNX export and a .pte in one run: 40 s
 def test_a_truncated_onnx_file_fails_check(onnx_run, tmp_path, capsys):
     import shutil
 
