@@ -8,10 +8,11 @@ from mbquant.check import judge, report_verdict
 from mbquant.records import Baseline
 from tests.baselines.flows import FLOWS, SIZES, tolerance
 
-# make test checks each flow on 2,000 images, except the deprecated TorchScript export (its backend's own tests stay
-# in make test); make test-slow checks every flow on all 10,000
-SIZED = [pytest.param(key, n, id=f"{key}.{n}",
-                      marks=[pytest.mark.slow] if n == 10000 or FLOWS[key].flow == "torchscript" else [])
+# make test checks one flow per command and target on 2,000 images (the phone checkpoint's PTQ, the MCU checkpoint's
+# PTQ, QAT); make test-slow checks every flow on 2,000 and on all 10,000
+FAST = {"mobilenet_v2_w0.5_r64_fmnist.ptq-phone", "mobilenet_v1_w0.25_r96_fmnist.ptq-mcu",
+        "mobilenet_v2_w0.35_r64_fmnist.qat"}
+SIZED = [pytest.param(key, n, id=f"{key}.{n}", marks=[] if n == SIZES[0] and key in FAST else [pytest.mark.slow])
          for n in SIZES for key in FLOWS]
 
 
