@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test,plot,onnx]'
+	$(BIN)/pip install --quiet --no-compile -e '.[test,plot,onnx]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's dataset-fashion-mnist (installed with apt-get when missing) -> data/{train,val}

@@ -132,6 +132,20 @@ def tiny_ckpt(small_val, tmp_path_factory):
     return root, ck
 
 
+@pytest.fixture(scope="session")
+def tiny_run(tiny_ckpt, tmp_path_factory):
+    """A verified run of the tiny model evaluated on every image of its val folder (100), with its app bundle:
+    (data root, run folder, bundle). Shared by the bundle and command-safety tests: copy before changing anything."""
+    from mbquant.cli import main
+
+    root, ck = tiny_ckpt
+    out = tmp_path_factory.mktemp("tinyrun") / "run"
+    assert main(["ptq", "mobilenet_v1", "--weights", str(ck), "--calib", str(root / "train"), "--eval",
+                 str(root / "val"), "--num-calib", "32", "--no-float-program", "--latency-runs", "1",
+                 "--out", str(out), "--bundle", str(out.parent / "bundle"), "--quiet"]) == 0
+    return root, out, out.parent / "bundle"
+
+
 def stub_lowering(monkeypatch) -> None:
     """The phone backend writes a few placeholder bytes instead of lowering (a minute at real sizes, seconds here):
     for tests of what happens around a write (a full disk, an interrupt), never of what the program computes."""

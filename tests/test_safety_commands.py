@@ -32,19 +32,15 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def world(tiny_ckpt, tmp_path_factory):
+def world(tiny_ckpt, tiny_run, tmp_path_factory):
     """The tiny model, a verified run with its artifact, a bundle of it and a baseline: the inputs of every command."""
     root, ck = tiny_ckpt
+    _, run, bundle = tiny_run
     base = tmp_path_factory.mktemp("world")
-    run = base / "run"
-    assert main(["ptq", "mobilenet_v1", "--weights", str(ck), "--calib", str(root / "train"), "--eval",
-                 str(root / "val"), "--num-calib", "32", "--latency-runs", "1", "--no-float-program", "--out", str(run),
-                 "--bundle",
-                 str(base / "bundle"), "--quiet"]) == 0
     (pte,) = run.glob("*_int8.pte")
     assert main(["baseline", "write", str(pte), "--data", str(root / "val"), "--float-weights", str(ck),
                  "--tolerance", "0.5", "--out", str(base / "baseline.json"), "--quiet"]) == 0
-    return {"root": root, "ck": ck, "run": run, "pte": pte, "bundle": base / "bundle", "baseline": base / "baseline.json"}
+    return {"root": root, "ck": ck, "run": run, "pte": pte, "bundle": bundle, "baseline": base / "baseline.json"}
 
 
 @dataclass

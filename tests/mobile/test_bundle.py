@@ -21,17 +21,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 FILES = ("model.pte", "model.pte.json", "labels.txt", "preprocess.json", "report.json", "bundle.json", "README.md")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tiny_ckpt, tmp_path_factory):
-    """A verified run of the tiny model evaluated on every image of its val folder (100)."""
-    root, ck = tiny_ckpt
-    out = tmp_path_factory.mktemp("tinyrun") / "run"
-    assert main(["ptq", "mobilenet_v1", "--weights", str(ck), "--calib", str(root / "train"), "--eval",
-                 str(root / "val"), "--num-calib", "32", "--no-float-program", "--latency-runs", "1",
-                 "--out", str(out), "--bundle", str(out.parent / "bundle"), "--quiet"]) == 0
-    return root, out, out.parent / "bundle"
-
-
 def test_ptq_writes_a_bundle_with_the_contract(tiny_run):
     root, out, bundle = tiny_run
     assert sorted(p.name for p in bundle.iterdir()) == sorted(FILES)
