@@ -157,7 +157,7 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
     backend = table.load(spec, run)
     cfg = table.resolve(config, spec, qat=finetune is not None)
     facts: dict[str, Any] = {"config": cfg.to_dict()}
-    without = None
+    without, ptq_int8 = None, None
     if finetune is None:
         if run.fallback == "auto":
             q, searched = _fallback(backend, fm, cfg, calib, eval_set, run, progress)
@@ -188,7 +188,7 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
             return None
         if finetune.config.compare_ptq:
             with stage(f"{spec.name}: post-training quantization of the same checkpoint, to compare", enabled=progress):
-                ptq = _timed(seconds, "ptq_to_compare", lambda: quantize_with(backend, fm, ptq_cfg, calib))
+                ptq_int8 = _timed(seconds, "ptq_to_compare", lambda: quantize_with(backend, fm, ptq_cfg, calib)).int8
             facts["ptq_config"] = ptq_cfg.to_dict()
     from .quant.keep_float import resolve_names, within
 
@@ -210,8 +210,7 @@ def _build(spec, fm: FloatModel, info: ModelInfo, config: QuantConfig, run: RunC
         if without is not None:
             facts["fallback"]["without"] = _without(backend, without, info, run, calib, digests, progress)
     facts["seconds"] = seconds
-    return Built(backend, cfg, int8, files, facts, src,
-                 ptq.int8 if finetune is not None and finetune.config.compare_ptq else None)
+    return Built(backend, cfg, int8, files, facts, src, ptq_int8)
 
 
 def _fallback(backend: Backend, fm: FloatModel, cfg: QuantConfig, calib: CalibrationSet,
@@ -568,12 +567,12 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
             report.note(f"{r.backend}: {note}")
         for warning in r.details.get("warnings", []):
             report.warn(f"{r.backend}: {warning}")
-    compared = {b.backend.name: versus_ptq(cmp, b) for b in built if b.ptq is not None}
+    compared = {}
+    for b in (b for b in built if b.ptq is not None):
+        compared[b.backend.name] = versus_ptq(cmp, b)
+        _versus_ptq_lines(report, b, compared[b.backend.name])
     if compared:
         report.add("versus_ptq", compared)
-        for b in built:
-            if b.backend.name in compared:
-                _versus_ptq_lines(report, b, compared[b.backend.name])
     for failure in judgeable(cmp, len(eval_set)):
         report.fail(failure)
     for failure in gate_failures(results, run, {b.backend.name: b.backend for b in built}):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..config import GRANULARITIES, LOGITS, OBSERVERS, QATConfig
+from ..config import GRANULARITIES, INIT_RANGES, LOGITS, OBSERVERS, QATConfig
 from ..data.images import MAX_IMAGE_PIXELS
 from ..data.presets import PRESET_KINDS
 from ..models.info import MODEL_NAMES
@@ -286,12 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--freeze-observers-after", type=epochs_or_never, default=QAT_DEFAULTS.freeze_observers_after,
                    metavar="N|never", help=f"keep every quantization range fixed after N epochs (default "
                                            f"{QAT_DEFAULTS.freeze_observers_after})")
-    p.add_argument("--init-ranges", choices=("recipe", "minmax", "off"), default="recipe",
+    p.add_argument("--init-ranges", choices=INIT_RANGES, default=QAT_DEFAULTS.init_ranges,
                    help="where the ranges start, measured on --num-calib training images: recipe (the backend's PTQ "
                         "observer: where PTQ starts; default), minmax (mean of per-batch min/max), off (first batch)")
     p.add_argument("--no-init-ranges", dest="init_ranges", action="store_const", const="off",
                    help="the same as --init-ranges off")
-    p.add_argument("--compare-ptq", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--compare-ptq", action=argparse.BooleanOptionalAction, default=QAT_DEFAULTS.compare_ptq,
                    help="also quantize post-training (the backend's default recipe, same flags) and report on the same "
                         "images whether QAT beat it (default on)")
     p.add_argument("--max-train-samples", type=int, default=None, help="train on a seeded subset of N images")

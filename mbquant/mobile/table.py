@@ -28,8 +28,9 @@ if TYPE_CHECKING:
     from .backend import Backend
 
 _STOCK = {"observer": "histogram", "fuse_relu6": False, "keep_float": (), "bias_correction": False, "equalize": False}
-_QAT = {"observer": "moving-average", "fuse_relu6": True, "keep_float": (), "bias_correction": False, "equalize": False}
-_QAT_LEARNS = {"observer": "moving-average", "bias_correction": False, "adaround": False}
+_QAT_BASE = {"fuse_relu6": True, "keep_float": (), "equalize": False}     # what a row's best may leave unnamed
+# what QAT replaces in any recipe: the training fake-quantize, and no post-training fix (it learns them itself)
+_QAT_LEARNS = MappingProxyType({"observer": "moving-average", "bias_correction": False, "adaround": False})
 # post-training fixes a recipe runs only when it names them (rows registered from outside may predate a field)
 _OFF_UNLESS_NAMED = MappingProxyType({"equalize": False, "adaround": False})
 
@@ -40,7 +41,7 @@ def _recipes(best: dict[str, Any], stock: dict[str, Any] | None = None) -> Mappi
     learns itself (bias correction, rounding)."""
     return MappingProxyType({"best": MappingProxyType(dict(best)),
                              "stock": MappingProxyType({**_STOCK, **(stock or {})}),
-                             "qat": MappingProxyType({**_QAT, **best, **_QAT_LEARNS})})
+                             "qat": MappingProxyType({**_QAT_BASE, **best, **_QAT_LEARNS})})
 
 
 # name -> QuantConfig fields (a recipe and the single choices it is made of); measured in benchmarks/ptq_accuracy.py
@@ -287,7 +288,7 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
                                                           else "--adaround-iterations")
             raise ConfigError(f"{asked}: AdaRound is a post-training fix; QAT learns the weights themselves: drop the "
                               f"flag")
-        recipe = {**recipe, "observer": "moving-average", "bias_correction": False, "adaround": False}
+        recipe = {**recipe, **_QAT_LEARNS}
     if config.bias_correction is False and config.bias_correction_images is not None:
         raise ConfigError(f"--bias-correction-images {config.bias_correction_images} with --no-bias-correction: "
                           f"drop one of them")

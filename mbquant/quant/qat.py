@@ -98,12 +98,12 @@ class QatModel(abc.ABC):
                 moving[name].averaging_constant = c
         if seen == 0:
             raise QuantizationError("no calibration images reached the model; QAT ranges cannot be initialised")
-        for name, obs in recipe.items():
-            _take_range(moving[name], obs)
+        qparams = {name: obs.calculate_qparams() for name, obs in recipe.items()}   # once: a histogram's is a search
+        for name, (scale, zero_point) in qparams.items():
+            _take_range(moving[name], scale, zero_point)
         for fq in fqs.values():
             _sync_qparams(fq)
-        for name, obs in recipe.items():      # exactly the recipe's step and zero point (no float round trip)
-            scale, zero_point = obs.calculate_qparams()
+        for name, (scale, zero_point) in qparams.items():   # exactly the recipe's step and zero point (no round trip)
             fqs[name].scale.copy_(scale.reshape(fqs[name].scale.shape))
             fqs[name].zero_point.copy_(zero_point.reshape(fqs[name].zero_point.shape).to(fqs[name].zero_point.dtype))
         self.enable_fake_quant(True)
@@ -123,10 +123,9 @@ def _feed(obs: nn.Module):
     return hook
 
 
-def _take_range(moving: nn.Module, recipe: nn.Module) -> None:
-    """Give a moving-average observer the range whose qparams are the recipe observer's (training then moves it
-    from there while observers are on)."""
-    scale, zero_point = recipe.calculate_qparams()
+def _take_range(moving: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+    """Give a moving-average observer the range whose qparams are ``scale``/``zero_point`` (the recipe observer's;
+    training then moves it from there while observers are on)."""
     scale, zero_point = scale.reshape(()).double(), zero_point.reshape(()).double()
     lo = (moving.quant_min - zero_point) * scale
     hi = (moving.quant_max - zero_point) * scale
