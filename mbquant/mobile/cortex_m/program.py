@@ -45,6 +45,22 @@ def _ops_registered() -> None:
     import executorch.backends.cortex_m.passes.cortex_m_pass_manager  # noqa: F401
 
 
+def _signature(schema) -> list[tuple[str, str]]:
+    return [(a.name, str(a.type)) for a in schema.arguments if not a.is_out]
+
+
+def _functional(packet, out_schema, name: str, source: str):
+    """The functional overload an out-variant instruction computes: the one taking the same arguments without
+    ``out`` (``aten::mul.out`` is ``mul.Tensor``, ``cortex_m::quantized_add.out`` its ``default``)."""
+    want = _signature(out_schema)
+    for overload in packet.overloads():
+        op = getattr(packet, overload)
+        if not any(a.is_out for a in op._schema.arguments) and _signature(op._schema) == want:
+            return op
+    raise VerificationError(f"'{source}' holds operator {name}, which has no functional form the host reference can "
+                            f"run; it is not a program of the Cortex-M backend")
+
+
 class CortexMProgram:
     """The program of a ``.pte`` (see the module doc); ``kernels`` maps ``"cortex_m::op"`` to a batched function
     taking the functional op's arguments (without ``out``); other ops run their registered functional variant."""
@@ -99,12 +115,12 @@ class CortexMProgram:
         try:
             packet = getattr(getattr(torch.ops, ns), op)
             out_schema = getattr(packet, overload or "default")._schema
-            functional = packet.default
         except (AttributeError, RuntimeError) as exc:
             raise VerificationError(f"'{self.source}' holds operator {name}.{overload}, which the host reference does "
                                     f"not know; it is not a program of the Cortex-M backend") from exc
         n_out = sum(1 for a in out_schema.arguments if a.is_out)
-        return name, functional, len(out_schema.arguments) - n_out, n_out
+        return name, _functional(packet, out_schema, f"{name}.{overload}", self.source), \
+            len(out_schema.arguments) - n_out, n_out
 
     def _value(self, val: Any, program: Any, plan: Any, index: int) -> Any:
         kind = type(val).__name__

@@ -17,7 +17,7 @@ def build_quantizer(*, qat: bool):
     from executorch.backends.cortex_m.quantizer.quantizer import CortexMQuantizer
 
     if not qat:
-        return CortexMQuantizer()
+        return _per_image_checks(CortexMQuantizer())
     from executorch.backends.cortex_m.quantizer.quantization_configs import INT8_PER_CHANNEL_CONFIG as PTQ_CONV
     from executorch.backends.cortex_m.quantizer.quantization_configs import INT8_PER_TENSOR_CONFIG as PTQ_OTHER
     from executorch.backends.cortex_m.quantizer.quantization_configs import CortexMQuantizationConfig
@@ -33,6 +33,48 @@ def build_quantizer(*, qat: bool):
                                 "installed ExecuTorch differs from the pinned 1.5.1); QAT for pte-cortex-m cannot "
                                 "be configured: use `mbquant ptq --target mcu`")
     conv.quantization_config = CortexMQuantizationConfig(*conv_config, PTQ_CONV.bias, "mbquant.qat.int8_per_channel")
+    return _per_image_checks(quantizer)
+
+
+def _one_image(t: torch.Tensor) -> torch.Tensor:
+    """A meta tensor of ``t``'s shape for one image, in ``t``'s memory format (the batch dimension may be symbolic)."""
+    shape = (1, *(int(s) for s in t.shape[1:]))
+    nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    one = torch.empty(shape, device="meta")
+    return one.contiguous(memory_format=torch.channels_last) if nhwc else one
+
+
+def _per_image_checks(quantizer):
+    """The quantizer with ExecuTorch's add/mul pattern check judged on one image.
+
+    mbquant exports the graph it quantizes with a dynamic batch (calibration and evaluation run batched) and
+    lowers at batch 1. ``CortexMAddMulCheck`` accepts a channel broadcast (the squeeze-excitation gate
+    ``[N, C, 1, 1] * [N, C, H, W]``) only when the gate holds C elements, which a symbolic N never proves: every SE
+    multiply of MobileNetV3 was left in float, a float island in the Cortex-M program. The same check on one image
+    accepts it, as it does for ExecuTorch's own batch-1 flow, and the lowered multiply is ``quantized_mul``."""
+    from executorch.backends.cortex_m.passes.passes_utils import (is_channel_broadcast, is_channels_last,
+                                                                  is_foldable_alpha)
+    from executorch.backends.cortex_m.quantizer.pattern_checkers import CortexMAddMulCheck
+    from executorch.backends.cortex_m.quantizer.pattern_matcher import PatternMatcher
+
+    class PerImageAddMulCheck(CortexMAddMulCheck):
+        @classmethod
+        def check_pattern(cls, pattern):
+            for node in pattern:
+                if not is_foldable_alpha(node.kwargs.get("alpha", 1)):
+                    return False
+                if len(node.all_input_nodes) == 2:
+                    t1, t2 = (_one_image(n.meta["val"]) for n in node.all_input_nodes)
+                    if t1.shape != t2.shape and not (is_channel_broadcast(t1, t2) and is_channels_last(t1)):
+                        return False
+            return True
+
+    for part in quantizer.quantizers:
+        matcher = getattr(part, "pattern_matcher", None)
+        if matcher is None:
+            continue
+        support = {k: PerImageAddMulCheck if v is CortexMAddMulCheck else v for k, v in matcher.support_dict.items()}
+        part.pattern_matcher = PatternMatcher(support, support_dict_name=matcher.support_dict_name)
     return quantizer
 
 

@@ -79,13 +79,27 @@ def conv(x, weight, bias, stride, padding, dilation, input_offset, output_offset
     return out.clamp(int(act_min), int(act_max)).to(torch.int8).contiguous(memory_format=torch.channels_last)
 
 
+def mul(x, x_zero_point, y, y_zero_point, out_zero_point, multiplier, shift) -> torch.Tensor:
+    """``quantized_mul``, batched: equal shapes, or one operand a per-image channel vector ``[N, C, 1, 1]`` (the
+    squeeze-excitation gate; ExecuTorch's reference asserts a broadcast only for one image)."""
+    a, b = (x, y) if x.dim() == 4 and x.shape[2:] == (1, 1) else (y, x)
+    if x.shape != y.shape and not (a.shape[:2] == b.shape[:2] and a.shape[2:] == (1, 1)):
+        raise VerificationError(f"quantized_mul of shapes {list(x.shape)} and {list(y.shape)}: the Cortex-M kernel "
+                                f"broadcasts only a channel vector")
+    acc = (x.to(torch.int64) - int(x_zero_point)) * (y.to(torch.int64) - int(y_zero_point))
+    out = (requantize(acc, torch.tensor([multiplier]), torch.tensor([shift])) + int(out_zero_point)).clamp(-128, 127)
+    return out.to(torch.int8).contiguous(memory_format=torch.channels_last) if out.dim() == 4 else out.to(torch.int8)
+
+
 def kernels() -> dict[str, object]:
-    """The batched conv and depthwise kernels, by operator name (the rest run ExecuTorch's reference ops)."""
+    """The batched conv, depthwise and multiply kernels, by operator name (the rest run ExecuTorch's reference
+    ops)."""
     def depthwise(x, w, b, stride, padding, dilation, _mult, *rest):
         return conv(x, w, b, stride, padding, dilation, *rest[:6], depthwise=True)
 
     return {"cortex_m::quantized_conv2d": lambda *a: conv(*a[:12], depthwise=False),
-            "cortex_m::quantized_depthwise_conv2d": depthwise}
+            "cortex_m::quantized_depthwise_conv2d": depthwise,
+            "cortex_m::quantized_mul": mul}
 
 
 class HostProgram(Predictor):

@@ -203,3 +203,58 @@ def test_firmware_sketch_compiles_against_the_wheels_runtime_headers(programs, t
                            str(Path(__file__).parents[3] / "examples" / "mcu" / "main.cpp")],
                           capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+class _MobileNetV3Pieces(torch.nn.Module):
+    """What MobileNetV3 adds to a Cortex-M program: hardswish after a conv and after a linear layer, and the
+    squeeze-excitation gate (average pool, two 1x1 convs, hardsigmoid, a multiply broadcast over the channels),
+    built from torchvision's own blocks."""
+
+    def __init__(self):
+        from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
+
+        super().__init__()
+        self.stem = Conv2dNormActivation(3, 16, stride=2, activation_layer=torch.nn.Hardswish)
+        self.se = SqueezeExcitation(16, 8, scale_activation=torch.nn.Hardsigmoid)
+        self.head = Conv2dNormActivation(16, 32, kernel_size=1, activation_layer=torch.nn.Hardswish)
+        self.classifier = torch.nn.Sequential(torch.nn.Linear(32, 16), torch.nn.Hardswish(), torch.nn.Linear(16, 10))
+
+    def forward(self, x):
+        x = self.head(self.se(self.stem(x)))
+        return self.classifier(torch.flatten(torch.nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+def test_hardswish_and_the_squeeze_excitation_gate_run_as_int8_kernels(programs, tiny_ckpt, tmp_path):
+    """The graph is quantized with a dynamic batch and lowered at batch 1: the SE multiply (a channel broadcast)
+    is an INT8 ``quantized_mul`` like every hardswish, no float island (it was ``aten::mul.out`` in float), and the
+    batched host kernels give what ExecuTorch's reference kernels give image by image."""
+    from mbquant import calibrate
+    from mbquant.mobile.cortex_m import HostProgram
+
+    _, _, images, info, _ = programs
+    torch.manual_seed(0)
+    model = _MobileNetV3Pieces().eval()
+    calib = calibrate.from_folder(tiny_ckpt[0] / "train", info.preset, 32, seed=0)
+    cfg = table.resolve(QuantConfig(num_calib=32, batch_size=16), table.get_spec("pte-cortex-m"))
+    backend = _backend(False)
+    q = quantize_with(backend, FloatModel(model, 32), cfg, calib)
+    (w,) = backend.write(q.int8, tmp_path / "v3", resolution=32)
+    ops = w.details["operators"]
+    assert w.details["non_int8_ops"] == [] and "aten::mul.out" not in ops, ops
+    assert "cortex_m::quantized_mul.out" in ops
+    fast = _open(backend, w)
+    shipped = HostProgram(w.path.read_bytes(), w.details["input_qparams"], source=str(w.path), vectorised=False)
+    x = images[:6]
+    assert torch.equal(fast(x), torch.cat([shipped(x[i:i + 1]) for i in range(len(x))]))
+
+
+def test_an_out_variant_runs_the_functional_overload_of_the_same_arguments():
+    """A float op left in a --no-strict program (``aten::mul.out``) runs ``mul.Tensor``, not ``mul.default``
+    (two Python numbers); a ``cortex_m::`` kernel's out variant runs its ``default``."""
+    from mbquant.mobile.cortex_m.program import _functional, _ops_registered
+
+    _ops_registered()
+    mul = torch.ops.aten.mul
+    assert _functional(mul, mul.out._schema, "aten::mul.out", "x") is mul.Tensor
+    add = torch.ops.cortex_m.quantized_add
+    assert _functional(add, add.out._schema, "cortex_m::quantized_add.out", "x") is add.default
