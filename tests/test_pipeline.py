@@ -54,6 +54,9 @@ def test_phone_ptq_structure_and_artifacts(phone_run):
     assert b["batch_norm"] == 0 and b["fused_conv_relu6"] == 35 and b["bias_correction"]["layers_corrected"] == 53
     assert b["kept_float"] == b["float_layers"] == ["classifier.1"]          # only the classifier, by the recipe
     assert art["delegated"] == 1.0 and art["details"]["delegation"]["delegate_calls"] == 1
+    # the only fp32 inside the delegate is the logits layer the recipe keeps in float; the report says so
+    assert art["details"]["delegation"]["float_islands"] == {"linear": {"islands": 1, "fp32_values_per_image": 10}}
+    assert any("float islands (converted to fp32 and back): 1 x linear" in line for line in art["summary"])
     assert art["bytes"] < rep["float"]["bytes"] / 3
     assert art["latency"]["median_ms"] > 0 and rep["float"]["latency"]["median_ms"] > 0
     worst = b["layer_sqnr_worst5"]

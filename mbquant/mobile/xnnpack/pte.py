@@ -44,6 +44,16 @@ class XnnpackBackend(PT2EBackend):
         return [f"{result.file} ({result.backend}): only {result.delegated:.2%} of ops run in the XNNPACK delegate "
                 f"(< --min-delegated {bound}); outside it: {outside}; those ops would run in the portable kernels"]
 
+    def summary_lines(self, result) -> list[str]:
+        d = result.details.get("delegation") or {}
+        islands = d.get("float_islands")
+        if not islands:
+            return []
+        parts = ", ".join(f"{v['islands']} x {k} ({v['fp32_values_per_image']:,} fp32 values per image)"
+                          for k, v in sorted(islands.items(), key=lambda kv: -kv[1]["fp32_values_per_image"]))
+        return [f"{result.file}: inside the XNNPACK delegate {d.get('int8_regions', 0)} regions run INT8 kernels; "
+                f"float islands (converted to fp32 and back): {parts}"]
+
     def verify_on_arm(self, bundle: Any, data: Path, limit: int | None) -> dict[str, Any]:
         from .client import compare_runners
 

@@ -68,6 +68,10 @@ def test_v3_hardswish_and_squeeze_excite_are_quantized_and_delegated(zoo_case):
     assert counts["aten.hardsigmoid.default"] == 9 and counts["aten.mul.Tensor"] == 9  # 9 SE blocks
     assert summarize(case.int8).float_ops == []
     assert case.lowered.delegation.ratio == 1.0
+    # inside the delegate XNNPACK runs hardswish and the decomposed hardsigmoid in fp32; the SE multiply is INT8
+    islands = case.lowered.delegation.float_islands
+    assert islands["hardswish"]["islands"] >= 10 and islands["add+clamp+clamp+div"]["islands"] == 9
+    assert not any("mul" in k for k in islands)
 
 
 def test_delegation_figures_are_executorchs_own_without_getitem(calib32):
@@ -84,7 +88,7 @@ def test_delegation_figures_are_executorchs_own_without_getitem(calib32):
     from tests.conftest import quantize_pt2e
 
     net = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), nn.BatchNorm2d(8), nn.ReLU6(), nn.Conv2d(8, 8, 3, 1, 1, groups=8),
-                        nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
+                        nn.Hardswish(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10)).eval()
     q = quantize_pt2e(net, RES, calib32, bias_correction=False)
     ep = torch.export.export(q.int8, (torch.zeros(1, 3, RES, RES),))
     gm = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()]).exported_program().graph_module
@@ -99,6 +103,11 @@ def test_delegation_figures_are_executorchs_own_without_getitem(calib32):
             outside += 1
     d = delegation_of(gm)
     assert (d.delegated_ops, d.outside_ops, d.delegate_calls) == (inside, outside, calls) and inside > 10
+    # XNNPACK has no INT8 hardswish: it runs in fp32 inside the delegate, on the depthwise conv's 8 x 16 x 16
+    # output; the other island is the logits layer the recipe keeps in float
+    assert d.float_islands == {"hardswish": {"islands": 1, "fp32_values_per_image": 8 * (RES // 2) ** 2},
+                               "linear": {"islands": 1, "fp32_values_per_image": 10}}
+    assert d.int8_regions >= 3                  # conv+relu6, depthwise conv, the pool
 
 
 def test_a_loaded_program_survives_threadpool_changes(phone_run):
