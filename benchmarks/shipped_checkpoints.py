@@ -25,8 +25,11 @@ from mbquant.train import evaluate_float  # noqa: E402
 
 ROLES = {"mobilenet_v2_w0.5_r64_fmnist": "phone (default for mobilenet_v2)",
          "mobilenet_v2_w0.35_r64_fmnist": "MCU-class small width",
-         "mobilenet_v1_w0.25_r96_fmnist": "MCU-class small width (default for mobilenet_v1)"}
-DEFAULTS = {"mobilenet_v2": "mobilenet_v2_w0.5_r64_fmnist", "mobilenet_v1": "mobilenet_v1_w0.25_r96_fmnist"}
+         "mobilenet_v1_w0.25_r96_fmnist": "MCU-class small width (default for mobilenet_v1)",
+         "mobilenet_v3_small_w0.5_r64_fmnist": "hardswish and squeeze-excitation, phone and MCU (default for "
+                                               "mobilenet_v3_small)"}
+DEFAULTS = {"mobilenet_v2": "mobilenet_v2_w0.5_r64_fmnist", "mobilenet_v1": "mobilenet_v1_w0.25_r96_fmnist",
+            "mobilenet_v3_small": "mobilenet_v3_small_w0.5_r64_fmnist"}
 
 
 def main(argv=None) -> int:
@@ -40,7 +43,7 @@ def main(argv=None) -> int:
         meta = read_checkpoint_info(path)
         model, info = load_checkpoint(path)
         res = evaluate_float(model, load_folder(args.data, info.preset, expected_classes=info.classes))
-        acc = res.accuracy["model"]
+        top1, top5 = res.top1("model"), res.top5("model")
         recipe = meta["recipe"]
         entries[path.stem] = {
             "file": path.name, "role": ROLES.get(path.stem, ""), "model": info.name, "width_mult": info.width_mult,
@@ -48,9 +51,9 @@ def main(argv=None) -> int:
             "bytes": path.stat().st_size, "params": count_params(model), "macs": count_macs(model, info.resolution),
             "command": recipe.get("command"), "seed": recipe["train"]["seed"], "epochs": recipe["train"]["epochs"],
             "train_seconds": recipe.get("seconds"), "history": meta["metrics"].get("history"),
-            "val_images": res.count, "val_top1": round(acc.top1, 2), "val_top5": round(acc.top5, 2)}
+            "val_images": res.count, "val_top1": round(top1, 2), "val_top5": round(top5, 2)}
         rows.append((path.stem, f"{info.width_mult:g}", str(info.resolution), f"{count_params(model) / 1e6:.3f}",
-                     f"{path.stat().st_size / 1024:,.0f}", f"{acc.top1:.2f}", f"{acc.top5:.2f}"))
+                     f"{path.stat().st_size / 1024:,.0f}", f"{top1:.2f}", f"{top5:.2f}"))
     print(format_table(rows, ("checkpoint", "width", "res", "params M", "KiB", "val top-1", "val top-5")))
     if args.write:
         (HERE / "manifest.json").write_text(json.dumps({"checkpoints": entries, "defaults": DEFAULTS}, indent=2) + "\n")

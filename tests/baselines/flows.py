@@ -46,6 +46,7 @@ class Flow:
 
 
 V2_05, V2_035, V1_025 = "mobilenet_v2_w0.5_r64_fmnist", "mobilenet_v2_w0.35_r64_fmnist", "mobilenet_v1_w0.25_r96_fmnist"
+V3S = "mobilenet_v3_small_w0.5_r64_fmnist"
 MCU = ("--target", "mcu", "--int8-input")
 FLOWS = {f.key: f for f in (
     Flow(V2_05, "ptq-phone", "ptq", "mobilenet_v2", ("--latency-runs", "5"), "mobilenet_v2_w0.5_r64_int8.pte"),
@@ -58,6 +59,9 @@ FLOWS = {f.key: f for f in (
     Flow(V2_035, "ptq-mcu", "ptq", "mobilenet_v2", MCU, "mobilenet_v2_w0.35_r64_int8.pte"),
     Flow(V2_035, "qat", "qat", "mobilenet_v2", ("--epochs", "1", "--max-train-samples", "2000", "--no-float-program",
                                                  "--latency-runs", "3"), "mobilenet_v2_w0.35_r64_int8.pte"),
+    Flow(V3S, "ptq-phone", "ptq", "mobilenet_v3_small", ("--no-float-program", "--latency-runs", "3"),
+         "mobilenet_v3_small_w0.5_r64_int8.pte"),
+    Flow(V3S, "ptq-mcu", "ptq", "mobilenet_v3_small", MCU, "mobilenet_v3_small_w0.5_r64_int8.pte"),
 )}
 
 
