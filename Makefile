@@ -101,7 +101,8 @@ test-slow: $(STAMP) data toolchains arm kotlin
 # The benchmark suite: every shipped checkpoint, mbquant against the stock PT2E flow in one run (sizes, latency at
 # 1 and 2 threads, Cortex-M flash/RAM, PTQ stage times, peak RSS, calibration throughput) -> benchmarks/results/
 # suite.{json,md} and README's table; then the phone checkpoint's plots (per-layer SQNR, accuracy vs calibration
-# images, recipes) -> docs/plots; then the recipe wall-time ratio. About 25 minutes on 2 cores.
+# images, recipes) -> docs/plots; then the recipe wall-time ratio and the real-size table. About 25 minutes on 2
+# cores, then the accuracy table per checkpoint (stock, default, AdaRound, budget, QAT; about 40 minutes).
 bench: $(STAMP) data
 	$(BIN)/python benchmarks/suite.py --readme
 	$(BIN)/mbquant ptq mobilenet_v2 --calib $(DATA)/train --eval $(DATA)/val --overwrite --quiet --out runs/bench-phone
@@ -109,6 +110,7 @@ bench: $(STAMP) data
 	cp runs/bench-phone/calibration_sweep.json runs/bench-phone/recipes.json benchmarks/results/
 	$(BIN)/python benchmarks/recipe_walltime.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/checkpoints.py --readme
 
 # Re-measure mbquant's own accuracy baselines (tests/baselines/*.json) and their tolerances; nothing else writes them.
 baselines: $(STAMP) data
