@@ -37,8 +37,9 @@ def build_quantizer(*, qat: bool):
 
 
 def _one_image(t: torch.Tensor) -> torch.Tensor:
-    """A meta tensor of ``t``'s shape for one image, in ``t``'s memory format (the batch dimension may be symbolic)."""
-    shape = (1, *(int(s) for s in t.shape[1:]))
+    """A meta tensor of ``t``'s shape with a symbolic batch dimension taken as one image, in ``t``'s memory format
+    (a tensor without one, e.g. a constant, keeps its shape)."""
+    shape = [1 if i == 0 and isinstance(s, torch.SymInt) else int(s) for i, s in enumerate(t.shape)]
     nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
     one = torch.empty(shape, device="meta")
     return one.contiguous(memory_format=torch.channels_last) if nhwc else one
@@ -64,7 +65,10 @@ def _per_image_checks(quantizer):
                 if not is_foldable_alpha(node.kwargs.get("alpha", 1)):
                     return False
                 if len(node.all_input_nodes) == 2:
-                    t1, t2 = (_one_image(n.meta["val"]) for n in node.all_input_nodes)
+                    vals = [n.meta.get("val") for n in node.all_input_nodes]
+                    if not all(isinstance(v, torch.Tensor) for v in vals):
+                        return super().check_pattern(pattern)       # ExecuTorch's own check, as it reads them
+                    t1, t2 = (_one_image(v) for v in vals)
                     if t1.shape != t2.shape and not (is_channel_broadcast(t1, t2) and is_channels_last(t1)):
                         return False
             return True
