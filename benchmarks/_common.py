@@ -61,3 +61,14 @@ def run_measured(cmd: list[str], *, check: bool = True) -> dict:
 
 def mbquant_cmd(*args: str) -> list[str]:
     return [str(Path(sys.executable).with_name("mbquant")), *args]
+
+
+def replace_readme_block(md: str, mark: str) -> None:
+    """Put ``md`` between README.md's two ``mark`` lines (the table a benchmark wrote)."""
+    readme = REPO / "README.md"
+    text = readme.read_text()
+    if text.count(mark) != 2:
+        raise SystemExit(f"README.md needs exactly two {mark} lines around the benchmark table")
+    head, _, tail = text.split(mark)
+    readme.write_text(f"{head}{mark}\n{md}{mark}{tail}")
+    print("updated README.md")

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO, job, summary
+from _common import REPO, job, replace_readme_block, summary
 from mbquant import checkpoints
 from mbquant.config import QATConfig, QuantConfig, RunConfig
 from mbquant.data.dataset import load_folder
@@ -93,37 +93,33 @@ def main(argv=None) -> int:
     (args.out.with_suffix(".md")).write_text(md)
     print("\n" + md)
     if args.readme:
-        readme = REPO / "README.md"
-        text = readme.read_text()
-        head, mark, rest = text.partition(MARK)
-        if not mark or MARK not in rest:
-            raise SystemExit(f"README.md has no pair of {MARK} markers to replace")
-        readme.write_text(head + MARK + "\n" + md + "\n" + MARK + rest.split(MARK, 1)[1])
+        replace_readme_block(md, MARK)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     return 0
 
 
+def _runs(targets: dict) -> list[tuple[str, str, dict]]:
+    """(target, flow, row) of one checkpoint, in the order they ran."""
+    return [(target, flow, r) for target, by_flow in targets.items() for flow, r in by_flow.items()]
+
+
 def markdown(results: dict, args, where: dict, seconds: float) -> str:
-    images = next(iter(next(iter(next(iter(results.values())).values())).values()))["images"]
+    images = _runs(next(iter(results.values())))[0][2]["images"]
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {where['cpu']} ({', '.join(where['isa'])}; {args.threads} threads), "
              f"{images:,} val images, 512 calibration images, QAT {args.qat_epochs} epoch(s) on {args.qat_images:,} "
              f"training images; `python benchmarks/checkpoints.py` ({seconds / 60:.0f} min) wrote this table and "
              f"`benchmarks/results/checkpoints.json`.", ""]
     for name, targets in results.items():
-        rows = []
-        for target, by_flow in targets.items():
-            for flow, r in by_flow.items():
-                kept = f" ({len(r['fallback'])} blocks fp32)" if r.get("fallback") is not None else ""
-                rows.append((target, flow + kept, f"{r['top1']:.2f}", f"{r['drop_pp']:+.2f}",
-                             f"{r['agreement_float']:.2f}", f"{r['parity']:.2f}", f"{r['bytes'] / 1024:,.0f}",
-                             f"{r['wall_seconds']:.0f}", r["status"]))
-        float_top1 = next(iter(next(iter(targets.values())).values()))["float_top1"]
-        lines += [f"**{name}** (float top-1 {float_top1:.2f} %)", "",
+        runs = _runs(targets)
+        lines += [f"**{name}** (float top-1 {runs[0][2]['float_top1']:.2f} %)", "",
                   "| target | flow | top-1 % | drop pp | agree float % | parity % | KiB | wall s | status |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---|"]
-        lines += ["| " + " | ".join(row) + " |" for row in rows] + [""]
+        for target, flow, r in runs:
+            kept = f" ({len(r['fallback'])} blocks fp32)" if r.get("fallback") is not None else ""
+            lines.append(f"| {target} | {flow}{kept} | {r['top1']:.2f} | {r['drop_pp']:+.2f} | {r['agreement_float']:.2f} "
+                         f"| {r['parity']:.2f} | {r['bytes'] / 1024:,.0f} | {r['wall_seconds']:.0f} | {r['status']} |")
+        lines.append("")
     return "\n".join(lines)
-
 
 if __name__ == "__main__":
     sys.exit(main())

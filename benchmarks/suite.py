@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO, mbquant_cmd, run_measured
+from _common import REPO, mbquant_cmd, replace_readme_block, run_measured
 from mbquant import calibrate, checkpoints
 from mbquant._quiet import filtered_stderr
 from mbquant.mobile.backend import torch_threads
@@ -212,13 +212,7 @@ def main(argv=None) -> int:
     print("\n" + md)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')}")
     if args.readme:
-        readme = REPO / "README.md"
-        text = readme.read_text()
-        if text.count(MARK) != 2:
-            raise SystemExit(f"README.md needs exactly two {MARK} lines around the benchmark table")
-        head, _, tail = text.split(MARK)
-        readme.write_text(f"{head}{MARK}\n{md}{MARK}{tail}")
-        print("updated README.md")
+        replace_readme_block(md, MARK)
     return 0
 
 

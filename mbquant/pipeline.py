@@ -568,9 +568,10 @@ def _job(model: nn.Module, info: ModelInfo, specs: list, *, calib: CalibrationSe
         for warning in r.details.get("warnings", []):
             report.warn(f"{r.backend}: {warning}")
     compared = {}
-    for b in (b for b in built if b.ptq is not None):
-        compared[b.backend.name] = versus_ptq(cmp, b)
-        _versus_ptq_lines(report, b, compared[b.backend.name])
+    for b in built:
+        if b.ptq is not None:
+            compared[b.backend.name] = versus_ptq(cmp, b)
+            _versus_ptq_lines(report, b, compared[b.backend.name])
     if compared:
         report.add("versus_ptq", compared)
     for failure in judgeable(cmp, len(eval_set)):

@@ -78,8 +78,8 @@ def _precision_inside(gm: GraphModule) -> tuple[int, dict[str, dict[str, int]]]:
     from executorch.backends.xnnpack.partition.config import ALL_PARTITIONER_CONFIGS
     from executorch.backends.xnnpack.partition.config.xnnpack_config import ConfigPrecisionType
 
-    static = {c().target_name for c in ALL_PARTITIONER_CONFIGS
-              if ConfigPrecisionType.STATIC_QUANT in c().supported_precision_types()}
+    static = {c.target_name for c in (config() for config in ALL_PARTITIONER_CONFIGS)
+              if ConfigPrecisionType.STATIC_QUANT in c.supported_precision_types()}
     int8, islands = 0, {}
     for node in gm.graph.nodes:
         if not (node.op == "call_function" and "call_delegate" in str(node.target)):
