@@ -34,7 +34,7 @@ from .mobile.backend import Backend, ModulePredictor, Predictor, Written
 from .models.info import ModelInfo
 from .progress import resources, stage
 from .quant.adaround import AdaRoundResult, adaround
-from .quant.bias_correction import BiasCorrectionResult, correct_biases
+from .quant.bias_correction import BiasCorrectionResult, ReferenceMeans, correct_biases
 from .quant.equalize import EqualizationResult, equalize
 from .quant.export import FloatModel
 from .records import ArtifactResult, FloatResult, Sidecar, paths
@@ -84,8 +84,10 @@ def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: 
     with backend.session():
         _timed(seconds, "export", lambda: fm.graph)
         prepared = _timed(seconds, "prepare", lambda: backend.prepare(fm, config))
+        reference = ReferenceMeans(prepared, config.bias_correction_images) if config.bias_correction else None
         result = _timed(seconds, "calibrate", lambda: calibrate.run(
-            prepared, calib, batch_size=config.batch_size, progress=progress, to_eval=backend.to_eval))
+            prepared, calib, batch_size=config.batch_size, progress=progress, to_eval=backend.to_eval,
+            forward=reference))
         int8 = _timed(seconds, "convert", lambda: backend.convert(prepared))
         rounding = None
         if config.adaround:
@@ -95,7 +97,8 @@ def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: 
         bias = None
         if config.bias_correction:
             bias = _timed(seconds, "bias_correction", lambda: correct_biases(
-                int8, fm.graph, calib.source(config.batch_size, config.bias_correction_images), progress=progress))
+                int8, fm.graph, calib.source(config.batch_size, config.bias_correction_images), reference=reference,
+                progress=progress))
     return Quantized(int8, config, result, bias, rounding, seconds, fm, eq)
 
 

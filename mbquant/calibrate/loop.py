@@ -47,11 +47,13 @@ def check_observers(prepared: nn.Module, samples: int) -> dict[str, nn.Module]:
 
 
 def run(prepared: nn.Module, calib: CalibrationSet, *, batch_size: int = 32, progress: bool = False,
-        to_eval: Callable[[nn.Module], object] | None = None) -> CalibrationResult:
+        to_eval: Callable[[nn.Module], object] | None = None,
+        forward: Callable[[torch.Tensor], object] | None = None) -> CalibrationResult:
     """Feed ``calib`` through ``prepared`` under ``torch.no_grad()`` in eval mode; return what was used.
 
     ``to_eval`` switches the model to eval mode (default: ``move_exported_model_to_eval``, as an exported
-    graph ignores ``.eval()``; the eager engine passes ``nn.Module.eval``)."""
+    graph ignores ``.eval()``; the eager engine passes ``nn.Module.eval``). ``forward`` runs each batch (default:
+    ``prepared`` itself); a stage that wants values from the same pass passes one that runs ``prepared`` too."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
     from tqdm import tqdm
 
@@ -61,7 +63,7 @@ def run(prepared: nn.Module, calib: CalibrationSet, *, batch_size: int = 32, pro
     with torch.no_grad():
         for x in tqdm(calib.batches(batch_size), total=-(-len(calib.dataset) // batch_size), disable=not progress,
                       desc="calibrate", unit="batch", leave=False):
-            prepared(x)
+            (forward or prepared)(x)
             samples += len(x)
             batches += 1
     obs = check_observers(prepared, samples)

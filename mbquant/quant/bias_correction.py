@@ -3,8 +3,11 @@
 Quantizing weights and inputs shifts the mean of each conv/linear output channel. mbquant measures that shift on
 the calibration images, E[y_int8] - E[y_float], and subtracts it from the layer's float bias (or moves its INT32
 bias on its grid; the backend requantizes the bias when it lowers the graph). Layers are corrected in graph order
-and each correction sees the already-corrected layers before it. The float means come from one streaming pass of
-the reference: the float graph with BN folded exactly as ``prepare_pt2e`` folds it (same node names).
+and each correction sees the already-corrected layers before it. The float means are the reference's: the float graph
+with BN folded exactly as ``prepare_pt2e`` folds it (same node names). The pipeline records them while calibration
+runs the prepared graph over the same images (:class:`ReferenceMeans`: the prepared graph computes the reference's
+layer outputs, its observers pass values through), so bias correction makes no float pass of its own; given no
+means, :func:`correct_biases` makes that pass itself (same numbers).
 
 How it runs, so that memory does not grow with the number of calibration images: :func:`mbquant.quant.layerwalk.walk`
 evaluates the graph segment by segment, one batch in memory at a time, and shows each corrected layer's output on
@@ -34,11 +37,12 @@ class BiasCorrectionResult:
     max_abs_shift: float = 0.0
     samples: int = 0
     stored_bytes: int = 0            # the largest set of tensors kept between segments (in files)
+    reference: str = "own pass"      # where the float means came from: "own pass" or "calibration pass"
 
     def to_dict(self) -> dict:
         return {"layers_corrected": self.layers_corrected, "skipped_no_bias": self.skipped_no_bias,
                 "max_abs_shift": round(self.max_abs_shift, 6), "samples": self.samples,
-                "stored_bytes": self.stored_bytes}
+                "stored_bytes": self.stored_bytes, "reference": self.reference}
 
 
 def folded_reference(float_gm: GraphModule) -> GraphModule:
@@ -55,23 +59,61 @@ def channel_mean(t: torch.Tensor) -> torch.Tensor:
     return t.mean(dim=(0, 2, 3)) if t.dim() == 4 else t.reshape(-1, t.shape[-1]).mean(0)
 
 
+class _Recorder(torch.fx.Interpreter):
+    """Runs a graph on one batch and adds the per-channel output sums of the nodes ``names`` over its first
+    ``take`` images to ``sums``."""
+
+    def __init__(self, gm: GraphModule, names: set[str], sums: dict[str, torch.Tensor], take: int):
+        super().__init__(gm)
+        self.names, self.sums, self.take = names, sums, take
+
+    def run_node(self, n):
+        out = super().run_node(n)
+        if n.name in self.names:
+            part = out.detach()[:self.take]
+            self.sums[n.name] = self.sums.get(n.name, 0) + channel_mean(part) * part.shape[0]
+        return out
+
+
 def node_means(gm: GraphModule, names: set[str], batches: Batches | Iterable[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-channel output means of the nodes ``names`` over ``batches`` (one streaming pass)."""
     sums: dict[str, torch.Tensor] = {}
     total = 0
-
-    class Rec(torch.fx.Interpreter):
-        def run_node(self, n):
-            out = super().run_node(n)
-            if n.name in names:
-                sums[n.name] = sums.get(n.name, 0) + channel_mean(out.detach()) * out.shape[0]
-            return out
-
     with torch.no_grad():
         for x in source(batches)():
-            Rec(gm).run(x)
+            _Recorder(gm, names, sums, int(x.shape[0])).run(x)
             total += int(x.shape[0])
     return {k: v / total for k, v in sums.items()}
+
+
+class ReferenceMeans:
+    """The reference's per-channel conv/linear output means, recorded while calibration runs the prepared graph.
+
+    An instance is the forward calibration calls on each batch (``calibrate.run(..., forward=means)``): it runs
+    ``prepared`` (observers and all) and adds up its weighted layers' outputs over the first ``limit`` images (bias
+    correction reads that many; None: all). The prepared graph folds BN as :func:`folded_reference` does and its
+    observers return their input, so these are the means :func:`node_means` gives on the reference."""
+
+    def __init__(self, prepared: GraphModule, limit: int | None = None):
+        if not isinstance(prepared, GraphModule):
+            raise QuantizationError(f"bias correction needs a PT2E graph to calibrate; got {type(prepared).__name__}")
+        self.prepared, self.limit = prepared, limit
+        self.names = {n.name for n in weighted_layers(prepared)}
+        self.sums: dict[str, torch.Tensor] = {}
+        self.seen = 0
+
+    def __call__(self, x: torch.Tensor) -> Any:
+        take = int(x.shape[0]) if self.limit is None else min(int(x.shape[0]), self.limit - self.seen)
+        if take <= 0:
+            return self.prepared(x)
+        out = _Recorder(self.prepared, self.names, self.sums, take).run(x)
+        self.seen += take
+        return out
+
+    def means(self) -> dict[str, torch.Tensor]:
+        if not self.seen:
+            raise QuantizationError("bias correction: calibration recorded no float means (no images were run)")
+        return {k: v / self.seen for k, v in self.sums.items()}
 
 
 def _bias_update(gm: GraphModule, bias: Node | None) -> Callable[[torch.Tensor], None] | None:
@@ -100,20 +142,28 @@ def _bias_update(gm: GraphModule, bias: Node | None) -> Callable[[torch.Tensor],
 
 
 def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | Iterable[torch.Tensor], *,
-                   workdir: Path | None = None, progress: bool = False) -> BiasCorrectionResult:
+                   reference: ReferenceMeans | None = None, workdir: Path | None = None,
+                   progress: bool = False) -> BiasCorrectionResult:
     """Correct the biases of ``int8`` in place, in graph order, on the calibration ``batches`` (a list, or a callable
-    returning a fresh iterator over them: each is read twice, never held together)."""
+    returning a fresh iterator over them: each is read twice, never held together). ``reference``: the float
+    means calibration recorded over the same images; without it the reference makes its own pass over
+    ``batches`` first."""
     batches = source(batches)
     layers = weighted_layers(int8)
-    ref = folded_reference(float_gm)
-    missing = sorted({n.name for n in layers} - {n.name for n in ref.graph.nodes})
+    ref = folded_reference(float_gm) if reference is None else None
+    float_means = reference.means() if reference is not None else None
+    known = set(float_means) if ref is None else {n.name for n in ref.graph.nodes}
+    missing = sorted({n.name for n in layers} - known)
     if missing:
         raise QuantizationError(f"bias correction: {len(missing)} layers of the INT8 graph have no float counterpart "
                                 f"(first: {missing[0]}); run without bias correction")
     updates = {n: _bias_update(int8, n.args[2] if len(n.args) > 2 else None) for n in layers}
     syncs = [n for n in layers if updates[n] is not None]
     result = BiasCorrectionResult(0, skipped_no_bias=[n.name for n in layers if updates[n] is None])
-    float_means = node_means(ref, {n.name for n in syncs}, batches)
+    if ref is not None:
+        float_means = node_means(ref, {n.name for n in syncs}, batches)
+    else:
+        result.reference = "calibration pass"
     sums: dict[Node, Any] = {}
     counts: dict[Node, int] = {}
 
@@ -123,7 +173,11 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
         counts[layer] = counts.get(layer, 0) + int(out.shape[0])
 
     def done(layer: Node) -> None:
-        shift = sums.pop(layer) / counts.pop(layer) - float_means[layer.name]
+        seen = counts.pop(layer)
+        if reference is not None and seen != reference.seen:
+            raise QuantizationError(f"bias correction reads {seen} images but calibration recorded the float means "
+                                    f"over {reference.seen}; record them with the same image limit")
+        shift = sums.pop(layer) / seen - float_means[layer.name]
         updates[layer](shift)
         result.layers_corrected += 1
         result.max_abs_shift = max(result.max_abs_shift, float(shift.abs().max()))

@@ -112,3 +112,55 @@ def test_int32_biases_of_the_mcu_graph_are_corrected_on_their_grid(fmnist):
     res = correct_biases(int8, fm.graph, batches)
     assert res.layers_corrected == len(convs) + 1 and res.skipped_no_bias == []
     assert shift() < 0.5 * before
+
+
+def test_means_recorded_while_calibrating_are_the_reference_pass(fmnist):
+    """The pipeline takes the float means from the calibration pass (the prepared graph over the same images, the
+    first ``limit`` of them: 40 of 64 here, so a batch is cut) instead of a float pass of its own. The means are the
+    reference pass's up to float rounding; the walk uses them as it uses its own (the same means in give the same
+    biases out); the correction removes the mean shift as well; a mismatch in images is refused.
+
+    (The biases themselves are not compared: a rounding-level change of one mean flips a few INT8 roundings
+    downstream, and at 40 images the late layers' corrections move by as much as they are: measured 7e-3 on a
+    correction of 1e-2 from means that differ by 5e-7.)"""
+    from mbquant.config import QuantConfig
+    from mbquant.errors import QuantizationError
+    from mbquant.mobile import table
+    from mbquant.quant.bias_correction import ReferenceMeans
+
+    model, info = resolve_model("mobilenet_v2", "mobilenet_v2_w0.35_r64_fmnist")
+    calib = calibrate.from_folder(fmnist / "train", spec_of(info.preset), 64, seed=0, expected_classes=info.classes)
+    spec = table.get_spec("pte-xnnpack")
+    cfg = table.resolve(QuantConfig(num_calib=64, bias_correction_images=40), spec)
+    backend, fm = table.load(spec), FloatModel(model, info.resolution)
+    with backend.session():
+        prepared = backend.prepare(fm, cfg)
+        recorded = ReferenceMeans(prepared, 40)
+        calibrate.run(prepared, calib, forward=recorded)
+        int8 = backend.convert(prepared)
+    assert recorded.seen == 40
+    ref = folded_reference(fm.graph)
+    own = node_means(ref, recorded.names, calib.source(32, 40))
+    ours = recorded.means()
+    assert ours.keys() == own.keys() and len(ours) == 53
+    assert all(torch.allclose(ours[k], own[k], rtol=1e-5, atol=1e-6) for k in own)
+
+    class Given:                                 # the reference pass's own means, handed in as recorded ones
+        seen = 40
+        means = staticmethod(lambda: own)
+
+    late = "conv2d_51"
+    shift = lambda g: (node_means(g, {late}, calib.source(32, 40))[late] - own[late]).abs().mean()  # noqa: E731
+    separate, given = copy.deepcopy(int8), copy.deepcopy(int8)
+    before = shift(int8)
+    res_own = correct_biases(separate, fm.graph, calib.source(32, 40))
+    correct_biases(given, fm.graph, calib.source(32, 40), reference=Given())
+    res = correct_biases(int8, fm.graph, calib.source(32, 40), reference=recorded)
+    assert (res.reference, res_own.reference) == ("calibration pass", "own pass")
+    assert res.layers_corrected == res_own.layers_corrected == 53
+    a, b = given.state_dict(), separate.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert shift(int8) < 0.5 * before and shift(separate) < 0.5 * before
+
+    with pytest.raises(QuantizationError, match=r"reads 64 images but calibration recorded the float means over 40"):
+        correct_biases(copy.deepcopy(separate), fm.graph, calib.source(32), reference=recorded)
