@@ -9,7 +9,8 @@ this table is about time and memory, not accuracy), in one run on this host:
   * the float model's own batched forward time per image (batch 32, the job's threads) on 128 of the jobs'
     calibration images (decoded beforehand), measured right before and right after every job (the host drifts);
   * `mbquant ptq` with the default recipe and with `--recipe stock` (and, for the first model, the default
-    recipe with bias correction on the first 128 calibration images), each in its own process: every stage's
+    recipe with bias correction on 512 calibration images, as every resolution had before it read fewer above
+    96 px: 128 at 224 px), each in its own process: every stage's
     seconds from the report, wall time and the process's own peak RSS (wait4);
   * ratios in the same run: quantization stages (export ... lower + write) default / stock, peak RSS default /
     stock, calibration / the float forward around the same job, and evaluation (the float graph, the INT8 module
@@ -134,14 +135,15 @@ def ratios(default: dict, stock: dict) -> dict:
 
 def table(result: dict) -> str:
     lines = [f"host: {result['host'].get('cpu', '?')}; threads {torch.get_num_threads()}",
-             "| model | recipe | calib imgs | wall s | peak RSS MB | quant s | calibrate s | bias corr. s | lower+write s "
-             "| evaluate s | verify s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| model | recipe | calib imgs | wall s | peak RSS MB | quant s | calibrate s | bias corr. s (imgs) "
+             "| lower+write s | evaluate s | verify s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for m in result["models"]:
         for r in m["runs"]:
             st = r["stages"]
             lines.append(f"| {m['model']} | {r['recipe']}{' ' + ' '.join(r['flags']) if r['flags'] else ''} | "
                          f"{r['calibration_images']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
-                         f"{r['quant_seconds']:.1f} | {st['calibrate']:.1f} | {st.get('bias_correction', 0):.1f} | "
+                         f"{r['quant_seconds']:.1f} | {st['calibrate']:.1f} | {st.get('bias_correction', 0):.1f} "
+                         f"({r['bias_correction_samples'] or '-'}) | "
                          f"{st.get('write', 0):.1f} | {st['evaluate']:.1f} | {st['verify']:.1f} |")
     lines += ["", "| model | float img/s | quant default/stock | RSS default/stock | calibrate/forward (stock) | "
               "evaluate/forward | calib img/s | eval img/s |", "|---|---|---|---|---|---|---|---|"]
@@ -193,7 +195,7 @@ def main(argv=None) -> int:
                     timed_job(model, ref, name, weights, args.data, work, recipe="stock", **common)]
             if i == 0:
                 runs.append(timed_job(model, ref, name, weights, args.data, work, recipe="best",
-                                      extra=("--bias-correction-images", "128"), **common))
+                                      extra=("--bias-correction-images", "512"), **common))
             ref.pop("batches")
             del model
             result["models"].append({"model": name, "float": ref, "runs": runs, "ratios": ratios(runs[0], runs[1])})

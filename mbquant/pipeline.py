@@ -24,7 +24,7 @@ from . import calibrate
 from ._io import RunFolder
 from .atomic import sha256_file
 from .calibrate import CalibrationResult, CalibrationSet, calibration_set
-from .config import QATConfig, QuantConfig, RunConfig
+from .config import QATConfig, QuantConfig, RunConfig, bias_correction_images
 from .data.dataset import ImageFolderDataset, make_loader, samples_digest
 from .distributed import Dist
 from .errors import ConfigError, DataError, VerificationError
@@ -84,7 +84,8 @@ def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: 
     with backend.session():
         _timed(seconds, "export", lambda: fm.graph)
         prepared = _timed(seconds, "prepare", lambda: backend.prepare(fm, config))
-        reference = ReferenceMeans(prepared, config.bias_correction_images) if config.bias_correction else None
+        images = config.bias_correction_images or bias_correction_images(fm.resolution)
+        reference = ReferenceMeans(prepared, images) if config.bias_correction else None
         result = _timed(seconds, "calibrate", lambda: calibrate.run(
             prepared, calib, batch_size=config.batch_size, progress=progress, to_eval=backend.to_eval,
             forward=reference))
@@ -97,7 +98,7 @@ def quantize_with(backend: Backend, fm: FloatModel, config: QuantConfig, calib: 
         bias = None
         if config.bias_correction:
             bias = _timed(seconds, "bias_correction", lambda: correct_biases(
-                int8, fm.graph, calib.source(config.batch_size, config.bias_correction_images), reference=reference,
+                int8, fm.graph, calib.source(config.batch_size, images), reference=reference,
                 progress=progress))
     return Quantized(int8, config, result, bias, rounding, seconds, fm, eq)
 

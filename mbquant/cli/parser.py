@@ -201,7 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bias-correction", action=argparse.BooleanOptionalAction, default=None,
                    help="correct each layer's bias for the mean shift quantization causes (recipe: on for pte)")
     p.add_argument("--bias-correction-images", type=int, default=None, metavar="N",
-                   help="bias correction reads the first N calibration images (default: at most 512; its time grows with N)")
+                   help="bias correction reads the first N calibration images (default: 512 up to 96 px, as many as hold "
+                        "the same pixels above, at least 128: 128 at 224 px; its time grows with N)")
     p.add_argument("--adaround", action=argparse.BooleanOptionalAction, default=None,
                    help="learn each INT8 weight's rounding (up or down) per layer on the calibration images, before bias "
                         "correction (AdaRound; pte and onnx backends; recipe: off)")

@@ -19,7 +19,7 @@ import importlib
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Iterable, Mapping
 
-from ..config import ADAROUND_IMAGES, ADAROUND_ITERATIONS, BIAS_CORRECTION_IMAGES, LOGITS, OBSERVERS, QuantConfig
+from ..config import ADAROUND_IMAGES, ADAROUND_ITERATIONS, LOGITS, OBSERVERS, QuantConfig
 from ..errors import ConfigError
 from .spec import BackendSpec, Option
 
@@ -317,8 +317,6 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
     if values["bias_correction"] and not spec.bias_correction:
         raise ConfigError(f"--bias-correction is not supported by backend '{spec.name}'; supported by: "
                           f"{having('bias_correction')}; drop the flag or pass --no-bias-correction")
-    if values["bias_correction"] and config.bias_correction_images is None:
-        values["bias_correction_images"] = BIAS_CORRECTION_IMAGES
     if values["adaround"] and not spec.adaround:
         raise ConfigError(f"--adaround is not supported by backend '{spec.name}'; supported by: {having('adaround')}; "
                           f"drop the flag")

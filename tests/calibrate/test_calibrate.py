@@ -154,7 +154,7 @@ def test_bias_correction_reads_only_the_images_it_is_given(small_folder):
     q = quantize_pt2e(create("mobilenet_v2", num_classes=10, width_mult=0.35), 32, calib, bias_correction_images=20)
     assert q.bias_correction.samples == 20 and q.bias_correction.layers_corrected > 0
     spec = table.get_spec("pte-xnnpack")
-    assert table.resolve(QuantConfig(), spec).bias_correction_images == 512               # at most 512 by default
+    assert table.resolve(QuantConfig(), spec).bias_correction_images is None              # by the input resolution
     assert table.resolve(QuantConfig(num_calib=2048, bias_correction_images=2048), spec).bias_correction_images == 2048
     assert table.resolve(QuantConfig(recipe="stock"), spec).bias_correction_images is None     # no correction
     assert quantize_pt2e(create("mobilenet_v2", num_classes=10, width_mult=0.35), 32, calib).bias_correction.samples == 40
@@ -162,3 +162,13 @@ def test_bias_correction_reads_only_the_images_it_is_given(small_folder):
         table.resolve(QuantConfig(bias_correction=False, bias_correction_images=8), table.get_spec("pte-xnnpack"))
     with pytest.raises(ConfigError, match="QAT learns the correction"):
         table.resolve(QuantConfig(bias_correction_images=8), table.get_spec("pte-xnnpack"), qat=True)
+
+
+@pytest.mark.parametrize("resolution,images", [(32, 512), (64, 512), (96, 512), (97, 502), (128, 288), (160, 185),
+                                               (192, 128), (224, 128), (512, 128)])
+def test_bias_correction_reads_fewer_images_only_above_96_px(resolution, images):
+    """512 images up to 96 px (every shipped checkpoint), the same pixels above, never fewer than 128."""
+    from mbquant.config import bias_correction_images
+
+    assert bias_correction_images(resolution) == images
+    assert bias_correction_images(resolution) * resolution ** 2 >= min(512 * 96 ** 2, 128 * resolution ** 2)
