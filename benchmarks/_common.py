@@ -16,6 +16,16 @@ from mbquant.config import QuantConfig, RunConfig  # noqa: E402
 from mbquant.data.dataset import eval_set  # noqa: E402
 from mbquant.pipeline import Finetune, run_job  # noqa: E402
 
+DEMO_SIZE = 96    # the small shipped checkpoints (64-96 px); larger ones are measured by scale.py
+
+
+def small_checkpoints() -> list[str]:
+    """The shipped checkpoints at demo size (input at most 96 px): the per-checkpoint benchmarks' default. The
+    real-size reference (width 1.0) has its own rows in benchmarks/scale.py."""
+    from mbquant import checkpoints
+
+    return [n for n, e in checkpoints.manifest()["checkpoints"].items() if e["resolution"] <= DEMO_SIZE]
+
 
 def job(model, info, data: Path, *, config: QuantConfig, run: RunConfig, finetune: Finetune | None = None,
         command: str = "benchmark", calib: Path | None = None, progress: bool = False) -> dict:

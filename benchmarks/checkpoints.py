@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO, job, replace_readme_block, summary
+from _common import REPO, job, replace_readme_block, small_checkpoints, summary
 from mbquant import checkpoints
 from mbquant.config import QATConfig, QuantConfig, RunConfig
 from mbquant.data.dataset import load_folder
@@ -52,7 +52,7 @@ def flows(target: str) -> dict[str, tuple[QuantConfig, dict, bool]]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoints", nargs="+", default=checkpoints.shipped_names(), choices=checkpoints.shipped_names())
+    ap.add_argument("--checkpoints", nargs="+", default=small_checkpoints(), choices=checkpoints.shipped_names())
     ap.add_argument("--data", type=Path, default=REPO / "data")
     ap.add_argument("--eval-limit", type=int, default=None, help="seeded val subset (default: all 10,000)")
     ap.add_argument("--flows", nargs="+", default=None, help="only these rows (names as in the table)")

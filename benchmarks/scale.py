@@ -17,7 +17,10 @@ this table is about time and memory, not accuracy), in one run on this host:
     and the INT8 program on every image, decoding included) / the float graph's own time in that same pass
     (the job's report times every model batch by batch);
   * the growth table: the first model, default recipe, `--num-calib` 128 / 512 / 2048: peak RSS, bias
-    correction's seconds and the bytes it kept on disk between layers.
+    correction's seconds and the bytes it kept on disk between layers;
+  * the trained reference (`--trained`, a shipped width-1.0 checkpoint at its own resolution): default, stock and
+    default with bias correction on 512 images, on every val image: real top-1, drop and agreement next to the
+    same stage times, peak RSS and images/s.
 Writes the JSON (with the host's CPU and ISA) and prints the table.
 """
 from __future__ import annotations
@@ -31,13 +34,14 @@ from pathlib import Path
 import torch
 
 from _common import REPO, mbquant_cmd, run_measured
-from mbquant import calibrate
+from mbquant import calibrate, checkpoints
 from mbquant.data.contract import spec_of
 from mbquant.models.load import create_with_info
 from mbquant.report import host, library_versions
 
 QUANT_STAGES = ("equalize", "export", "prepare", "calibrate", "convert", "bias_correction", "write", "open")
 RESOLUTION, CLASSES, BATCH = 224, 10, 32
+TRAINED = "mobilenet_v2_w1.0_r128_fmnist"     # the shipped width-1.0 checkpoint (trained, real accuracy)
 
 
 def build(name: str, data: Path, path: Path, seed: int = 0):
@@ -90,14 +94,19 @@ def timed_job(model, ref: dict, *args, **kwargs) -> dict:
     return out
 
 
-def job(name: str, weights: Path, data: Path, work: Path, *, recipe: str, num_calib: int, eval_limit: int,
-        seed: int, extra: tuple[str, ...] = ()) -> dict:
-    """One `mbquant ptq` in its own process; the report's stage seconds, wall time and peak RSS."""
-    out = work / "-".join([name, recipe, str(num_calib), *(a.lstrip("-") for a in extra)])
+def job(name: str, weights: Path | str, data: Path, work: Path, *, recipe: str, num_calib: int,
+        eval_limit: int | None, seed: int, extra: tuple[str, ...] = ()) -> dict:
+    """One `mbquant ptq` in its own process; the report's stage seconds, wall time and peak RSS. ``weights``: a
+    plain state dict of this benchmark's 224 px model (a Path), or a shipped checkpoint's name (a str: the
+    checkpoint says its width, resolution and classes); ``eval_limit`` None: every val image."""
+    shape = ("--num-classes", str(CLASSES), "--preset", "imagenet", "--resolution", str(RESOLUTION)) \
+        if isinstance(weights, Path) else ()
+    limit = ("--eval-limit", str(eval_limit)) if eval_limit is not None else ()
+    tag = weights.stem if isinstance(weights, Path) else weights
+    out = work / "-".join([name, tag, recipe, str(num_calib), *(a.lstrip("-") for a in extra)])
     run = run_measured(mbquant_cmd(
-        "ptq", name, "--weights", str(weights), "--num-classes", str(CLASSES), "--preset", "imagenet",
-        "--resolution", str(RESOLUTION), "--calib", str(data / "train"), "--eval", str(data / "val"),
-        "--num-calib", str(num_calib), "--eval-limit", str(eval_limit), "--seed", str(seed), "--recipe", recipe,
+        "ptq", name, "--weights", str(weights), *shape, "--calib", str(data / "train"), "--eval", str(data / "val"),
+        "--num-calib", str(num_calib), *limit, "--seed", str(seed), "--recipe", recipe,
         "--quiet", "--out", str(out), *extra), check=False)
     folder = out if (out / "report.json").exists() else out.with_name(out.name + ".failed")
     if not (folder / "report.json").exists():
@@ -114,7 +123,11 @@ def job(name: str, weights: Path, data: Path, work: Path, *, recipe: str, num_ca
             "calibration_images": backend["calibration"]["samples"],
             "eval_images": rep["artifacts"][0]["images"],
             "bias_correction_samples": bias.get("samples"), "bias_correction_stored_mb":
-                round(bias["stored_bytes"] / 2 ** 20, 1) if bias.get("stored_bytes") else None}
+                round(bias["stored_bytes"] / 2 ** 20, 1) if bias.get("stored_bytes") else None,
+            "float_top1": rep["float"]["top1"], "top1": rep["artifacts"][0]["top1"],
+            "drop_pp": rep["artifacts"][0]["drop_pp"], "agreement_float": rep["artifacts"][0]["agreement_float"],
+            "calibration_images_per_s": round(backend["calibration"]["samples"] / stages["calibrate"], 1),
+            "eval_images_per_s": round(rep["artifacts"][0]["images"] / stages["evaluate"], 1)}
 
 
 def ratios(default: dict, stock: dict) -> dict:
@@ -133,25 +146,43 @@ def ratios(default: dict, stock: dict) -> dict:
             "eval_images_per_s": round(default["eval_images"] / d["evaluate"], 1)}
 
 
+def _recipe(run: dict) -> str:
+    return " ".join([run["recipe"], *run["flags"]])
+
+
 def table(result: dict) -> str:
-    lines = [f"host: {result['host'].get('cpu', '?')}; threads {torch.get_num_threads()}",
-             "| model | recipe | calib imgs | wall s | peak RSS MB | quant s | calibrate s | bias corr. s (imgs) "
-             "| lower+write s | evaluate s | verify s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for m in result["models"]:
-        for r in m["runs"]:
+    lines = [f"host: {result['host'].get('cpu', '?')}; threads {torch.get_num_threads()}"]
+    if result["models"]:
+        lines += ["| model | recipe | calib imgs | wall s | peak RSS MB | quant s | calibrate s | bias corr. s (imgs) "
+                  "| lower+write s | evaluate s | verify s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for m in result["models"]:
+            for r in m["runs"]:
+                st = r["stages"]
+                lines.append(f"| {m['model']} | {_recipe(r)} | "
+                             f"{r['calibration_images']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
+                             f"{r['quant_seconds']:.1f} | {st['calibrate']:.1f} | {st.get('bias_correction', 0):.1f} "
+                             f"({r['bias_correction_samples'] or '-'}) | "
+                             f"{st.get('write', 0):.1f} | {st['evaluate']:.1f} | {st['verify']:.1f} |")
+        lines += ["", "| model | float img/s | quant default/stock | RSS default/stock | calibrate/forward (stock) | "
+                  "evaluate/forward | calib img/s | eval img/s |", "|---|---|---|---|---|---|---|---|"]
+        for m in result["models"]:
+            r, f = m["ratios"], m["float"]
+            lines.append(f"| {m['model']} | {1000 / f['forward_ms_per_image']:.1f} | {r['quant_default_over_stock']} | "
+                         f"{r['rss_default_over_stock']} | {r['calibrate_over_forward']} ({r['stock_calibrate_over_forward']})"
+                         f" | {r['evaluate_over_forward']} | {r['calibration_images_per_s']} | {r['eval_images_per_s']} |")
+    if result.get("trained"):
+        t = result["trained"]
+        lines += ["", f"trained: {t['checkpoint']} (every val image; accuracy is real here)",
+                  "| recipe | bias corr. imgs | top-1 % | drop pp | agreement % | quant s | calibrate s | bias corr. s "
+                  "| lower+write s | evaluate s | peak RSS MB | calib img/s | eval img/s |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in t["runs"]:
             st = r["stages"]
-            lines.append(f"| {m['model']} | {r['recipe']}{' ' + ' '.join(r['flags']) if r['flags'] else ''} | "
-                         f"{r['calibration_images']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
-                         f"{r['quant_seconds']:.1f} | {st['calibrate']:.1f} | {st.get('bias_correction', 0):.1f} "
-                         f"({r['bias_correction_samples'] or '-'}) | "
-                         f"{st.get('write', 0):.1f} | {st['evaluate']:.1f} | {st['verify']:.1f} |")
-    lines += ["", "| model | float img/s | quant default/stock | RSS default/stock | calibrate/forward (stock) | "
-              "evaluate/forward | calib img/s | eval img/s |", "|---|---|---|---|---|---|---|---|"]
-    for m in result["models"]:
-        r, f = m["ratios"], m["float"]
-        lines.append(f"| {m['model']} | {1000 / f['forward_ms_per_image']:.1f} | {r['quant_default_over_stock']} | "
-                     f"{r['rss_default_over_stock']} | {r['calibrate_over_forward']} ({r['stock_calibrate_over_forward']})"
-                     f" | {r['evaluate_over_forward']} | {r['calibration_images_per_s']} | {r['eval_images_per_s']} |")
+            lines.append(f"| {_recipe(r)} | "
+                         f"{r['bias_correction_samples'] or '-'} | {r['top1']:.2f} | {r['drop_pp']:+.2f} | "
+                         f"{r['agreement_float']:.2f} | {r['quant_seconds']:.1f} | {st['calibrate']:.1f} | "
+                         f"{st.get('bias_correction', 0):.1f} | {st.get('write', 0):.1f} | {st['evaluate']:.1f} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['calibration_images_per_s']} | {r['eval_images_per_s']} |")
     if result.get("growth"):
         lines += ["", "| --num-calib | peak RSS MB | bias corr. s | kept on disk MB | wall s |", "|---|---|---|---|---|"]
         for g in result["growth"]:
@@ -176,6 +207,8 @@ def main(argv=None) -> int:
     ap.add_argument("--num-calib", type=int, default=512)
     ap.add_argument("--eval-limit", type=int, default=200)
     ap.add_argument("--growth", default="128,512,2048", help="--num-calib points of the growth table ('' to skip)")
+    ap.add_argument("--trained", default=TRAINED, help="a shipped width-1.0 checkpoint measured on every val image "
+                    "with its own resolution: default, stock and default with 512 correction images ('' to skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     args = ap.parse_args(argv)
@@ -207,6 +240,17 @@ def main(argv=None) -> int:
                     result["growth"].append(g)
                     print(f"growth {n}: peak RSS {g['peak_rss_mb']} MB", flush=True)
             save(args.out, result)                  # after every model: a later failure keeps what was measured
+        if args.trained:
+            common = dict(num_calib=args.num_calib, eval_limit=None, seed=args.seed)
+            model = checkpoints.manifest()["checkpoints"][args.trained]["model"]
+            runs = [job(model, args.trained, args.data, work, recipe="best", **common),
+                    job(model, args.trained, args.data, work, recipe="stock", **common),
+                    job(model, args.trained, args.data, work, recipe="best", extra=("--bias-correction-images", "512"),
+                        **common)]
+            result["trained"] = {"checkpoint": args.trained, "runs": runs,
+                                 "quant_default_over_stock": round(runs[0]["quant_seconds"] / runs[1]["quant_seconds"], 2),
+                                 "rss_default_over_stock": round(runs[0]["peak_rss_mb"] / runs[1]["peak_rss_mb"], 2)}
+            save(args.out, result)
     print(table(result))
     return 0
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO, mbquant_cmd, replace_readme_block, run_measured
+from _common import REPO, mbquant_cmd, replace_readme_block, run_measured, small_checkpoints
 from mbquant import calibrate, checkpoints
 from mbquant._quiet import filtered_stderr
 from mbquant.mobile.backend import torch_threads
@@ -187,7 +187,7 @@ def markdown(res: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=REPO / "data")
-    ap.add_argument("--checkpoints", nargs="+", default=checkpoints.shipped_names())
+    ap.add_argument("--checkpoints", nargs="+", default=small_checkpoints())
     ap.add_argument("--eval-images", type=int, default=1000)
     ap.add_argument("--latency-runs", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
