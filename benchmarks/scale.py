@@ -1,7 +1,8 @@
 """The main job at the size users ship: width 1.0 at 224 px, mbquant's default recipe against `--recipe stock`.
 
     python benchmarks/scale.py [--models mobilenet_v2,mobilenet_v3_large,resnet50] [--num-calib 512]
-                               [--eval-limit 200] [--growth 128,512,2048] [--out benchmarks/results/scale.json]
+                               [--eval-limit 200] [--growth 128,512,2048] [--trained mobilenet_v2_w1.0_r128_fmnist]
+                               [--out benchmarks/results/scale.json]
 
 Per model (10 classes, ImageNet preprocessing at 224 px; weights: seeded random initialisation with BatchNorm
 statistics from 64 real training images, so accuracy figures are chance-level and the job's gates refuse them:
