@@ -11,7 +11,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from mbquant import calibrate  # noqa: E402
+from mbquant import calibrate, checkpoints  # noqa: E402
 from mbquant.config import QuantConfig, RunConfig  # noqa: E402
 from mbquant.data.dataset import eval_set  # noqa: E402
 from mbquant.pipeline import Finetune, run_job  # noqa: E402
@@ -22,8 +22,6 @@ DEMO_SIZE = 96    # the small shipped checkpoints (64-96 px); larger ones are me
 def small_checkpoints() -> list[str]:
     """The shipped checkpoints at demo size (input at most 96 px): the per-checkpoint benchmarks' default. The
     real-size reference (width 1.0) has its own rows in benchmarks/scale.py."""
-    from mbquant import checkpoints
-
     return [n for n, e in checkpoints.manifest()["checkpoints"].items() if e["resolution"] <= DEMO_SIZE]
 
 

@@ -23,7 +23,6 @@ ADAROUND_ITERATIONS = 500  # AdaRound's optimiser steps per layer unless told ot
 LOGITS = "logits"  # --keep-float alias: the layer(s) whose output is the model's output (the classifier)
 
 
-
 def bias_correction_images(resolution: int) -> int:
     """How many calibration images bias correction reads when not told: as many as hold the pixels per channel of
     512 images at 96 px (the shipped checkpoints' inputs are 64-96 px: 512 images for them), at least 128.

@@ -150,20 +150,22 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
     ``batches`` first."""
     batches = source(batches)
     layers = weighted_layers(int8)
-    ref = folded_reference(float_gm) if reference is None else None
-    float_means = reference.means() if reference is not None else None
-    known = set(float_means) if ref is None else {n.name for n in ref.graph.nodes}
+    if reference is None:
+        ref = folded_reference(float_gm)
+        known = {n.name for n in ref.graph.nodes}
+    else:
+        float_means = reference.means()
+        known = set(float_means)
     missing = sorted({n.name for n in layers} - known)
     if missing:
         raise QuantizationError(f"bias correction: {len(missing)} layers of the INT8 graph have no float counterpart "
                                 f"(first: {missing[0]}); run without bias correction")
     updates = {n: _bias_update(int8, n.args[2] if len(n.args) > 2 else None) for n in layers}
     syncs = [n for n in layers if updates[n] is not None]
-    result = BiasCorrectionResult(0, skipped_no_bias=[n.name for n in layers if updates[n] is None])
-    if ref is not None:
+    result = BiasCorrectionResult(0, skipped_no_bias=[n.name for n in layers if updates[n] is None],
+                                  reference="own pass" if reference is None else "calibration pass")
+    if reference is None:
         float_means = node_means(ref, {n.name for n in syncs}, batches)
-    else:
-        result.reference = "calibration pass"
     sums: dict[Node, Any] = {}
     counts: dict[Node, int] = {}
 

@@ -172,3 +172,16 @@ def test_bias_correction_reads_fewer_images_only_above_96_px(resolution, images)
 
     assert bias_correction_images(resolution) == images
     assert bias_correction_images(resolution) * resolution ** 2 >= min(512 * 96 ** 2, 128 * resolution ** 2)
+
+
+def test_quantization_at_224_px_corrects_biases_on_the_pixel_rules_images(fmnist):
+    """At 224 px the pipeline's bias correction reads bias_correction_images(224) = 128 of 160 calibration images,
+    with the float means recorded by the calibration pass over those same 128."""
+    from mbquant.config import bias_correction_images
+    from tests.conftest import quantize_pt2e
+
+    calib = from_folder(fmnist / "train", small_preset(224), 160, seed=0)
+    q = quantize_pt2e(create("mobilenet_v2", num_classes=10, width_mult=0.35), 224, calib)
+    assert q.calibration.samples == 160 and q.config.bias_correction_images is None
+    assert q.bias_correction.samples == bias_correction_images(224) == 128
+    assert q.bias_correction.reference == "calibration pass" and q.bias_correction.layers_corrected > 0
