@@ -83,6 +83,10 @@ def main(argv=None) -> int:
                 r = results.setdefault(name, {}).setdefault(target, {})[flow] = {
                     **summary(rep), "fallback": (rep["backends"][rep["artifacts"][0]["backend"]].get("fallback")
                                                  or {}).get("kept")}
+                if is_qat:   # against PTQ of the same checkpoint, and which state QAT kept
+                    r["versus_ptq"] = next(iter(rep.get("versus_ptq", {}).values()), None)
+                    r["qat"] = {k: rep["qat"].get(k) for k in ("held_out_images", "start_agreement", "selected_epoch")}
+                    r["qat"]["held_out_agreement"] = [h.get("held_out_agreement") for h in rep["qat"]["history"]]
                 print(f"[{name} {target} {flow}] top-1 {r['top1']:.2f} drop {r['drop_pp']:+.2f} agree "
                       f"{r['agreement_float']:.2f} ({r['wall_seconds']:.0f} s, {r['status']})", flush=True)
                 args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -102,6 +102,138 @@ def replace_batchnorm(graph_module, *, train_to_eval: bool) -> None:
         _replace_batchnorm(graph_module, train_to_eval=train_to_eval)
 
 
+def _bn_constant_positions() -> dict:
+    import torch
+
+    a = torch.ops.aten
+    return {a.batch_norm.default: (6, 7), a._native_batch_norm_legit.default: (6, 7),
+            a._native_batch_norm_legit_no_training.default: (5, 6), a.cudnn_batch_norm.default: (6, 7)}
+
+
+def _bn_key(node) -> str | None:
+    mean = node.args[3] if len(node.args) > 3 else None
+    return mean.target if getattr(mean, "op", None) == "get_attr" else None
+
+
+def bn_constants(graph_module) -> dict[str, tuple[float, float]]:
+    """Each batch norm's (momentum, eps), keyed by its running-mean buffer.
+
+    torchao's QAT conv-BN fusion (``prepare_qat_pt2e``) and its train/eval rewrites (``_replace_batchnorm``: "fails to
+    support custom momentum and eps value") rebuild every batch_norm with PyTorch's defaults, 0.1 and 1e-5.
+    torchvision's MobileNetV3 uses 0.01 and 0.001: its fake-quantized graph then computes another function than the
+    float model (logits off by tens on the shipped V3-Small), and convert folds BN with the wrong eps.
+    :func:`restore_bn_constants` puts the recorded values back after each rewrite."""
+    positions = _bn_constant_positions()
+    out = {}
+    for n in graph_module.graph.nodes:
+        if n.op == "call_function" and n.target in positions and _bn_key(n) is not None:
+            i, j = positions[n.target]
+            if len(n.args) > j:
+                out[_bn_key(n)] = (float(n.args[i]), float(n.args[j]))
+    return out
+
+
+def restore_bn_constants(graph_module, constants: dict[str, tuple[float, float]]) -> int:
+    """Give every batch_norm of ``graph_module`` the momentum and eps :func:`bn_constants` recorded for its running
+    mean, and the ``running_var + eps`` of the QAT conv-BN pattern its eps; returns how many ops changed."""
+    import torch
+
+    positions = _bn_constant_positions()
+    adds = {torch.ops.aten.add.Tensor, torch.ops.aten.add.Scalar}
+    changed = 0
+    for n in graph_module.graph.nodes:
+        if n.op != "call_function" or n.target not in positions or _bn_key(n) not in constants:
+            continue
+        i, j = positions[n.target]
+        if len(n.args) <= j:
+            continue
+        momentum, eps = constants[_bn_key(n)]
+        if (n.args[i], n.args[j]) != (momentum, eps):
+            args = list(n.args)
+            args[i], args[j] = momentum, eps
+            n.args = tuple(args)
+            changed += 1
+        # the QAT conv-BN pattern scales the conv weight by weight / sqrt(running_var + eps), eps a literal too
+        for u in list(n.args[4].users) if hasattr(n.args[4], "users") else []:
+            if u.op == "call_function" and u.target in adds and len(u.args) == 2 and u.args[0] is n.args[4] \
+                    and isinstance(u.args[1], float) and u.args[1] != eps:
+                u.args = (u.args[0], eps)
+                changed += 1
+    if changed:
+        graph_module.recompile()
+    return changed
+
+
+def _dropout_ops() -> set:
+    import torch
+
+    a = torch.ops.aten
+    return {a.dropout.default, a.dropout_.default, a.native_dropout.default}
+
+
+def _dropouts(graph_module) -> list:
+    return [n for n in graph_module.graph.nodes if n.op == "call_function" and n.target in _dropout_ops()
+            and len(n.args) > 1 and isinstance(n.args[1], float)]
+
+
+@dataclass(frozen=True)
+class ModeConstants:
+    """What torchao's train/eval rewrites reset and mbquant puts back after each: every batch norm's (momentum,
+    eps) by its running-mean buffer (:func:`bn_constants`), every dropout's p in graph order (the rewrite writes
+    0.5; torchvision's MobileNets use 0.2). Open upstream: pytorch/ao#4107, pull requests #4758 and #4790."""
+
+    bn: dict[str, tuple[float, float]]
+    dropout: tuple[float, ...]
+
+
+def mode_constants(graph_module) -> ModeConstants:
+    return ModeConstants(bn_constants(graph_module), tuple(float(n.args[1]) for n in _dropouts(graph_module)))
+
+
+def restore_mode_constants(graph_module, constants: ModeConstants) -> int:
+    """Put ``constants`` back into ``graph_module`` (after a torchao rewrite); returns how many ops changed."""
+    changed = restore_bn_constants(graph_module, constants.bn)
+    drops = _dropouts(graph_module)
+    if constants.dropout and len(drops) != len(constants.dropout):
+        raise RuntimeError(f"the graph has {len(drops)} dropout ops, {len(constants.dropout)} were recorded: "
+                           f"a rewrite added or removed some; their probabilities cannot be restored")
+    for n, p in zip(drops, constants.dropout):
+        if n.args[1] != p:
+            n.args = (n.args[0], p, *n.args[2:])
+            changed += 1
+    if changed:
+        graph_module.recompile()
+    return changed
+
+
+TORCHAO_FOLD_EPS = 1e-5   # the eps torchao's QAT conv-BN fold (convert_pt2e) writes into the BN it folds
+
+
+def eps_into_running_var(graph_module, constants: dict[str, tuple[float, float]]) -> int:
+    """Before ``convert_pt2e`` folds a QAT graph's BN into its convs: its fold rebuilds each conv-BN with eps
+    ``TORCHAO_FOLD_EPS`` and folds with that. Move each BN's own eps into its running variance (``running_var +
+    eps - TORCHAO_FOLD_EPS``, the same ``sqrt(running_var + eps)``) and give the graph that eps, so the folded weights
+    and biases are the float model's. Eval-mode arithmetic is unchanged; the graph is for converting only after
+    this. Returns how many BNs moved."""
+    import torch
+
+    moved = 0
+    for n in graph_module.graph.nodes:
+        key = _bn_key(n) if n.op == "call_function" and n.target in _bn_constant_positions() else None
+        if key is None or key not in constants or constants[key][1] == TORCHAO_FOLD_EPS:
+            continue
+        var = n.args[4]
+        buf = graph_module.get_buffer(var.target) if var.op == "get_attr" else None
+        if buf is None:
+            continue
+        with torch.no_grad():
+            buf.add_(constants[key][1] - TORCHAO_FOLD_EPS)
+        constants = {**constants, key: (constants[key][0], TORCHAO_FOLD_EPS)}
+        moved += 1
+    restore_bn_constants(graph_module, constants)
+    return moved
+
+
 def exported_training(graph_module) -> bool:
     """Whether an exported graph is in train mode (torchao records it in a private attribute)."""
     from torchao.quantization.pt2e.export_utils import _EXPORTED_TRAINING_ATTR

@@ -14,6 +14,9 @@ OBSERVERS = ("histogram", "minmax", "percentile", "moving-average")
 GRANULARITIES = ("per-channel", "per-tensor")
 RECIPES = ("best", "stock", "qat")
 INIT_RANGES = ("recipe", "minmax", "off")
+INIT_BIASES = ("corrected", "float")
+KEEP = ("best", "last")
+SELECT_IMAGES = 2000     # held-out training images QAT's keep="best" chooses on, at most (and a fifth of the folder)
 SEED_MAX = 2 ** 32 - 1  # a 32-bit generator seed (mbquant.data.slicing)
 BIAS_CORRECTION_IMAGES = 512  # bias correction reads at most this many calibration images unless told otherwise ...
 BIAS_CORRECTION_PIXELS = 512 * 96 * 96  # ... and, at larger inputs, as many as hold this many pixels (see below) ...
@@ -180,10 +183,12 @@ class TrainConfig(_Config):
 class QATConfig(_Config):
     """Quantization-aware fine-tuning schedule.
 
-    The defaults start where post-training quantization starts and train toward the float model: the recipe's
-    ranges (``init_ranges="recipe"``) and distillation (``distill=1``), with torchvision's schedule (BN statistics
-    frozen after 1 epoch, ranges after 2); measured against label training, mean-of-min/max ranges and freezing both
-    from the start in README, "QAT defaults".
+    The defaults start where the backend's post-training recipe ends and train toward the float model: the recipe's
+    ranges (``init_ranges="recipe"``), its corrected biases (``init_biases``), BN statistics and ranges kept from
+    the start (``freeze_bn_after=0``, ``freeze_observers_after=0``: batch statistics would undo the corrected biases),
+    distillation (``distill=1``), and the state kept is the one that agrees best with the float model on held-out
+    training images (``keep="best"``, the start included); measured against label training, mean-of-min/max ranges,
+    float biases and torchvision's schedule (BN frozen after 1 epoch, ranges after 2) in README, "QAT defaults".
 
     ``batch_size`` is per process (the global batch is ``batch_size * world_size`` under torchrun).
     ``freeze_bn_after``: after this many epochs BN uses (and stops updating) its running statistics;
@@ -198,6 +203,15 @@ class QATConfig(_Config):
     ``distill_temperature``); 0 trains on the labels only, 1 only to match the float model.
     ``lr``: the SGD learning rate; ``None`` takes the backend's (its row's ``qat_lr`` in
     :mod:`mbquant.mobile.table`, measured per backend).
+    ``init_biases``: ``corrected`` starts from the biases post-training bias correction gives the starting INT8 model
+    (measured on the calibration images, carried into the batch norms it folds into), so training starts where the
+    backend's PTQ recipe ends; ``float`` from the float model's. ``None``: ``corrected`` on backends with bias
+    correction whose ranges are initialised, ``float`` elsewhere.
+    ``keep``: ``best`` holds out ``select_images`` images of the training folder (a seeded draw, never trained on;
+    unset: a fifth of the folder, at most ``SELECT_IMAGES``), measures on them the top-1 agreement with the float
+    model of the INT8 model the state converts to (a converted copy; the fake-quantized model is not a faithful
+    proxy on every backend, README "QAT defaults") at the start and after every epoch, and keeps the best state (the
+    start wins ties); ``last`` keeps the last epoch's and holds nothing out.
     """
 
     epochs: int = 3
@@ -206,18 +220,33 @@ class QATConfig(_Config):
     momentum: float = 0.9
     weight_decay: float = 1e-5
     warmup_frac: float = 0.0
-    freeze_bn_after: int | None = 1
-    freeze_observers_after: int | None = 2
+    freeze_bn_after: int | None = 0
+    freeze_observers_after: int | None = 0
     init_ranges: str = "recipe"
     seed: int = 0
     max_train_samples: int | None = None
     distill: float = 1.0
     distill_temperature: float = 1.0
     compare_ptq: bool = True
+    init_biases: str | None = None
+    keep: str = "best"
+    select_images: int | None = None
 
     def __post_init__(self) -> None:
         _check_training(self)
         _choice(self.init_ranges, INIT_RANGES, "QAT range initialisation (--init-ranges)")
+        if self.init_biases is not None:
+            _choice(self.init_biases, INIT_BIASES, "QAT bias initialisation (--init-biases)")
+        _choice(self.keep, KEEP, "QAT state kept (--keep)")
+        if self.select_images is not None:
+            _positive_int(self.select_images, "select_images (held-out images)", "--select-images")
+            if self.keep != "best":
+                raise ConfigError(f"--select-images {self.select_images} with --keep {self.keep}: held-out images "
+                                  f"only choose the state with --keep best; drop one of them")
+        if self.init_biases == "corrected" and self.init_ranges == "off":
+            raise ConfigError("--init-biases corrected with --init-ranges off: bias correction measures the starting "
+                              "INT8 model, which needs its ranges; pass --init-ranges recipe (the default) or "
+                              "--init-biases float")
         if self.init_ranges == "off" and self.freeze_observers_after == 0:
             raise ConfigError("--init-ranges off with --freeze-observers-after 0: no range would ever be measured; "
                               "pass --init-ranges recipe (the default), or let the observers run for an epoch "

@@ -8,6 +8,7 @@ ends where an uninterrupted run with the same seed ends.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import time
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from .atomic import write_bytes
-from .config import QATConfig, QuantConfig
+from .config import SELECT_IMAGES, QATConfig, QuantConfig
 from .data.dataset import ImageFolderDataset, make_loader
 from .distributed import Dist
 from .errors import ConfigError, DataError
@@ -39,6 +40,9 @@ class QatResult:
     world_size: int = 1
     backend: str | None = None
     checkpoint: str | None = None
+    held_out_images: int = 0                  # keep="best": the training-folder images the state is chosen on
+    start_agreement: float | None = None      # the start's agreement with the float model on them (%)
+    selected_epoch: int | None = None         # the epoch whose state was kept (0: the start)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,12 +65,74 @@ def apply_schedule(qg: QatModel, epoch: int, config: QATConfig) -> None:
         qg.freeze_observers()
 
 
-def _train_subset(train_set: ImageFolderDataset, config: QATConfig):
-    if config.max_train_samples is None or config.max_train_samples >= len(train_set):
-        return train_set
+def held_out_count(config: QATConfig, available: int) -> int:
+    """How many training-folder images ``keep="best"`` holds out (``select_images``, or a fifth of the folder and
+    at most ``SELECT_IMAGES``); 0 with ``keep="last"``."""
+    if config.keep != "best":
+        return 0
+    n = config.select_images if config.select_images is not None else min(SELECT_IMAGES, available // 5)
+    if n < 1 or available - n < config.batch_size:
+        raise DataError(f"the training folder has {available} images: too few to hold out {n} for choosing the QAT "
+                        f"state and still train on full batches of {config.batch_size}; pass a smaller "
+                        f"--select-images, more images, or --keep last (no held-out choice)")
+    return n
+
+
+def split_training(train_set: ImageFolderDataset, config: QATConfig):
+    """The images QAT trains on and, with ``keep="best"``, the held-out ones it chooses its state on (a seeded draw
+    of the same folder, evaluation preprocessing, never trained on); (dataset, None) with ``keep="last"``."""
+    held = held_out_count(config, len(train_set))
+    if held == 0 and (config.max_train_samples is None or config.max_train_samples >= len(train_set)):
+        return train_set, None
     g = torch.Generator().manual_seed(config.seed)
-    idx = torch.randperm(len(train_set), generator=g)[: config.max_train_samples].tolist()
-    return torch.utils.data.Subset(train_set, idx)
+    order = torch.randperm(len(train_set), generator=g).tolist()
+    train_idx = order[held:] if config.max_train_samples is None else order[held:held + config.max_train_samples]
+    if held == 0:
+        return torch.utils.data.Subset(train_set, train_idx), None
+    chosen = ImageFolderDataset([train_set.samples[i] for i in order[:held]], train_set.classes, train_set.spec,
+                                train=False, max_pixels=train_set.max_pixels)
+    return torch.utils.data.Subset(train_set, train_idx), chosen
+
+
+def _top1(net: nn.Module, dataset: ImageFolderDataset, batch_size: int, device: torch.device) -> torch.Tensor:
+    """``net``'s predicted class for every readable image of ``dataset``, in order."""
+    out = []
+    with torch.no_grad():
+        for batch in make_loader(dataset, batch_size):
+            if batch is not None:
+                out.append(net(batch[0].to(device)).argmax(1).cpu())
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+class _Keeper:
+    """keep="best": the state (start or an epoch's end) whose INT8 model (converted from a copy, as the run will
+    convert it) agrees with the float model on the most held-out images; the start wins ties."""
+
+    def __init__(self, qg: QatModel, held: ImageFolderDataset, reference: nn.Module, batch_size: int,
+                 device: torch.device):
+        self.qg, self.held, self.batch_size, self.device = qg, held, batch_size, device
+        self.float_top1 = _top1(reference.to(device).eval(), held, batch_size, device)
+        if len(self.float_top1) == 0:
+            raise DataError("none of the held-out training images is readable; fix the training folder or pass "
+                            "--keep last")
+        self.best: dict | None = None
+
+    def agreement(self) -> float:
+        from .quant.fast_qdq import with_fast_qdq
+
+        self.qg.set_mode(False)
+        top1 = _top1(with_fast_qdq(self.qg.converted_copy()), self.held, self.batch_size, self.device)
+        return round(100.0 * float((top1 == self.float_top1).float().mean()), 3)
+
+    def offer(self, epoch: int, agreement: float) -> None:
+        if self.best is None or agreement > self.best["agreement"]:
+            state = copy.deepcopy(self.qg.module.state_dict())   # keeps _metadata: observers read its version
+            self.best = {"epoch": epoch, "agreement": agreement, "state_dict": state}
+
+    def restore(self) -> int:
+        """Load the kept state into the model (when it is not the last one); returns its epoch."""
+        self.qg.module.load_state_dict(self.best["state_dict"])
+        return self.best["epoch"]
 
 
 def _train_loader(dataset, config: QATConfig, dist: Dist, epoch: int):
@@ -97,12 +163,13 @@ def _identity(info: ModelInfo) -> dict:
 
 def save_qat_checkpoint(path: Path, qg: QatModel, opt, sched, *, epoch: int, info: ModelInfo, float_digest: str,
                         quant: QuantConfig, config: QATConfig, history: list[dict], rng: list[torch.Tensor],
-                        world: int) -> Path:
-    """Everything a resume needs, written atomically (a killed write never leaves a half checkpoint)."""
+                        world: int, best: dict | None = None) -> Path:
+    """Everything a resume needs, written atomically (a killed write never leaves a half checkpoint). ``best``:
+    with ``keep="best"``, the state kept so far (its epoch, held-out agreement and tensors)."""
     payload = {"format": CHECKPOINT_FORMAT, "model": _identity(info), "float_digest": float_digest,
                "quant_config": quant.to_dict(), "qat_config": config.to_dict(), "epoch": epoch,
                "state_dict": qg.module.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-               "rng": rng, "world_size": world, "history": history}
+               "rng": rng, "world_size": world, "history": history, "best": best}
     buf = io.BytesIO()
     torch.save(payload, buf)
     return write_bytes(path, buf.getvalue())
@@ -160,6 +227,9 @@ def _check_schema(ck: dict, path: Path) -> None:
         if not isinstance(ck[key], kind) or isinstance(ck[key], bool):
             raise ConfigError(f"--resume '{path}': '{key}' is a {type(ck[key]).__name__}, expected {kind.__name__}; the "
                               f"file was not written by `mbquant qat`")
+    if not isinstance(ck.get("best"), (dict, type(None))):
+        raise ConfigError(f"--resume '{path}': 'best' is a {type(ck['best']).__name__}, expected the kept state or "
+                          f"None; the file was not written by `mbquant qat`")
     if ck["epoch"] < 0 or ck["world_size"] < 1 or len(ck["rng"]) != ck["world_size"]:
         raise ConfigError(f"--resume '{path}': epoch {ck['epoch']}, world size {ck['world_size']} and "
                           f"{len(ck['rng'])} RNG states do not fit together; the file was not written by `mbquant qat`")
@@ -207,15 +277,19 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
             config: QATConfig, quant: QuantConfig, float_digest: str, dist: Dist = Dist(),
             out_dir: Path | None = None, resume: dict | None = None, eval_batch_size: int = 100,
             progress: bool = False, on_step: StepHook | None = None,
-            teacher: nn.Module | None = None) -> tuple[QatResult, list[str]]:
+            teacher: nn.Module | None = None, reference: nn.Module | None = None) -> tuple[QatResult, list[str]]:
     """Train ``qg`` in place for ``config.epochs`` epochs (minus those a resumed checkpoint already did).
 
-    ``teacher``: the float model, for ``config.distill > 0``. ``resume`` is a checkpoint read (and checked) by
+    ``teacher``: the float model, for ``config.distill > 0``. ``reference``: the float model, for
+    ``config.keep == "best"`` (the state kept is the start's or an epoch's, whichever agrees with it on the most
+    held-out training images; :func:`split_training`). ``resume`` is a checkpoint read (and checked) by
     :func:`load_qat_checkpoint`. Rank 0 writes ``out_dir/qat_last.pt`` after every epoch. Returns the result and
     any warnings. Dropout and augmentation draw from the seed inside ``fork_rng``: the caller's RNG is untouched.
     """
     if config.distill > 0 and teacher is None:
         raise ConfigError(f"distill {config.distill} needs the float model as teacher; pass teacher=")
+    if config.keep == "best" and reference is None:
+        raise ConfigError("keep='best' chooses the state that agrees best with the float model; pass reference=")
     if config.lr is None:
         raise ConfigError("the QAT learning rate is unset (lr=None means the backend's, which run_job fills in); pass "
                           "config.replace(lr=...) when calling fit_qat directly")
@@ -223,14 +297,15 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
         torch.manual_seed(config.seed + dist.rank)
         return _fit_qat(qg, info, train_set, val_set, config=config, quant=quant, float_digest=float_digest,
                         dist=dist, out_dir=out_dir, resume=resume, eval_batch_size=eval_batch_size, progress=progress,
-                        on_step=on_step, teacher=teacher)
+                        on_step=on_step, teacher=teacher, reference=reference)
 
 
 def _fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_set: ImageFolderDataset, *,
              config: QATConfig, quant: QuantConfig, float_digest: str, dist: Dist, out_dir: Path | None,
              resume: dict | None, eval_batch_size: int, progress: bool, on_step: StepHook | None,
-             teacher: nn.Module | None) -> tuple[QatResult, list[str]]:
-    dataset = _train_subset(train_set, config)
+             teacher: nn.Module | None, reference: nn.Module | None) -> tuple[QatResult, list[str]]:
+    dataset, held = split_training(train_set, config)
+    keeper = _Keeper(qg, held, reference, eval_batch_size, dist.device) if held is not None else None
     net: nn.Module = qg.module
     if dist.active:
         from torch.nn.parallel import DistributedDataParallel
@@ -247,6 +322,14 @@ def _fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_s
         warnings += _restore(qg, opt, sched, resume, config, dist)
         start_epoch, result.history, result.resumed_from_epoch = resume["epoch"], list(resume["history"]), resume["epoch"]
     ckpt_path = Path(out_dir) / CHECKPOINT_NAME if out_dir is not None else None
+    if keeper is not None:
+        result.held_out_images = len(keeper.float_top1)
+        if resume is not None and resume.get("best") is not None:
+            keeper.best = resume["best"]
+            result.start_agreement = resume["best"].get("start_agreement")
+        if keeper.best is None:
+            result.start_agreement = keeper.agreement()
+            keeper.offer(0, result.start_agreement)
     t0 = time.perf_counter()
     for epoch in range(start_epoch, config.epochs):
         apply_schedule(qg, epoch, config)
@@ -258,14 +341,21 @@ def _fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_s
                                    desc=f"qat epoch {epoch + 1}/{config.epochs}", progress=progress, epoch=epoch,
                                    on_step=on_step))
         row.update(validate(qg, val_set, eval_batch_size, dist))
+        if keeper is not None:
+            row["held_out_agreement"] = keeper.agreement()
+            keeper.offer(epoch + 1, row["held_out_agreement"])
         row["seconds"] = round(time.perf_counter() - te, 1)
         result.history.append(row)
         rng = dist.gather_rng()
         if dist.is_main and ckpt_path is not None:
+            best = None if keeper is None else {**keeper.best, "start_agreement": result.start_agreement}
             save_qat_checkpoint(ckpt_path, qg, opt, sched, epoch=epoch + 1, info=info, float_digest=float_digest,
-                                quant=quant, config=config, history=result.history, rng=rng, world=dist.world)
+                                quant=quant, config=config, history=result.history, rng=rng, world=dist.world,
+                                best=best)
             result.checkpoint = str(ckpt_path)
         if progress and dist.is_main:
             print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
+    if keeper is not None:
+        result.selected_epoch = keeper.restore() if keeper.best["epoch"] != config.epochs else config.epochs
     result.seconds = round(time.perf_counter() - t0, 1)
     return result, warnings

@@ -39,6 +39,7 @@ from .quant.equalize import EqualizationResult, equalize
 from .quant.export import FloatModel
 from .records import ArtifactResult, FloatResult, Sidecar, paths
 from .report import Report, host, library_versions
+from .stats import clustered_se_pp
 
 FLOAT = "float"
 
@@ -261,19 +262,50 @@ def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfi
                 (x.to(dist.device) for x in calib.batches(cfg.batch_size)), observer))
             facts["calibration"] = {"samples": seen, "use": "initial fake-quantize ranges",
                                     "observer": ptq_cfg.observer if observer is not None else "mean of batch min/max"}
+        if ft.config.init_biases == "corrected" and ft.resume is None:
+            start = _timed(seconds, "bias_correction", lambda: _corrected_start(qm, fm, calib, cfg, progress))
+            facts["start_bias_correction"] = start.to_dict()
         result, warnings = _timed(seconds, "finetune", lambda: finetune.fit_qat(
             qm, info, ft.train_set, eval_set, config=ft.config, quant=cfg,
             float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=ckpt_dir if dist.is_main else None,
             resume=ft.resume, progress=progress, on_step=ft.on_step,
-            teacher=copy.deepcopy(fm.module).eval() if ft.config.distill > 0 else None))
+            teacher=copy.deepcopy(fm.module).eval() if ft.config.distill > 0 else None,
+            reference=copy.deepcopy(fm.module).eval() if ft.config.keep == "best" else None))
     if not dist.is_main:
         return None
     for w in warnings:
         report.warn(w)
     report.add("qat", {**result.to_dict(), "train_images_available": len(ft.train_set)})
+    if result.selected_epoch is not None:
+        _kept_line(report, backend.name, result)
     qm.module.to("cpu")
     with backend.session():
         return _timed(seconds, "convert", qm.convert)
+
+
+def _kept_line(report: Report, name: str, result) -> None:
+    """What ``keep="best"`` chose, in one line (a warning when no epoch beat the start)."""
+    epochs = ", ".join(f"{row['held_out_agreement']:.2f}" for row in result.history)
+    seen = (f"agreement with the float model on {result.held_out_images} held-out training images: start "
+            f"{result.start_agreement:.2f} %, after each epoch {epochs} %")
+    if result.selected_epoch == 0:
+        report.warn(f"{name}: QAT kept its start ({seen}): no epoch beat it, so the INT8 model is the post-training "
+                    f"state training started from (the recipe's ranges and corrected biases); train with a lower --lr "
+                    f"or more images, or ship `mbquant ptq`")
+    else:
+        report.note(f"{name}: QAT kept epoch {result.selected_epoch} of {len(result.history)} ({seen})")
+
+
+def _corrected_start(qm, fm: FloatModel, calib: CalibrationSet, cfg: QuantConfig,
+                     progress: bool) -> BiasCorrectionResult:
+    """Bias-correct the INT8 model the QAT graph converts to now (on CPU, the calibration images PTQ's bias
+    correction reads) and carry each layer's shift into the graph's batch-norm (or layer) biases: training starts
+    where the post-training recipe ends."""
+    start = qm.converted_copy().to("cpu")
+    result = correct_biases(start, fm.graph, calib.source(cfg.batch_size, bias_correction_images(fm.resolution)),
+                            pair="order", progress=progress)
+    qm.shift_outputs(list(result.shifts.values()))
+    return result
 
 
 def _fallback_note(report: Report, searched: dict | None, r: ArtifactResult) -> None:
@@ -320,8 +352,15 @@ def _result(cmp: Comparison, built: Built, w: Written, pred: Predictor, eval_set
     ref, art = f"{built.backend.name}", f"{built.backend.name}:{w.path.name}"
     parity = {"agreement": round(cmp.agree(ref, art), 3), "max_abs_logit_diff": cmp.diff(ref, art),
               "flips": _flips(cmp, ref, art, eval_set),
-              "top1_reference_minus_artifact": cmp.paired_accuracy(ref, art).to_dict(),
-              "agreement_float_reference_minus_artifact": cmp.paired_agreement(FLOAT, ref, art).to_dict()}
+              "top1_reference_minus_artifact": {
+                  **cmp.paired_accuracy(ref, art).to_dict(),
+                  "se_clustered_pp": round(clustered_se_pp(cmp.correct(ref), cmp.correct(art), cmp.preds[ref],
+                                                           cmp.preds[art]), 3)},
+              "agreement_float_reference_minus_artifact": {
+                  **cmp.paired_agreement(FLOAT, ref, art).to_dict(),
+                  "se_clustered_pp": round(clustered_se_pp(cmp.preds[ref] == cmp.preds[FLOAT],
+                                                           cmp.preds[art] == cmp.preds[FLOAT], cmp.preds[ref],
+                                                           cmp.preds[art]), 3)}}
     result = ArtifactResult(
         backend=built.backend.name, file=w.path.name, bytes=w.bytes, runtime=pred.runtime,
         images=cmp.count, top1=round(cmp.top1(art), 3), top5=round(cmp.top5(art), 3),
@@ -350,12 +389,13 @@ def gate_failures(results: list[ArtifactResult], run: RunConfig, backends: dict[
         for key, what in (("top1_reference_minus_artifact", "top-1 accuracy"),
                           ("agreement_float_reference_minus_artifact", "agreement with the float model")):
             p = r.parity[key]
-            if p["diff_pp"] > run.parity_z * p["se_pp"] + 1e-9:
+            se = max(p["se_pp"], p.get("se_clustered_pp", 0.0))   # flips between the same two classes move together
+            if p["diff_pp"] > run.parity_z * se + 1e-9:
                 failures.append(
                     f"{name}: the reloaded artifact's {what} is {p['diff_pp']:.2f} pp below that of the INT8 model it "
                     f"was written from ({p['only_a']} vs {p['only_b']} images on {p['images']}; more than "
-                    f"--parity-z {run.parity_z} standard errors of {p['se_pp']:.2f} pp): it does not compute what "
-                    f"was quantized")
+                    f"--parity-z {run.parity_z} standard errors of {se:.2f} pp, flips grouped by class pair): it "
+                    f"does not compute what was quantized")
         if run.min_parity is not None and r.parity["agreement"] < run.min_parity:
             failures.append(f"{name}: agrees with its INT8 model on {r.parity['agreement']} % of images (< --min-parity "
                             f"{run.min_parity} %)")
@@ -412,8 +452,9 @@ def _ptq_name(b: Built) -> str:
 def versus_ptq(cmp: Comparison, b: Built) -> dict[str, Any]:
     """A QAT run's INT8 model against the post-training INT8 model of the same checkpoint (its backend's default
     recipe, same flags), on the same images: each one's drop and agreement with the float model, and the paired
-    differences QAT minus PTQ with their standard errors. ``qat_worse``: QAT agrees with the float model on fewer
-    images than PTQ does."""
+    differences QAT minus PTQ with their standard errors. ``qat_worse``: QAT agrees with the float model on
+    significantly fewer images than PTQ does (the paired difference's 95 % interval lies below zero); a difference
+    inside it is within what the images resolve."""
     ptq, qat = _ptq_name(b), b.backend.name
     agreement, top1 = cmp.paired_agreement(FLOAT, qat, ptq), cmp.paired_accuracy(qat, ptq)
     return {"images": cmp.count, "ptq_config": b.facts.get("ptq_config"),
@@ -422,7 +463,7 @@ def versus_ptq(cmp: Comparison, b: Built) -> dict[str, Any]:
             "qat": {"top1": round(cmp.top1(qat), 3), "drop_pp": round(cmp.drop(FLOAT, qat), 3),
                     "agreement_float": round(cmp.agree(FLOAT, qat), 3)},
             "qat_minus_ptq": {"agreement": agreement.to_dict(), "top1": top1.to_dict()},
-            "qat_worse": agreement.diff_pp < 0}
+            "qat_worse": agreement.interval(1.96)[1] < 0}
 
 
 def _versus_ptq_lines(report: Report, b: Built, v: dict[str, Any]) -> None:
@@ -435,7 +476,9 @@ def _versus_ptq_lines(report: Report, b: Built, v: dict[str, Any]) -> None:
         report.warn(f"{line}: QAT did worse than post-training quantization here; ship `mbquant ptq` with the same "
                     f"flags (its INT8 model is the closer one), or train again with a lower --lr or --distill 1")
     else:
-        report.note(line)
+        within = d["ci95_pp"][0] <= 0 <= d["ci95_pp"][1]
+        report.note(f"{line}" + (": within what these images resolve (95 % interval "
+                                 f"{d['ci95_pp'][0]:+.2f} to {d['ci95_pp'][1]:+.2f} pp)" if within else ""))
 
 
 def same_programs(built: list[Built], dist: Dist) -> None:

@@ -139,6 +139,28 @@ def paired(a, b) -> PairedDifference:
     return PairedDifference(int(a.size), int((a & ~b).sum()), int((b & ~a).sum()))
 
 
+def clustered_se_pp(a, b, pred_a, pred_b) -> float:
+    """Standard error (pp) of mean(a) - mean(b) (two boolean outcomes on the same images) when the images on which
+    they differ come in groups whose outcomes move together: each group is the unordered pair of classes the two
+    models predict there (one logit offset between two kernel families moves every near-tie between the same two
+    classes the same way). Cluster-robust (sandwich) variance with every other image its own cluster; when no two
+    discordant images share a pair it equals :attr:`PairedDifference.se_pp`."""
+    a, b = np.asarray(a, dtype=bool), np.asarray(b, dtype=bool)
+    n = a.size
+    if not n:
+        return 0.0
+    d = a.astype(np.float64) - b.astype(np.float64)
+    mean = d.mean()
+    pa, pb = np.asarray(pred_a, dtype=np.int64), np.asarray(pred_b, dtype=np.int64)
+    k = int(max(pa.max(initial=0), pb.max(initial=0))) + 1
+    disc = d != 0
+    keys = np.minimum(pa, pb)[disc] * k + np.maximum(pa, pb)[disc]
+    _, inverse, sizes = np.unique(keys, return_inverse=True, return_counts=True)
+    sums = np.bincount(inverse, weights=d[disc], minlength=sizes.size)
+    var = float(((sums - sizes * mean) ** 2).sum()) + float((n - disc.sum()) * mean ** 2)
+    return 100.0 * math.sqrt(var) / n
+
+
 MIN_IMAGES = 100    # fewer images cannot judge a drop: its 95 % interval spans more than any bound worth setting
 
 

@@ -169,6 +169,49 @@ def test_parity_gate_tolerates_rounding_flips_and_catches_a_worse_artifact():
     assert len(gate_failures([_result(parity=noisy)], RunConfig(min_parity=99.0))) == 1   # an explicit floor
 
 
+def test_clustered_standard_error_widens_for_flips_that_move_together_and_not_for_a_broken_artifact():
+    """Near-tie flips between the same two classes move together (one logit offset between kernel families): the
+    cluster-robust SE of the paired difference grows with them; with flips spread over many class pairs it equals
+    the paired (McNemar/Wald) SE, so an artifact that loses everywhere still fails the gate."""
+    import numpy as np
+
+    from mbquant.stats import PairedDifference, clustered_se_pp
+
+    n = 10000
+    labels = np.arange(n) % 10
+    ref = labels.copy()
+    art = labels.copy()
+    # 10 images the reference misses, each in its own class pair; 30 the artifact misses, all taken for class 2
+    j = np.arange(10)
+    ref_wrong = 7000 + 10 * j + j                                       # labels 0..9
+    ref[ref_wrong] = (labels[ref_wrong] + 4) % 10
+    art_wrong = 6 + 10 * np.arange(30)                                  # label 6
+    art[art_wrong] = 2
+    a, b = ref == labels, art == labels
+    wald = PairedDifference(n, int((a & ~b).sum()), int((b & ~a).sum())).se_pp
+    clustered = clustered_se_pp(a, b, ref, art)
+    assert clustered > 2 * wald                                         # 30 flips in one pair move together
+    i = np.arange(30)
+    spread_wrong = 5000 + 10 * i + i % 10                               # the same losses, each in its own pair
+    spread = labels.copy()
+    spread[spread_wrong] = (labels[spread_wrong] + 1 + i // 10) % 10
+    c = spread == labels
+    assert clustered_se_pp(a, c, ref, spread) == pytest.approx(
+        PairedDifference(n, int((a & ~c).sum()), int((c & ~a).sum())).se_pp, rel=1e-6)
+    singles = clustered_se_pp(np.array([1, 0, 0, 1], bool), np.array([0, 1, 0, 1], bool), np.array([0, 1, 2, 3]),
+                              np.array([4, 5, 2, 3]))
+    assert singles == pytest.approx(PairedDifference(4, 1, 1).se_pp)  # one image per pair: the paired SE
+    run = RunConfig()
+    broken = {"agreement": 95.0, "top1_reference_minus_artifact": {**PairedDifference(1000, 50, 10).to_dict(),
+                                                                   "se_clustered_pp": 0.9},
+              "agreement_float_reference_minus_artifact": PairedDifference(1000, 20, 24).to_dict()}
+    (fail,) = gate_failures([_result(parity=broken)], run)              # 4.0 pp > 3 x 0.9 pp
+    assert "more than --parity-z 3.0 standard errors of 0.90 pp, flips grouped by class pair" in fail
+    near_ties = {**broken, "top1_reference_minus_artifact": {**PairedDifference(10000, 58, 29).to_dict(),
+                                                             "se_clustered_pp": 0.13}}
+    assert gate_failures([_result(parity=near_ties)], run) == []      # 0.29 pp < 3 x 0.13 pp
+
+
 @pytest.mark.slow   # make test: pte + onnx in one run (tests/mobile/onnx), torchscript's own files (mobile/torchscript)
 def test_ptq_writes_and_verifies_both_formats_in_one_run(tiny_ckpt, tmp_path, capsys):
     root, ck = tiny_ckpt

@@ -31,6 +31,13 @@ def test_round_trip_through_json(cfg):
                                           r"choose one of: recipe, minmax, off"),
     (lambda: QATConfig(init_ranges="off", freeze_observers_after=0), r"--init-ranges off with --freeze-observers-after 0: no range would ever "
                                            r"be measured; pass --init-ranges recipe"),
+    (lambda: QATConfig(init_biases="ptq"), r"QAT bias initialisation \(--init-biases\) 'ptq' is not supported; "
+                                           r"choose one of: corrected, float"),
+    (lambda: QATConfig(init_biases="corrected", init_ranges="off", freeze_observers_after=1), r"--init-biases corrected with --init-ranges off: "
+                                                                    r".*pass --init-ranges recipe .* or --init-biases float"),
+    (lambda: QATConfig(keep="first"), r"QAT state kept \(--keep\) 'first' is not supported; choose one of: best, last"),
+    (lambda: QATConfig(select_images=0), r"select_images \(held-out images\) .*0.*--select-images"),
+    (lambda: QATConfig(keep="last", select_images=100), r"--select-images 100 with --keep last: .*drop one of them"),
 ])
 def test_bad_values_name_the_value_and_the_fix(make, match):
     with pytest.raises(ConfigError, match=match):

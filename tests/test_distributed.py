@@ -34,8 +34,8 @@ def test_torchrun_two_processes_reduce_metrics_and_only_rank0_writes(tiny_ckpt, 
     report = json.loads((out / "report.json").read_text())
     qat = report["qat"]
     assert qat["world_size"] == 2 and qat["backend"] == "gloo"
-    # 400 training images: 200 per rank, 12 whole batches of 16 each -> 384 images per epoch over both ranks
-    assert [r["train_images"] for r in qat["history"]] == [384]
+    # 400 training images less 80 held out to choose the state: 160 per rank, 10 whole batches of 16 -> 320
+    assert [r["train_images"] for r in qat["history"]] == [320] and qat["held_out_images"] == 80
     assert all(r["val_images"] == 100 for r in qat["history"])  # every val image counted once over both shards
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["qat_last.pt", "report.json", "mobilenet_v1_w0.25_r32_int8.pte", "mobilenet_v1_w0.25_r32_int8.pte.json"])

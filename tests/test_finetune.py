@@ -10,7 +10,7 @@ from mbquant.cli import main
 from mbquant.config import QATConfig, QuantConfig
 from mbquant.data.contract import spec_of
 from mbquant.data.dataset import load_folder
-from mbquant.errors import ConfigError
+from mbquant.errors import ConfigError, DataError
 from mbquant.finetune import CHECKPOINT_NAME, fit_qat, load_qat_checkpoint, state_digest
 from mbquant.mobile import table
 from mbquant.models import ModelInfo, load_checkpoint
@@ -41,7 +41,7 @@ def _run(tiny_ckpt, out: Path, *, kill_at=None, resume: bool = False):
             raise Killed
 
     result, warnings = fit_qat(qg, info, ds, val, config=CFG, quant=QUANT, float_digest=state_digest(model),
-                               out_dir=out, resume=checkpoint, on_step=on_step)
+                               out_dir=out, resume=checkpoint, on_step=on_step, reference=model)
     return result, warnings, qg
 
 
@@ -76,8 +76,38 @@ def test_history_records_the_schedule_and_reduced_metrics(straight):
     h = result.history
     assert [r["epoch"] for r in h] == [1, 2]
     assert [r["bn_frozen"] for r in h] == [False, True] and [r["observers_frozen"] for r in h] == [False, True]
-    assert h[0]["train_images"] == 400 and h[0]["val_images"] == 100  # 400 images, whole batches of 16
+    assert h[0]["train_images"] == 320 and h[0]["val_images"] == 100  # 400 images less 80 held out, batches of 16
     assert qg.bn_frozen and qg.observers_frozen and h[1]["lr"] < h[0]["lr"]
+
+
+def test_keep_best_chooses_on_held_out_images_and_ends_in_the_kept_state(straight):
+    """keep="best": a fifth of the training folder is held out (never trained on); the start and every epoch are
+    measured on it, the first best is kept (the start wins ties), and the model ends in exactly that state."""
+    result, _, qg = straight
+    scores = [result.start_agreement] + [row["held_out_agreement"] for row in result.history]
+    assert result.held_out_images == 80 and all(0 <= a <= 100 for a in scores)
+    assert result.selected_epoch == scores.index(max(scores))
+    best = torch.load(result.checkpoint, weights_only=True)["best"]
+    assert best["epoch"] == result.selected_epoch and best["start_agreement"] == result.start_agreement
+    state = qg.module.state_dict()
+    assert state.keys() == best["state_dict"].keys()
+    assert all(torch.equal(state[k], best["state_dict"][k]) for k in state)
+
+
+def test_held_out_images_are_a_seeded_draw_the_training_never_sees(tiny_ckpt):
+    from mbquant.finetune import split_training
+
+    root, _ = tiny_ckpt
+    ds = load_folder(root / "train", spec_of(load_checkpoint(tiny_ckpt[1])[1].preset), train=True)
+    train, held = split_training(ds, QATConfig(select_images=50, max_train_samples=200, seed=1))
+    trained = {ds.samples[i].path for i in train.indices}
+    assert len(held) == 50 and len(trained) == 200 and not trained & {s.path for s in held.samples}
+    assert held.train is False and ds.train is True              # measured as evaluated: no augmentation
+    again = split_training(ds, QATConfig(select_images=50, max_train_samples=200, seed=1))[1]
+    assert [s.path for s in again.samples] == [s.path for s in held.samples]
+    assert split_training(ds, QATConfig(keep="last"))[1] is None
+    with pytest.raises(DataError, match=r"has 400 images: too few to hold out 390 .* --keep last"):
+        split_training(ds, QATConfig(select_images=390, batch_size=16))
 
 
 def test_resume_rejects_another_model_other_weights_and_other_flags(tiny_ckpt, straight):
@@ -145,7 +175,7 @@ def test_qat_torchscript_trains_the_eager_engine_and_verifies_pt_ptl(tiny_ckpt, 
                "--num-calib", "32", "--format", "torchscript", "--latency-runs", "2", "--out", str(out), "--quiet"])
     assert rc == 0, capsys.readouterr().err
     rep = json.loads((out / "report.json").read_text())
-    assert rep["qat"]["history"][0]["train_images"] == 400
+    assert rep["qat"]["history"][0]["train_images"] == 320     # 400 less the 80 held out to choose the state
     arts = {a["file"]: a for a in rep["artifacts"]}
     assert sorted(arts) == ["mobilenet_v1_w0.25_r32_int8.pt", "mobilenet_v1_w0.25_r32_int8.ptl"]
     assert all(a["backend"] == "ts-qnnpack" and a["parity"]["agreement"] >= 99 for a in arts.values())
@@ -157,7 +187,7 @@ def test_qat_torchscript_trains_the_eager_engine_and_verifies_pt_ptl(tiny_ckpt, 
     assert v["qat"]["agreement_float"] == a["reference_agreement_float"]
     d = v["qat_minus_ptq"]["agreement"]
     assert d["diff_pp"] == pytest.approx(v["qat"]["agreement_float"] - v["ptq"]["agreement_float"], abs=1e-3)
-    assert v["qat_worse"] is (d["diff_pp"] < 0)
+    assert v["qat_worse"] is (d["ci95_pp"][1] < 0)         # significantly fewer images, not a tie within noise
     said = rep["warnings"] if v["qat_worse"] else rep["notes"]
     assert any("post-training quantization of the same checkpoint" in line for line in said)
     assert rep["backends"]["ts-qnnpack"]["calibration"]["observer"] == "histogram"   # the recipe's ranges

@@ -210,7 +210,8 @@ def cmd_qat(args: argparse.Namespace) -> int:
                     weight_decay=args.weight_decay, freeze_bn_after=args.freeze_bn_after,
                     freeze_observers_after=args.freeze_observers_after, init_ranges=args.init_ranges,
                     seed=args.seed, max_train_samples=args.max_train_samples, distill=args.distill,
-                    distill_temperature=args.distill_temperature, compare_ptq=args.compare_ptq)
+                    distill_temperature=args.distill_temperature, compare_ptq=args.compare_ptq,
+                    init_biases=args.init_biases, keep=args.keep, select_images=args.select_images)
     run = _run_config(args)
     (spec,) = check_run(config, run, qat=True)
     resolved, qat = table.resolve(config, spec, qat=True), table.resolve_qat(qat, spec)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..config import GRANULARITIES, INIT_RANGES, LOGITS, OBSERVERS, QATConfig
+from ..config import GRANULARITIES, INIT_BIASES, INIT_RANGES, KEEP, LOGITS, SELECT_IMAGES, OBSERVERS, QATConfig
 from ..data.images import MAX_IMAGE_PIXELS
 from ..data.presets import PRESET_KINDS
 from ..models.info import MODEL_NAMES
@@ -292,6 +292,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "observer: where PTQ starts; default), minmax (mean of per-batch min/max), off (first batch)")
     p.add_argument("--no-init-ranges", dest="init_ranges", action="store_const", const="off",
                    help="the same as --init-ranges off")
+    p.add_argument("--init-biases", choices=INIT_BIASES, default=None,
+                   help="where the biases start: corrected (the starting INT8 model bias-corrected on the --num-calib "
+                        "images, as PTQ's recipe does; default where the backend has bias correction) or float")
+    p.add_argument("--keep", choices=KEEP, default=QAT_DEFAULTS.keep,
+                   help="which state becomes the INT8 model: best (the start or an epoch's end, whichever agrees with "
+                        "the float model on the most held-out training images; default) or last (the last epoch's)")
+    p.add_argument("--select-images", type=int, default=None, metavar="N",
+                   help=f"--keep best: hold out N images of the training folder, never trained on (default: a fifth "
+                        f"of the folder, at most {SELECT_IMAGES})")
     p.add_argument("--compare-ptq", action=argparse.BooleanOptionalAction, default=QAT_DEFAULTS.compare_ptq,
                    help="also quantize post-training (the backend's default recipe, same flags) and report on the same "
                         "images whether QAT beat it (default on)")

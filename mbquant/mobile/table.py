@@ -281,8 +281,9 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
         if config.bias_correction or config.bias_correction_images is not None:
             asked = "--bias-correction" if config.bias_correction else \
                 f"--bias-correction-images {config.bias_correction_images}"
-            raise ConfigError(f"{asked}: bias correction is a post-training fix; QAT learns the correction itself: "
-                              f"drop the flag")
+            raise ConfigError(f"{asked}: bias correction is a post-training fix; QAT learns the correction itself, "
+                              f"starting from the corrected biases (--init-biases corrected, the default where the "
+                              f"backend has it): drop the flag")
         if config.adaround or config.adaround_images is not None or config.adaround_iterations is not None:
             asked = "--adaround" if config.adaround else ("--adaround-images" if config.adaround_images is not None
                                                           else "--adaround-iterations")
@@ -330,7 +331,14 @@ def resolve(config: QuantConfig, spec: BackendSpec, *, qat: bool = False) -> Qua
 
 
 def resolve_qat(schedule: "QATConfig", spec: BackendSpec) -> "QATConfig":
-    """The QAT schedule ``spec`` trains with: an unset learning rate takes the row's ``qat_lr``."""
+    """The QAT schedule ``spec`` trains with: an unset learning rate takes the row's ``qat_lr``; unset starting
+    biases are the corrected ones where the row has bias correction and the ranges are measured first."""
+    if schedule.init_biases == "corrected" and not spec.bias_correction:
+        raise ConfigError(f"--init-biases corrected: backend '{spec.name}' has no bias correction (supported by: "
+                          f"{having('bias_correction')}); pass --init-biases float")
+    if schedule.init_biases is None:
+        corrected = spec.bias_correction and schedule.init_ranges != "off"
+        schedule = schedule.replace(init_biases="corrected" if corrected else "float")
     return schedule if schedule.lr is not None else schedule.replace(lr=spec.qat_lr)
 
 

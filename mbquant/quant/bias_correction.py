@@ -27,7 +27,7 @@ from torch.fx import GraphModule, Node
 
 from ..errors import QuantizationError
 from .layerwalk import Batches, attr as _attr, source, walk
-from .ops import DEQUANTIZE_OPS, weighted_layers
+from .ops import DEQUANTIZE_OPS, LINEAR_OPS, weighted_layers
 
 
 @dataclass
@@ -38,6 +38,7 @@ class BiasCorrectionResult:
     samples: int = 0
     stored_bytes: int = 0            # the largest set of tensors kept between segments (in files)
     reference: str = "own pass"      # where the float means came from: "own pass" or "calibration pass"
+    shifts: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)   # layer -> the shift subtracted
 
     def to_dict(self) -> dict:
         return {"layers_corrected": self.layers_corrected, "skipped_no_bias": self.skipped_no_bias,
@@ -141,13 +142,32 @@ def _bias_update(gm: GraphModule, bias: Node | None) -> Callable[[torch.Tensor],
     return None
 
 
+def _out_channels(node: Node) -> int | None:
+    val = node.meta.get("val")
+    return int(val.shape[1]) if isinstance(val, torch.Tensor) and val.dim() >= 2 else None
+
+
+def _pair_by_order(layers: list[Node], ref_layers: list[Node]) -> dict[str, str]:
+    """INT8 layer name -> float layer name, the i-th conv/linear with the i-th (same kind, same output channels)."""
+    if len(layers) != len(ref_layers):
+        raise QuantizationError(f"bias correction: the INT8 graph has {len(layers)} conv/linear layers and the float "
+                                f"graph {len(ref_layers)}; they cannot be paired by order")
+    for a, b in zip(layers, ref_layers):
+        if (a.target in LINEAR_OPS) != (b.target in LINEAR_OPS) or _out_channels(a) != _out_channels(b):
+            raise QuantizationError(f"bias correction: INT8 layer {a.name} ({_out_channels(a)} channels) does not "
+                                    f"match float layer {b.name} ({_out_channels(b)}) at the same position")
+    return {a.name: b.name for a, b in zip(layers, ref_layers)}
+
+
 def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | Iterable[torch.Tensor], *,
                    reference: ReferenceMeans | None = None, workdir: Path | None = None,
-                   progress: bool = False) -> BiasCorrectionResult:
+                   progress: bool = False, pair: str = "name") -> BiasCorrectionResult:
     """Correct the biases of ``int8`` in place, in graph order, on the calibration ``batches`` (a list, or a callable
     returning a fresh iterator over them: each is read twice, never held together). ``reference``: the float
     means calibration recorded over the same images; without it the reference makes its own pass over
-    ``batches`` first."""
+    ``batches`` first. ``pair``: how an INT8 layer finds its float counterpart: by node name (``"name"``: a graph
+    converted from ``prepare_pt2e``) or by position among the conv/linear layers (``"order"``: a graph converted
+    from ``prepare_qat_pt2e``, whose folding renames the convs; the output channel counts must match)."""
     batches = source(batches)
     layers = weighted_layers(int8)
     if reference is None:
@@ -156,7 +176,16 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
     else:
         float_means = reference.means()
         known = set(float_means)
-    missing = sorted({n.name for n in layers} - known)
+    if pair == "order":
+        if reference is not None:
+            raise QuantizationError("bias correction: pair='order' takes the float means from its own pass; "
+                                    "drop reference=")
+        names = _pair_by_order(layers, weighted_layers(ref))
+    elif pair == "name":
+        names = {n.name: n.name for n in layers}
+    else:
+        raise QuantizationError(f"bias correction: pair must be 'name' or 'order', got {pair!r}")
+    missing = sorted(n.name for n in layers if names.get(n.name) not in known)
     if missing:
         raise QuantizationError(f"bias correction: {len(missing)} layers of the INT8 graph have no float counterpart "
                                 f"(first: {missing[0]}); run without bias correction")
@@ -165,7 +194,7 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
     result = BiasCorrectionResult(0, skipped_no_bias=[n.name for n in layers if updates[n] is None],
                                   reference="own pass" if reference is None else "calibration pass")
     if reference is None:
-        float_means = node_means(ref, {n.name for n in syncs}, batches)
+        float_means = node_means(ref, {names[n.name] for n in syncs}, batches)
     sums: dict[Node, Any] = {}
     counts: dict[Node, int] = {}
 
@@ -179,8 +208,9 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
         if reference is not None and seen != reference.seen:
             raise QuantizationError(f"bias correction reads {seen} images but calibration recorded the float means "
                                     f"over {reference.seen}; record them with the same image limit")
-        shift = sums.pop(layer) / seen - float_means[layer.name]
+        shift = sums.pop(layer) / seen - float_means[names[layer.name]]
         updates[layer](shift)
+        result.shifts[layer.name] = shift
         result.layers_corrected += 1
         result.max_abs_shift = max(result.max_abs_shift, float(shift.abs().max()))
 

@@ -28,12 +28,14 @@ def prepare_qat(train_graph: GraphModule, quantizer: Quantizer) -> QatGraph:
     from torchao.quantization.pt2e import allow_exported_model_train_eval
     from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
 
+    constants = compat.mode_constants(train_graph)    # the model's own BN momentum/eps, dropout p (torchao drops them)
     with compat.pattern_graphs_once():
         prepared = prepare_qat_pt2e(train_graph, quantizer)
+    compat.restore_mode_constants(prepared, constants)
     allow_exported_model_train_eval(prepared)
     if not fake_quants(prepared):
         raise QuantizationError("prepare_qat inserted no fake-quantize modules; nothing would be trained for INT8")
-    return QatGraph(prepared, convert)
+    return QatGraph(prepared, convert, constants)
 
 
 def convert(prepared: GraphModule) -> GraphModule:

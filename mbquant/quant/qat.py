@@ -8,6 +8,7 @@ statistics used and left untouched) while the rest of the graph trains.
 from __future__ import annotations
 
 import abc
+import copy
 from typing import Callable, Iterable
 
 import torch
@@ -16,7 +17,8 @@ from torch.fx import GraphModule
 
 from .. import compat
 from ..errors import QuantizationError
-from .ops import BN_OPS
+from .layerwalk import attr
+from .ops import BN_OPS, weighted_layers
 
 
 def fake_quants(module: nn.Module) -> dict[str, nn.Module]:
@@ -48,6 +50,11 @@ class QatModel(abc.ABC):
     @abc.abstractmethod
     def convert(self) -> nn.Module:
         """The INT8 model (BN folded)."""
+
+    def converted_copy(self) -> nn.Module:
+        """The INT8 model :meth:`convert` would give now, this model left as it is (the eager engine's convert
+        already leaves it; the PT2E graph copies itself first)."""
+        return self.convert()
 
     def freeze_bn(self) -> None:
         """Use (and stop updating) BN running statistics from now on, in train mode too."""
@@ -137,9 +144,12 @@ class QatGraph(QatModel):
     """A fake-quantized PT2E graph. Modes are graph rewrites; freezing BN rewrites the training-mode
     ``batch_norm`` ops to their eval form while the rest of the graph trains."""
 
-    def __init__(self, module: GraphModule, convert: Callable[[GraphModule], GraphModule]):
+    def __init__(self, module: GraphModule, convert: Callable[[GraphModule], GraphModule],
+                 constants: compat.ModeConstants | None = None):
         self.module = module
         self._convert = convert
+        # each BN's own momentum and eps and each dropout's p, put back after every torchao rewrite
+        self._constants = constants or compat.ModeConstants({}, ())
 
     def set_mode(self, train: bool) -> None:
         from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
@@ -147,8 +157,10 @@ class QatGraph(QatModel):
         with _keep_rng(), compat.pattern_graphs_once():
             if not train:
                 move_exported_model_to_eval(self.module)
+                compat.restore_mode_constants(self.module, self._constants)
                 return
             move_exported_model_to_train(self.module)
+            compat.restore_mode_constants(self.module, self._constants)
             if self.bn_frozen:
                 self._bn_to_eval()
 
@@ -157,6 +169,7 @@ class QatGraph(QatModel):
 
         with _keep_rng():
             replace_batchnorm(self.module, train_to_eval=True)
+        compat.restore_mode_constants(self.module, self._constants)
 
     def _freeze_bn(self) -> None:
         if self.training:
@@ -175,7 +188,42 @@ class QatGraph(QatModel):
     def convert(self) -> GraphModule:
         """Fold BN into the convs and emit quantize/dequantize pairs (checks no batch_norm is left)."""
         self.set_mode(False)
+        compat.eps_into_running_var(self.module, self._constants.bn)   # torchao folds with its own eps
         return self._convert(self.module)
+
+    def converted_copy(self) -> GraphModule:
+        """The INT8 graph :meth:`convert` would give now, from a copy (this model is left as it is, in eval mode)."""
+        twin = QatGraph(copy.deepcopy(self.module), self._convert, self._constants)
+        return twin.convert()
+
+    def output_offsets(self) -> list[torch.Tensor]:
+        """For every conv/linear layer, in graph order (the order of the converted graph's layers), the parameter
+        that adds a per-channel offset to its output once BN is folded: the bias of the batch norm the conv feeds
+        (convert folds it into the conv's bias), else the layer's own bias."""
+        offsets = []
+        for layer in weighted_layers(self.module):
+            bn = _bn_after(layer)
+            bias = bn.args[2] if bn is not None else (layer.args[2] if len(layer.args) > 2 else None)
+            if isinstance(bias, torch.fx.Node) and bias.op == "call_module" and len(bias.args) == 1:
+                bias = bias.args[0]              # the bias's fake-quantize (an INT32 bias): shift what it reads
+            if not isinstance(bias, torch.fx.Node) or bias.op != "get_attr":
+                raise QuantizationError(f"QAT graph: layer {layer.name} has no bias or batch-norm bias to offset its "
+                                        f"output; start from float biases (--init-biases float)")
+            offsets.append(attr(self.module, bias.target))
+        return offsets
+
+    def shift_outputs(self, shifts: list[torch.Tensor]) -> None:
+        """Subtract ``shifts[i]`` (per channel) from the output of the i-th conv/linear layer (its
+        :meth:`output_offsets`): bias correction carried into the training graph."""
+        offsets = self.output_offsets()
+        if len(shifts) != len(offsets):
+            raise QuantizationError(f"QAT graph: {len(shifts)} shifts for {len(offsets)} conv/linear layers")
+        with torch.no_grad():
+            for t, shift in zip(offsets, shifts):
+                if shift.shape != t.shape:
+                    raise QuantizationError(f"QAT graph: a shift of shape {tuple(shift.shape)} for an offset of shape "
+                                            f"{tuple(t.shape)}")
+                t.sub_(shift.to(t.device, t.dtype))
 
 
 def _keep_rng():
@@ -190,6 +238,19 @@ def _sync_qparams(fq: nn.Module) -> None:
     scale, zero_point = fq.calculate_qparams()
     fq.scale.resize_(scale.shape).copy_(scale)
     fq.zero_point.resize_(zero_point.shape).copy_(zero_point.to(fq.zero_point.dtype))
+
+
+def _bn_after(layer: torch.fx.Node, hops: int = 4) -> torch.fx.Node | None:
+    """The batch norm a conv feeds in a QAT graph (conv -> div by the BN scale -> [add bias] -> batch_norm), or
+    None. Only single-user chains count: a value used elsewhere is not what the BN shifts."""
+    node = layer
+    for _ in range(hops):
+        if len(node.users) != 1:
+            return None
+        node = next(iter(node.users))
+        if node.op == "call_function" and node.target in BN_OPS:
+            return node
+    return None
 
 
 def _bn_is_training(node: torch.fx.Node) -> bool:

@@ -75,3 +75,21 @@ def test_per_tensor_weights_take_their_own_best_recipe():
     assert table.resolve(QuantConfig(granularity="per-tensor", equalize=False), pte).equalize is False
     assert table.resolve(QuantConfig(granularity="per-tensor", recipe="stock"), pte).equalize is False
     assert table.resolve(QuantConfig(granularity="per-tensor"), table.get_spec("ts-qnnpack")).equalize is False
+
+
+def test_qat_starts_from_corrected_biases_where_the_backend_corrects_them():
+    from mbquant.config import QATConfig
+
+    corrected = [s.name for s in table.BACKENDS.values() if s.qat and s.bias_correction]
+    plain = [s.name for s in table.BACKENDS.values() if s.qat and not s.bias_correction]
+    assert "pte-xnnpack" in corrected and "pte-cortex-m" in corrected and plain   # the eager TorchScript row
+    for name in corrected:
+        spec = table.get_spec(name)
+        assert table.resolve_qat(QATConfig(), spec).init_biases == "corrected"
+        assert table.resolve_qat(QATConfig(init_ranges="off", freeze_observers_after=1), spec).init_biases == "float"   # nothing to correct
+        assert table.resolve_qat(QATConfig(init_biases="float"), spec).init_biases == "float"
+    for name in plain:
+        spec = table.get_spec(name)
+        assert table.resolve_qat(QATConfig(), spec).init_biases == "float"
+        with pytest.raises(ConfigError, match=f"--init-biases corrected: backend '{name}' has no bias correction"):
+            table.resolve_qat(QATConfig(init_biases="corrected"), spec)
