@@ -122,7 +122,7 @@ def bn_constants(graph_module) -> dict[str, tuple[float, float]]:
     support custom momentum and eps value") rebuild every batch_norm with PyTorch's defaults, 0.1 and 1e-5.
     torchvision's MobileNetV3 uses 0.01 and 0.001: its fake-quantized graph then computes another function than the
     float model (logits off by tens on the shipped V3-Small), and convert folds BN with the wrong eps.
-    :func:`restore_bn_constants` puts the recorded values back after each rewrite."""
+    :func:`restore_mode_constants` puts the recorded values back after each rewrite."""
     positions = _bn_constant_positions()
     out = {}
     for n in graph_module.graph.nodes:
@@ -133,9 +133,10 @@ def bn_constants(graph_module) -> dict[str, tuple[float, float]]:
     return out
 
 
-def restore_bn_constants(graph_module, constants: dict[str, tuple[float, float]]) -> int:
+def _set_bn_constants(graph_module, constants: dict[str, tuple[float, float]]) -> int:
     """Give every batch_norm of ``graph_module`` the momentum and eps :func:`bn_constants` recorded for its running
-    mean, and the ``running_var + eps`` of the QAT conv-BN pattern its eps; returns how many ops changed."""
+    mean, and the ``running_var + eps`` of the QAT conv-BN pattern its eps; returns how many ops changed (the caller
+    recompiles)."""
     import torch
 
     positions = _bn_constant_positions()
@@ -159,8 +160,6 @@ def restore_bn_constants(graph_module, constants: dict[str, tuple[float, float]]
                     and isinstance(u.args[1], float) and u.args[1] != eps:
                 u.args = (u.args[0], eps)
                 changed += 1
-    if changed:
-        graph_module.recompile()
     return changed
 
 
@@ -192,7 +191,7 @@ def mode_constants(graph_module) -> ModeConstants:
 
 def restore_mode_constants(graph_module, constants: ModeConstants) -> int:
     """Put ``constants`` back into ``graph_module`` (after a torchao rewrite); returns how many ops changed."""
-    changed = restore_bn_constants(graph_module, constants.bn)
+    changed = _set_bn_constants(graph_module, constants.bn)
     drops = _dropouts(graph_module)
     if constants.dropout and len(drops) != len(constants.dropout):
         raise RuntimeError(f"the graph has {len(drops)} dropout ops, {len(constants.dropout)} were recorded: "
@@ -217,9 +216,10 @@ def eps_into_running_var(graph_module, constants: dict[str, tuple[float, float]]
     this. Returns how many BNs moved."""
     import torch
 
+    positions = _bn_constant_positions()
     moved = 0
     for n in graph_module.graph.nodes:
-        key = _bn_key(n) if n.op == "call_function" and n.target in _bn_constant_positions() else None
+        key = _bn_key(n) if n.op == "call_function" and n.target in positions else None
         if key is None or key not in constants or constants[key][1] == TORCHAO_FOLD_EPS:
             continue
         var = n.args[4]
@@ -230,7 +230,8 @@ def eps_into_running_var(graph_module, constants: dict[str, tuple[float, float]]
             buf.add_(constants[key][1] - TORCHAO_FOLD_EPS)
         constants = {**constants, key: (constants[key][0], TORCHAO_FOLD_EPS)}
         moved += 1
-    restore_bn_constants(graph_module, constants)
+    if _set_bn_constants(graph_module, constants):
+        graph_module.recompile()
     return moved
 
 

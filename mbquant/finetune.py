@@ -129,10 +129,9 @@ class _Keeper:
             state = copy.deepcopy(self.qg.module.state_dict())   # keeps _metadata: observers read its version
             self.best = {"epoch": epoch, "agreement": agreement, "state_dict": state}
 
-    def restore(self) -> int:
-        """Load the kept state into the model (when it is not the last one); returns its epoch."""
+    def restore(self) -> None:
+        """Load the kept state into the model."""
         self.qg.module.load_state_dict(self.best["state_dict"])
-        return self.best["epoch"]
 
 
 def _train_loader(dataset, config: QATConfig, dist: Dist, epoch: int):
@@ -356,6 +355,8 @@ def _fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_s
         if progress and dist.is_main:
             print("  " + "  ".join(f"{k}={v}" for k, v in row.items()), flush=True)
     if keeper is not None:
-        result.selected_epoch = keeper.restore() if keeper.best["epoch"] != config.epochs else config.epochs
+        result.selected_epoch = keeper.best["epoch"]
+        if result.selected_epoch != config.epochs:      # the last epoch's state is the model's already
+            keeper.restore()
     result.seconds = round(time.perf_counter() - t0, 1)
     return result, warnings

@@ -39,7 +39,7 @@ from .quant.equalize import EqualizationResult, equalize
 from .quant.export import FloatModel
 from .records import ArtifactResult, FloatResult, Sidecar, paths
 from .report import Report, host, library_versions
-from .stats import clustered_se_pp
+from .stats import clustered_se_pp, paired
 
 FLOAT = "float"
 
@@ -262,6 +262,8 @@ def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfi
                 (x.to(dist.device) for x in calib.batches(cfg.batch_size)), observer))
             facts["calibration"] = {"samples": seen, "use": "initial fake-quantize ranges",
                                     "observer": ptq_cfg.observer if observer is not None else "mean of batch min/max"}
+        # one copy of the float model serves as teacher and as the reference the kept state is chosen against
+        float_copy = copy.deepcopy(fm.module).eval() if ft.config.distill > 0 or ft.config.keep == "best" else None
         if ft.config.init_biases == "corrected" and ft.resume is None:
             start = _timed(seconds, "bias_correction", lambda: _corrected_start(qm, fm, calib, cfg, progress))
             facts["start_bias_correction"] = start.to_dict()
@@ -269,8 +271,8 @@ def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfi
             qm, info, ft.train_set, eval_set, config=ft.config, quant=cfg,
             float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=ckpt_dir if dist.is_main else None,
             resume=ft.resume, progress=progress, on_step=ft.on_step,
-            teacher=copy.deepcopy(fm.module).eval() if ft.config.distill > 0 else None,
-            reference=copy.deepcopy(fm.module).eval() if ft.config.keep == "best" else None))
+            teacher=float_copy if ft.config.distill > 0 else None,
+            reference=float_copy if ft.config.keep == "best" else None))
     if not dist.is_main:
         return None
     for w in warnings:
@@ -347,20 +349,21 @@ def _flips(cmp: Comparison, ref: str, art: str, eval_set: ImageFolderDataset, li
     return out
 
 
+def _parity_difference(cmp: Comparison, ref: str, art: str, ref_ok: torch.Tensor, art_ok: torch.Tensor) -> dict:
+    """The reference's outcome minus the artifact's, paired on the images, with the standard error that groups the
+    flipped images by the class pair the two predict there (flips between the same classes move together)."""
+    return {**paired(ref_ok, art_ok).to_dict(),
+            "se_clustered_pp": round(clustered_se_pp(ref_ok, art_ok, cmp.preds[ref], cmp.preds[art]), 3)}
+
+
 def _result(cmp: Comparison, built: Built, w: Written, pred: Predictor, eval_set: ImageFolderDataset,
             run: RunConfig, x1: torch.Tensor) -> ArtifactResult:
     ref, art = f"{built.backend.name}", f"{built.backend.name}:{w.path.name}"
     parity = {"agreement": round(cmp.agree(ref, art), 3), "max_abs_logit_diff": cmp.diff(ref, art),
               "flips": _flips(cmp, ref, art, eval_set),
-              "top1_reference_minus_artifact": {
-                  **cmp.paired_accuracy(ref, art).to_dict(),
-                  "se_clustered_pp": round(clustered_se_pp(cmp.correct(ref), cmp.correct(art), cmp.preds[ref],
-                                                           cmp.preds[art]), 3)},
-              "agreement_float_reference_minus_artifact": {
-                  **cmp.paired_agreement(FLOAT, ref, art).to_dict(),
-                  "se_clustered_pp": round(clustered_se_pp(cmp.preds[ref] == cmp.preds[FLOAT],
-                                                           cmp.preds[art] == cmp.preds[FLOAT], cmp.preds[ref],
-                                                           cmp.preds[art]), 3)}}
+              "top1_reference_minus_artifact": _parity_difference(cmp, ref, art, cmp.correct(ref), cmp.correct(art)),
+              "agreement_float_reference_minus_artifact": _parity_difference(
+                  cmp, ref, art, cmp.preds[ref] == cmp.preds[FLOAT], cmp.preds[art] == cmp.preds[FLOAT])}
     result = ArtifactResult(
         backend=built.backend.name, file=w.path.name, bytes=w.bytes, runtime=pred.runtime,
         images=cmp.count, top1=round(cmp.top1(art), 3), top5=round(cmp.top5(art), 3),
