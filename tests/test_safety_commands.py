@@ -322,7 +322,10 @@ def test_check_and_baseline_killed_mid_measurement_write_nothing(world, tmp_path
     t0 = time.monotonic()
     rc = _kill_when(_cli(*args), lambda: time.monotonic() - t0 > 4)
     assert rc in (0, -signal.SIGKILL)
-    if rc == 0:          # it finished before the kill: then the file is complete
+    if rc == 0 or out.exists():
+        # it finished, or the kill landed after the atomic rename (the file is written last, so a kill during the
+        # measurement cannot leave it): then the file is complete and nothing else is there
         assert json.loads(out.read_text())["format"].startswith("mbquant-")
+        assert list(tmp_path.iterdir()) == [out]
     else:
         assert list(tmp_path.iterdir()) == []                          # no partial file, no temporary one
