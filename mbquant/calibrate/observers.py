@@ -77,18 +77,35 @@ def activation_observer(config: QuantConfig, ns: ModuleType | None = None, **kwa
     raise ValueError(f"observer {config.observer!r} is not resolved; resolve the config for its backend first")
 
 
+def qat_activation(observer: type, **kwargs):
+    """QAT's activation fake-quantize (``with_args``): the fused moving-average one, one pass over a large tensor.
+    Its kernel's affine step is its observer's, the one ``convert_pt2e`` writes, to a float32 rounding."""
+    return _pt2e().FusedMovingAvgObsFakeQuantize.with_args(observer=observer, **kwargs)
+
+
+def qat_weight(observer: type, **kwargs):
+    """QAT's weight fake-quantize (``with_args``): the unfused one. Its step is its observer's formula, the one
+    post-training quantization and ``convert_pt2e`` use, so training starts on PTQ's weight grid and the converted
+    weights are the ones trained. The fused kernel's symmetric step is not its observer's (torchao 0.18: ``absmax /
+    127.5`` against ``absmax / 127`` for [-127, 127]; ``max(|min| / 128, max / 127)`` against ``absmax / 127.5`` for
+    [-128, 127]), so QAT with it trained on a grid 0.4 % off the one it converted to (fixed upstream by
+    pytorch/ao#4824, not in the pinned torchao). Weights are small: the unfused op costs nothing that shows."""
+    return _pt2e().FakeQuantize.with_args(observer=observer, **kwargs)
+
+
 def quantization_config(config: QuantConfig, *, qat: bool = False):
     """INT8 spec for PT2E backends: per-tensor affine activations, symmetric weights in [-127, 127] (per-channel
-    by default). With ``qat`` every observer is a fused moving-average fake-quantize (as ExecuTorch's QAT config),
-    keeping the weight granularity: per-channel weights get a per-channel moving-average observer."""
+    by default). With ``qat`` the observers are moving-average fake-quantizes (:func:`qat_activation`,
+    :func:`qat_weight`), keeping the weight granularity: per-channel weights get a per-channel moving-average
+    observer."""
     from torchao.quantization.pt2e.quantizer import QuantizationConfig, QuantizationSpec
 
     ns = _pt2e()
     per_channel = config.granularity == "per-channel"
     if qat:
-        act_ctr = ns.FusedMovingAvgObsFakeQuantize.with_args(observer=ns.MovingAverageMinMaxObserver, eps=EPS)
+        act_ctr = qat_activation(ns.MovingAverageMinMaxObserver, eps=EPS)
         w_obs = ns.MovingAveragePerChannelMinMaxObserver if per_channel else ns.MovingAverageMinMaxObserver
-        w_ctr = ns.FusedMovingAvgObsFakeQuantize.with_args(observer=w_obs, eps=EPS)
+        w_ctr = qat_weight(w_obs, eps=EPS)
     else:
         act_ctr = activation_observer(config)
         w_ctr = (ns.PerChannelMinMaxObserver if per_channel else ns.MinMaxObserver).with_args(eps=EPS)

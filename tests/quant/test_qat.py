@@ -291,3 +291,43 @@ def test_qat_graph_keeps_each_batch_norms_own_eps_and_momentum():
     folded = model[0].weight * (bn.weight / torch.sqrt(bn.running_var + bn.eps)).reshape(-1, 1, 1, 1)
     err = (q * scale.reshape(-1, 1, 1, 1) - folded).abs().amax(dim=(1, 2, 3))
     assert bool((err <= 0.51 * scale).all()), (err / scale)                # on the grid of the float model's fold
+
+
+@pytest.mark.parametrize("backend", ["pte-xnnpack", "pte-cortex-m"])
+def test_the_converted_weights_are_the_ones_qat_trained(backend):
+    """convert_pt2e writes each weight on the grid the training forward used, per channel, after training moved the
+    weights and the ranges. torchao 0.18's fused fake-quantize trains with its kernel's symmetric step (``absmax /
+    127.5`` for [-127, 127]) and converts with its observer's (``absmax / 127``): every converted weight sat on a grid
+    0.4 % off the trained one (checked: this test fails on both backends without mbquant's fake-quantizes)."""
+    from mbquant.models import create
+    from mbquant.quant.layerwalk import attr
+    from mbquant.quant.ops import weighted_layers
+
+    torch.manual_seed(0)
+    spec = table.get_spec(backend)
+    qg = table.load(spec).prepare_qat(FloatModel(create("mobilenet_v1", num_classes=10, width_mult=0.25), 32),
+                                      table.resolve(QuantConfig(recipe="qat"), spec, qat=True))
+    x = torch.randn(8, 3, 32, 32)
+    qg.init_ranges([x])
+    _train_step(qg, x)                           # observers on: weights and their ranges move
+    qg.set_mode(False)
+    fqs = fake_quants(qg.module)
+    trained = []
+    with torch.no_grad():
+        qg.module(x)                                 # the forward's own scales, as the last training step used them
+        for layer in weighted_layers(qg.module):
+            if layer.args[1].op != "call_module":
+                continue                             # kept in float (XNNPACK's recipe keeps the logits layer)
+            fq, w = fqs[layer.args[1].target], layer.args[1].args[0]   # xnnpack: w is the BN-scaled weight (a mul)
+            trained.append((fq.scale.clone(), fq(attr(qg.module, w.target)) if w.op == "get_attr" else None))
+    converted = qg.converted_copy()
+    layers = [n for n in weighted_layers(converted) if n.args[1].op == "call_function"]       # dequantized weights
+    assert len(layers) == len(trained) >= 27
+    for layer, (scale, fq_weight) in zip(layers, trained):
+        dq = layer.args[1]
+        q, s = attr(converted, dq.args[0].target), dq.args[1]
+        s = attr(converted, s.target) if isinstance(s, torch.fx.Node) else torch.tensor([s])
+        torch.testing.assert_close(s.float().flatten(), scale.flatten(), rtol=1e-6, atol=0, msg=layer.name)
+        if fq_weight is not None:                    # no BN in the graph (Cortex-M): the very values the forward used
+            shape = (-1,) + (1,) * (q.dim() - 1)
+            torch.testing.assert_close(q.float() * s.reshape(shape), fq_weight, rtol=0, atol=1e-7, msg=layer.name)

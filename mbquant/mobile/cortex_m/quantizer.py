@@ -4,8 +4,9 @@ fake-quantize specs for QAT (ExecuTorch ships no QAT configuration for it).
 The QAT specs keep the Cortex-M numerics of the PTQ configuration, spec for spec: symmetric per-channel INT8 conv
 weights, symmetric per-tensor INT8 linear weights, per-tensor affine INT8 activations (each with the int8 range
 the PTQ observer uses), INT32 biases derived from the input and weight scales, ReLU/ReLU6 folded into the output
-range by the quantizer's own patterns. Only the observers change: fused moving-average fake-quantize, so training
-sees the rounding the kernels will do. The patterns (what is quantized where) are the PTQ quantizer's, so the
+range by the quantizer's own patterns. Only the observers change: moving-average fake-quantizes (mbquant's
+``qat_activation``/``qat_weight``, converting with the qparams they trained with), so training sees the rounding
+the kernels will do. The patterns (what is quantized where) are the PTQ quantizer's, so the
 converted graph lowers to the same ``cortex_m::`` kernels.
 """
 from __future__ import annotations
@@ -84,19 +85,17 @@ def _per_image_checks(quantizer):
 
 def _qat_config(*, per_channel: bool):
     """(input activation, output activation, weight) fake-quantize specs for QAT, Cortex-M numerics."""
-    from torchao.quantization.pt2e import (FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver,
-                                           MovingAveragePerChannelMinMaxObserver)
+    from torchao.quantization.pt2e import MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver
     from torchao.quantization.pt2e.quantizer import QuantizationSpec
 
+    from ...calibrate.observers import qat_activation, qat_weight
+
     act = QuantizationSpec(dtype=torch.int8, qscheme=torch.per_tensor_affine,
-                           observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
-                               observer=MovingAverageMinMaxObserver))
+                           observer_or_fake_quant_ctr=qat_activation(MovingAverageMinMaxObserver))
     if per_channel:
         weight = QuantizationSpec(dtype=torch.int8, qscheme=torch.per_channel_symmetric, ch_axis=0,
-                                  observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
-                                      observer=MovingAveragePerChannelMinMaxObserver))
+                                  observer_or_fake_quant_ctr=qat_weight(MovingAveragePerChannelMinMaxObserver))
     else:
         weight = QuantizationSpec(dtype=torch.int8, qscheme=torch.per_tensor_symmetric,
-                                  observer_or_fake_quant_ctr=FusedMovingAvgObsFakeQuantize.with_args(
-                                      observer=MovingAverageMinMaxObserver))
+                                  observer_or_fake_quant_ctr=qat_weight(MovingAverageMinMaxObserver))
     return act, act, weight

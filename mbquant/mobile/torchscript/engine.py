@@ -105,8 +105,12 @@ def qconfig(engine: str, config: QuantConfig, *, qat: bool = False) -> tq.QConfi
                       quant_max=127 if engine in REDUCE_RANGE_ENGINES else 255, eps=EPS)
     if qat:
         act = tq.FusedMovingAvgObsFakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, **act_kwargs)
-        weight = (fq.fused_per_channel_wt_fake_quant_range_neg_127_to_127 if per_channel
-                  else fq.fused_wt_fake_quant_range_neg_127_to_127)
+        # unfused weight fake-quants: the fused kernel's symmetric step (absmax / 127.5) is not the one convert
+        # writes (its observer's absmax / 127); see mbquant.calibrate.observers.qat_weight
+        weight = fq.FakeQuantize.with_args(
+            observer=ob.MovingAveragePerChannelMinMaxObserver if per_channel else ob.MovingAverageMinMaxObserver,
+            quant_min=-127, quant_max=127, dtype=torch.qint8, eps=EPS,
+            qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric)
         return tq.QConfig(activation=act, weight=weight)
     act = activation_observer(config, tq, **act_kwargs)
     weight = ob.per_channel_weight_observer_range_neg_127_to_127 if per_channel else ob.weight_observer_range_neg_127_to_127

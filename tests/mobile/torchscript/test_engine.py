@@ -233,8 +233,18 @@ def test_eager_qat_freezes_bn_and_observers_and_converts(v2, calib, images):
     qat.enable_fake_quant(False)
     assert all(int(m.fake_quant_enabled[0]) == 0 for m in qat.module.modules() if hasattr(m, "fake_quant_enabled"))
     qat.enable_fake_quant(True)
+    with torch.no_grad():
+        qat.module.eval()(images)                   # the forward's own weight scales, as training used them
+    trained = [m.weight_fake_quant.scale.clone() for m in qat.module.modules() if hasattr(m, "weight_fake_quant")]
+    qat.module.train()
     int8 = qat.convert()
     assert not int8.training and qat.module.training
     assert sum(type(m) is eager.QuantizedConvReLU62d for m in int8.modules()) == 35
+    # each converted weight sits on the grid its fake-quantize trained on (the fused kernel's was 0.4 % off)
+    weights = [m.weight() for m in int8.modules() if callable(getattr(m, "weight", None))]
+    assert len(weights) == len(trained) > 35
+    for w, scale in zip(weights, trained):
+        got = w.q_per_channel_scales() if w.qscheme() == torch.per_channel_affine else torch.tensor([w.q_scale()])
+        torch.testing.assert_close(got.float(), scale.flatten().float(), rtol=1e-6, atol=0)
     with eager.quantized_engine("qnnpack"):
         assert torch.isfinite(int8(images)).all()
