@@ -14,6 +14,7 @@ import io
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Collection
 
 import torch
 from torch import nn
@@ -78,18 +79,30 @@ def held_out_count(config: QATConfig, available: int) -> int:
     return n
 
 
-def split_training(train_set: ImageFolderDataset, config: QATConfig):
+def split_training(train_set: ImageFolderDataset, config: QATConfig, exclude: Collection[Path] = ()):
     """The images QAT trains on and, with ``keep="best"``, the held-out ones it chooses its state on (a seeded draw
-    of the same folder, evaluation preprocessing, never trained on); (dataset, None) with ``keep="last"``."""
+    of the same folder, evaluation preprocessing, never trained on); (dataset, None) with ``keep="last"``.
+
+    ``exclude``: images never held out (the calibration images: the start's ranges and bias correction were
+    measured on them, so they would favour the start); they may still be trained on."""
     held = held_out_count(config, len(train_set))
     if held == 0 and (config.max_train_samples is None or config.max_train_samples >= len(train_set)):
         return train_set, None
     g = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(train_set), generator=g).tolist()
-    train_idx = order[held:] if config.max_train_samples is None else order[held:held + config.max_train_samples]
+    skip = {Path(p).resolve() for p in exclude}
+    eligible = [i for i in order if not skip or train_set.samples[i].path.resolve() not in skip]
+    held_idx = eligible[:held]
+    if len(held_idx) < held:
+        raise DataError(f"the training folder has {len(eligible)} images besides the calibration images: too few to "
+                        f"hold out {held} for choosing the QAT state; pass a smaller --select-images, more images, "
+                        f"or --keep last (no held-out choice)")
+    kept = set(held_idx)
+    rest = [i for i in order if i not in kept]
+    train_idx = rest if config.max_train_samples is None else rest[:config.max_train_samples]
     if held == 0:
         return torch.utils.data.Subset(train_set, train_idx), None
-    chosen = ImageFolderDataset([train_set.samples[i] for i in order[:held]], train_set.classes, train_set.spec,
+    chosen = ImageFolderDataset([train_set.samples[i] for i in held_idx], train_set.classes, train_set.spec,
                                 train=False, max_pixels=train_set.max_pixels)
     return torch.utils.data.Subset(train_set, train_idx), chosen
 
@@ -276,14 +289,15 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
             config: QATConfig, quant: QuantConfig, float_digest: str, dist: Dist = Dist(),
             out_dir: Path | None = None, resume: dict | None = None, eval_batch_size: int = 100,
             progress: bool = False, on_step: StepHook | None = None,
-            teacher: nn.Module | None = None, reference: nn.Module | None = None) -> tuple[QatResult, list[str]]:
+            teacher: nn.Module | None = None, reference: nn.Module | None = None,
+            calibration_images: Collection[Path] = ()) -> tuple[QatResult, list[str]]:
     """Train ``qg`` in place for ``config.epochs`` epochs (minus those a resumed checkpoint already did).
 
     ``teacher``: the float model, for ``config.distill > 0``. ``reference``: the float model, for
     ``config.keep == "best"`` (the state kept is the start's or an epoch's, whichever agrees with it on the most
-    held-out training images; :func:`split_training`). ``resume`` is a checkpoint read (and checked) by
-    :func:`load_qat_checkpoint`. Rank 0 writes ``out_dir/qat_last.pt`` after every epoch. Returns the result and
-    any warnings. Dropout and augmentation draw from the seed inside ``fork_rng``: the caller's RNG is untouched.
+    held-out training images; :func:`split_training`; ``calibration_images`` are never held out). ``resume`` is a
+    checkpoint read (and checked) by :func:`load_qat_checkpoint`. Rank 0 writes ``out_dir/qat_last.pt`` after every
+    epoch. Returns the result and any warnings. Dropout and augmentation draw from the seed inside ``fork_rng``: the caller's RNG is untouched.
     """
     if config.distill > 0 and teacher is None:
         raise ConfigError(f"distill {config.distill} needs the float model as teacher; pass teacher=")
@@ -296,14 +310,16 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
         torch.manual_seed(config.seed + dist.rank)
         return _fit_qat(qg, info, train_set, val_set, config=config, quant=quant, float_digest=float_digest,
                         dist=dist, out_dir=out_dir, resume=resume, eval_batch_size=eval_batch_size, progress=progress,
-                        on_step=on_step, teacher=teacher, reference=reference)
+                        on_step=on_step, teacher=teacher, reference=reference,
+                        calibration_images=calibration_images)
 
 
 def _fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_set: ImageFolderDataset, *,
              config: QATConfig, quant: QuantConfig, float_digest: str, dist: Dist, out_dir: Path | None,
              resume: dict | None, eval_batch_size: int, progress: bool, on_step: StepHook | None,
-             teacher: nn.Module | None, reference: nn.Module | None) -> tuple[QatResult, list[str]]:
-    dataset, held = split_training(train_set, config)
+             teacher: nn.Module | None, reference: nn.Module | None,
+             calibration_images: Collection[Path]) -> tuple[QatResult, list[str]]:
+    dataset, held = split_training(train_set, config, calibration_images)
     keeper = _Keeper(qg, held, reference, eval_batch_size, dist.device) if held is not None else None
     net: nn.Module = qg.module
     if dist.active:

@@ -272,7 +272,8 @@ def _finetune(backend: Backend, fm: FloatModel, info: ModelInfo, cfg: QuantConfi
             float_digest=finetune.state_digest(fm.module), dist=dist, out_dir=ckpt_dir if dist.is_main else None,
             resume=ft.resume, progress=progress, on_step=ft.on_step,
             teacher=float_copy if ft.config.distill > 0 else None,
-            reference=float_copy if ft.config.keep == "best" else None))
+            reference=float_copy if ft.config.keep == "best" else None,
+            calibration_images=[sample.path for sample in calib.dataset.samples]))
     if not dist.is_main:
         return None
     for w in warnings:

@@ -108,6 +108,14 @@ def test_held_out_images_are_a_seeded_draw_the_training_never_sees(tiny_ckpt):
     assert split_training(ds, QATConfig(keep="last"))[1] is None
     with pytest.raises(DataError, match=r"has 400 images: too few to hold out 390 .* --keep last"):
         split_training(ds, QATConfig(select_images=390, batch_size=16))
+    # the calibration images (the start's ranges and bias correction) are never held out; still trained on
+    calib = [s.path for s in held.samples[:20]] + [ds.samples[i].path for i in train.indices[:5]]
+    train2, held2 = split_training(ds, QATConfig(select_images=50, max_train_samples=200, seed=1), calib)
+    assert len(held2) == 50 and not {s.path.resolve() for s in held2.samples} & {p.resolve() for p in calib}
+    assert [s.path for s in held2.samples[:30]] == [s.path for s in held.samples[20:]]    # the same draw, skipping
+    assert not {ds.samples[i].path for i in train2.indices} & {s.path for s in held2.samples}
+    with pytest.raises(DataError, match=r"has 380 images besides the calibration images: too few to hold out 390"):
+        split_training(ds, QATConfig(select_images=390, batch_size=8), calib[:20])
 
 
 def test_resume_rejects_another_model_other_weights_and_other_flags(tiny_ckpt, straight):

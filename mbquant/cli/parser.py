@@ -299,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which state becomes the INT8 model: best (the start or an epoch's end, whichever agrees with "
                         "the float model on the most held-out training images; default) or last (the last epoch's)")
     p.add_argument("--select-images", type=int, default=None, metavar="N",
-                   help=f"--keep best: hold out N images of the training folder, never trained on (default: a fifth "
-                        f"of the folder, at most {SELECT_IMAGES})")
+                   help=f"--keep best: hold out N images of the training folder, never trained on and none of them a "
+                        f"calibration image (default: a fifth of the folder, at most {SELECT_IMAGES})")
     p.add_argument("--compare-ptq", action=argparse.BooleanOptionalAction, default=QAT_DEFAULTS.compare_ptq,
                    help="also quantize post-training (the backend's default recipe, same flags) and report on the same "
                         "images whether QAT beat it (default on)")
