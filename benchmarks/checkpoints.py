@@ -35,7 +35,8 @@ from mbquant.report import host, library_versions
 RESULTS = REPO / "benchmarks" / "results"
 MARK = "<!-- bench:checkpoints -->"
 # the targets each shipped checkpoint is for (its manifest role); the MCU programs take int8 input
-MCU = {"mobilenet_v1_w0.25_r96_fmnist", "mobilenet_v2_w0.35_r64_fmnist", "mobilenet_v3_small_w0.5_r64_fmnist"}
+MCU = {"mobilenet_v1_w0.25_r96_fmnist", "mobilenet_v2_w0.35_r64_fmnist", "mobilenet_v3_small_w0.5_r64_fmnist",
+       "mobilenet_v3_large_w0.35_r64_fmnist"}
 BUDGET_PP = 0.02
 
 
@@ -107,12 +108,20 @@ def _runs(targets: dict) -> list[tuple[str, str, dict]]:
     return [(target, flow, r) for target, by_flow in targets.items() for flow, r in by_flow.items()]
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (as the table names it), else as given."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def markdown(results: dict, args, where: dict, seconds: float) -> str:
     images = _runs(next(iter(results.values())))[0][2]["images"]
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {where['cpu']} ({', '.join(where['isa'])}; {args.threads} threads), "
              f"{images:,} val images, 512 calibration images, QAT {args.qat_epochs} epoch(s) on {args.qat_images:,} "
              f"training images; `python benchmarks/checkpoints.py` ({seconds / 60:.0f} min) wrote this table and "
-             f"`benchmarks/results/checkpoints.json`.", ""]
+             f"`{_shown(args.out)}`.", ""]
     for name, targets in results.items():
         runs = _runs(targets)
         lines += [f"**{name}** (float top-1 {runs[0][2]['float_top1']:.2f} %)", "",

@@ -28,9 +28,12 @@ ROLES = {"mobilenet_v2_w0.5_r64_fmnist": "phone (default for mobilenet_v2)",
          "mobilenet_v1_w0.25_r96_fmnist": "MCU-class small width (default for mobilenet_v1)",
          "mobilenet_v3_small_w0.5_r64_fmnist": "hardswish and squeeze-excitation, phone and MCU (default for "
                                                "mobilenet_v3_small)",
-         "mobilenet_v2_w1.0_r128_fmnist": "real size: width 1.0 (the reference of benchmarks/scale.py)"}
+         "mobilenet_v2_w1.0_r128_fmnist": "real size: width 1.0 (the reference of benchmarks/scale.py)",
+         "mobilenet_v3_large_w0.35_r64_fmnist": "MobileNetV3-Large at a small width, phone and MCU (default for "
+                                                "mobilenet_v3_large)"}
 DEFAULTS = {"mobilenet_v2": "mobilenet_v2_w0.5_r64_fmnist", "mobilenet_v1": "mobilenet_v1_w0.25_r96_fmnist",
-            "mobilenet_v3_small": "mobilenet_v3_small_w0.5_r64_fmnist"}
+            "mobilenet_v3_small": "mobilenet_v3_small_w0.5_r64_fmnist",
+            "mobilenet_v3_large": "mobilenet_v3_large_w0.35_r64_fmnist"}
 
 
 def main(argv=None) -> int:
