@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import io
+import itertools
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -91,10 +92,10 @@ def split_training(train_set: ImageFolderDataset, config: QATConfig, exclude: Co
     g = torch.Generator().manual_seed(config.seed)
     order = torch.randperm(len(train_set), generator=g).tolist()
     skip = {Path(p).resolve() for p in exclude}
-    eligible = [i for i in order if not skip or train_set.samples[i].path.resolve() not in skip]
-    held_idx = eligible[:held]
-    if len(held_idx) < held:
-        raise DataError(f"the training folder has {len(eligible)} images besides the calibration images: too few to "
+    eligible = (i for i in order if not skip or train_set.samples[i].path.resolve() not in skip)
+    held_idx = list(itertools.islice(eligible, held))     # resolves paths only until enough are found
+    if len(held_idx) < held:                               # every eligible image was taken
+        raise DataError(f"the training folder has {len(held_idx)} images besides the calibration images: too few to "
                         f"hold out {held} for choosing the QAT state; pass a smaller --select-images, more images, "
                         f"or --keep last (no held-out choice)")
     kept = set(held_idx)
@@ -297,7 +298,8 @@ def fit_qat(qg: QatModel, info: ModelInfo, train_set: ImageFolderDataset, val_se
     ``config.keep == "best"`` (the state kept is the start's or an epoch's, whichever agrees with it on the most
     held-out training images; :func:`split_training`; ``calibration_images`` are never held out). ``resume`` is a
     checkpoint read (and checked) by :func:`load_qat_checkpoint`. Rank 0 writes ``out_dir/qat_last.pt`` after every
-    epoch. Returns the result and any warnings. Dropout and augmentation draw from the seed inside ``fork_rng``: the caller's RNG is untouched.
+    epoch. Returns the result and any warnings. Dropout and augmentation draw from the seed inside ``fork_rng``: the
+    caller's RNG is untouched.
     """
     if config.distill > 0 and teacher is None:
         raise ConfigError(f"distill {config.distill} needs the float model as teacher; pass teacher=")

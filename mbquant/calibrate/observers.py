@@ -83,14 +83,15 @@ def qat_activation(observer: type, **kwargs):
     return _pt2e().FusedMovingAvgObsFakeQuantize.with_args(observer=observer, **kwargs)
 
 
-def qat_weight(observer: type, **kwargs):
-    """QAT's weight fake-quantize (``with_args``): the unfused one. Its step is its observer's formula, the one
+def qat_weight(observer: type, ns: ModuleType | None = None, **kwargs):
+    """QAT's weight fake-quantize (``with_args``) from the observer family ``ns`` (default: torchao's PT2E one; the
+    TorchScript engine passes ``torch.ao.quantization``): the unfused one. Its step is its observer's formula, the one
     post-training quantization and ``convert_pt2e`` use, so training starts on PTQ's weight grid and the converted
     weights are the ones trained. The fused kernel's symmetric step is not its observer's (torchao 0.18: ``absmax /
     127.5`` against ``absmax / 127`` for [-127, 127]; ``max(|min| / 128, max / 127)`` against ``absmax / 127.5`` for
     [-128, 127]), so QAT with it trained on a grid 0.4 % off the one it converted to (fixed upstream by
     pytorch/ao#4824, not in the pinned torchao). Weights are small: the unfused op costs nothing that shows."""
-    return _pt2e().FakeQuantize.with_args(observer=observer, **kwargs)
+    return (ns or _pt2e()).FakeQuantize.with_args(observer=observer, **kwargs)
 
 
 def quantization_config(config: QuantConfig, *, qat: bool = False):

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import __version__
-from ..config import GRANULARITIES, INIT_BIASES, INIT_RANGES, KEEP, LOGITS, SELECT_IMAGES, OBSERVERS, QATConfig
+from ..config import GRANULARITIES, INIT_BIASES, INIT_RANGES, KEEP, LOGITS, OBSERVERS, SELECT_IMAGES, QATConfig
 from ..data.images import MAX_IMAGE_PIXELS
 from ..data.presets import PRESET_KINDS
 from ..models.info import MODEL_NAMES

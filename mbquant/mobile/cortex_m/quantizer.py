@@ -5,9 +5,9 @@ The QAT specs keep the Cortex-M numerics of the PTQ configuration, spec for spec
 weights, symmetric per-tensor INT8 linear weights, per-tensor affine INT8 activations (each with the int8 range
 the PTQ observer uses), INT32 biases derived from the input and weight scales, ReLU/ReLU6 folded into the output
 range by the quantizer's own patterns. Only the observers change: moving-average fake-quantizes (mbquant's
-``qat_activation``/``qat_weight``, converting with the qparams they trained with), so training sees the rounding
-the kernels will do. The patterns (what is quantized where) are the PTQ quantizer's, so the
-converted graph lowers to the same ``cortex_m::`` kernels.
+``qat_activation``/``qat_weight``: convert writes the weight steps they trained with, and the activation steps to
+a float32 rounding), so training sees the rounding the kernels will do. The patterns (what is quantized where) are
+the PTQ quantizer's, so the converted graph lowers to the same ``cortex_m::`` kernels.
 """
 from __future__ import annotations
 

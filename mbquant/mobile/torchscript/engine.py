@@ -53,7 +53,7 @@ import torch.ao.quantization as tq
 import torch.nn.functional as F
 from torch import nn
 
-from ...calibrate.observers import activation_observer
+from ...calibrate.observers import activation_observer, qat_weight
 from ...config import QuantConfig
 from ...errors import ConfigError, QuantizationError
 from ...quant.qat import QatModel
@@ -94,7 +94,6 @@ def _legacy_api() -> Iterator[None]:
 def qconfig(engine: str, config: QuantConfig, *, qat: bool = False) -> tq.QConfig:
     """Activations uint8 per-tensor affine (7-bit on x86), weights int8 symmetric in [-127, 127],
     per-channel or per-tensor. QAT uses moving-average fake-quants (``config.observer`` applies to PTQ only)."""
-    from torch.ao.quantization import fake_quantize as fq
     from torch.ao.quantization import observer as ob
 
     if engine not in ENGINES:
@@ -105,12 +104,9 @@ def qconfig(engine: str, config: QuantConfig, *, qat: bool = False) -> tq.QConfi
                       quant_max=127 if engine in REDUCE_RANGE_ENGINES else 255, eps=EPS)
     if qat:
         act = tq.FusedMovingAvgObsFakeQuantize.with_args(observer=tq.MovingAverageMinMaxObserver, **act_kwargs)
-        # unfused weight fake-quants: the fused kernel's symmetric step (absmax / 127.5) is not the one convert
-        # writes (its observer's absmax / 127); see mbquant.calibrate.observers.qat_weight
-        weight = fq.FakeQuantize.with_args(
-            observer=ob.MovingAveragePerChannelMinMaxObserver if per_channel else ob.MovingAverageMinMaxObserver,
-            quant_min=-127, quant_max=127, dtype=torch.qint8, eps=EPS,
-            qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric)
+        weight = qat_weight(ob.MovingAveragePerChannelMinMaxObserver if per_channel else ob.MovingAverageMinMaxObserver,
+                            tq, quant_min=-127, quant_max=127, dtype=torch.qint8, eps=EPS,
+                            qscheme=torch.per_channel_symmetric if per_channel else torch.per_tensor_symmetric)
         return tq.QConfig(activation=act, weight=weight)
     act = activation_observer(config, tq, **act_kwargs)
     weight = ob.per_channel_weight_observer_range_neg_127_to_127 if per_channel else ob.weight_observer_range_neg_127_to_127
