@@ -9,6 +9,11 @@ statistics from 64 real training images, so accuracy figures are chance-level an
 this table is about time and memory, not accuracy), in one run on this host:
   * the float model's own batched forward time per image (batch 32, the job's threads) on 128 of the jobs'
     calibration images (decoded beforehand), measured right before and right after every job (the host drifts);
+  * calibration's own cost in this process, on the same decoded images, three times interleaved (the fastest
+    of each): the float forward, the default and the stock recipe's prepared graphs (mbquant's counted
+    histograms), and the same two graphs counting with torch.histc (the observers as torchao ships them: the
+    upstream flow's cost); and whether the counted and torch.histc observers end with the same ranges (a job's calibrate stage also decodes images and starts the process's
+    kernels, and the host drifts between jobs: this is the like-for-like figure);
   * `mbquant ptq` with the default recipe and with `--recipe stock` (and, for the first model, the default
     recipe with bias correction on 512 calibration images, as every resolution had before it read fewer above
     96 px: 128 at 224 px), each in its own process: every stage's
@@ -27,6 +32,7 @@ Writes the JSON (with the host's CPU and ISA) and prints the table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import tempfile
 import time
@@ -36,6 +42,10 @@ import torch
 
 from _common import REPO, mbquant_cmd, run_measured
 from mbquant import calibrate, checkpoints
+from mbquant.calibrate.histogram import CountedHistogram, uncounted
+from mbquant.config import QuantConfig
+from mbquant.mobile import table as backends
+from mbquant.quant.export import FloatModel
 from mbquant.data.contract import spec_of
 from mbquant.models.load import create_with_info
 from mbquant.report import host, library_versions
@@ -82,6 +92,51 @@ def float_reference(model, info, data: Path, num_calib: int, seed: int, images: 
     n = sum(len(b) for b in batches)
     return {"decode_ms_per_image": round(1000 * decode / n, 2), "images": n,
             "forward_ms_per_image": round(1000 * forward_seconds(model, batches) / n, 2), "batches": batches}
+
+
+def calibration_cost(model, ref: dict, repeats: int = 3) -> dict:
+    """Calibration's own cost in one process, next to the float forward over the same decoded images, repeated
+    ``repeats`` times interleaved (the fastest of each): the default recipe's prepared graph with mbquant's counted
+    histograms, the same graph with torch.histc's (``calibrate.histogram.uncounted``), and the stock recipe's graph.
+    Also whether the counted and the uncounted observers end with the same ranges (every observer's qparams)."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+
+    spec = backends.select(None)[0]
+    backend = backends.load(spec)
+    with backend.session():
+        graphs = {}
+        for recipe in ("best", "stock"):
+            graphs[recipe] = backend.prepare(FloatModel(model, RESOLUTION),
+                                             backends.resolve(QuantConfig(recipe=recipe), spec))
+            move_exported_model_to_eval(graphs[recipe])
+
+        def fresh(recipe: str, counted: bool = True):
+            g = copy.deepcopy(graphs[recipe])
+            for m in calibrate.observers_of(g).values():
+                if not counted and isinstance(m, CountedHistogram):
+                    m.__class__ = uncounted(type(m))
+            return g
+
+        runs = {"default": lambda: fresh("best"), "default, torch.histc": lambda: fresh("best", counted=False),
+                "stock": lambda: fresh("stock"), "stock, torch.histc": lambda: fresh("stock", counted=False)}
+        best = {"float": float("inf"), **{k: float("inf") for k in runs}}
+        last = {}
+        for _ in range(repeats):
+            best["float"] = min(best["float"], forward_seconds(model, ref["batches"]))
+            for name, make in runs.items():
+                g = make()
+                best[name] = min(best[name], forward_seconds(g, ref["batches"]))
+                last[name] = g
+        same = all(_same_qparams(last[recipe], last[f"{recipe}, torch.histc"]) for recipe in ("default", "stock"))
+    return {"images": ref["images"], "repeats": repeats, "seconds": {k: round(v, 3) for k, v in best.items()},
+            "over_float": {k: round(v / best["float"], 2) for k, v in best.items() if k != "float"},
+            "same_ranges_as_torch_histc": same}
+
+
+def _same_qparams(a, b) -> bool:
+    """Whether two calibrated graphs' observers (by name) give the same qparams, tensor for tensor."""
+    qa, qb = ({n: o.calculate_qparams() for n, o in calibrate.observers_of(g).items()} for g in (a, b))
+    return qa.keys() == qb.keys() and all(torch.equal(x, y) for n in qa for x, y in zip(qa[n], qb[n]))
 
 
 def timed_job(model, ref: dict, *args, **kwargs) -> dict:
@@ -171,6 +226,17 @@ def table(result: dict) -> str:
             lines.append(f"| {m['model']} | {1000 / f['forward_ms_per_image']:.1f} | {r['quant_default_over_stock']} | "
                          f"{r['rss_default_over_stock']} | {r['calibrate_over_forward']} ({r['stock_calibrate_over_forward']})"
                          f" | {r['evaluate_over_forward']} | {r['calibration_images_per_s']} | {r['eval_images_per_s']} |")
+    if any(m.get("calibration") for m in result["models"]):
+        lines += ["", "calibration in one process (same decoded images, fastest of the repeats), x the float forward "
+                  "(torch.histc: the observers as torchao ships them):",
+                  "| model | images | float s | default | default, torch.histc | stock | stock, torch.histc | same ranges |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for m in result["models"]:
+            c = m["calibration"]
+            o = c["over_float"]
+            lines.append(f"| {m['model']} | {c['images']} | {c['seconds']['float']:.2f} | {o['default']} | "
+                         f"{o['default, torch.histc']} | {o['stock']} | {o['stock, torch.histc']} | "
+                         f"{'yes' if c['same_ranges_as_torch_histc'] else 'NO'} |")
     if result.get("trained"):
         t = result["trained"]
         lines += ["", f"trained: {t['checkpoint']} (every val image; accuracy is real here)",
@@ -224,6 +290,8 @@ def main(argv=None) -> int:
             weights = work / f"{name}.pth"
             model, info = build(name, args.data, weights, args.seed)
             ref = float_reference(model, info, args.data, args.num_calib, args.seed)
+            cost = calibration_cost(model, ref)
+            print(f"{name} calibration in-process: {json.dumps(cost)}", flush=True)
             common = dict(num_calib=args.num_calib, eval_limit=args.eval_limit, seed=args.seed)
             runs = [timed_job(model, ref, name, weights, args.data, work, recipe="best", **common),
                     timed_job(model, ref, name, weights, args.data, work, recipe="stock", **common)]
@@ -232,7 +300,8 @@ def main(argv=None) -> int:
                                       extra=("--bias-correction-images", "512"), **common))
             ref.pop("batches")
             del model
-            result["models"].append({"model": name, "float": ref, "runs": runs, "ratios": ratios(runs[0], runs[1])})
+            result["models"].append({"model": name, "float": ref, "calibration": cost, "runs": runs,
+                                     "ratios": ratios(runs[0], runs[1])})
             print(f"{name}: {json.dumps(result['models'][-1]['ratios'])}", flush=True)
             if i == 0:
                 for n in growth:

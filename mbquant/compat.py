@@ -358,6 +358,12 @@ def fold_present_convs_only(gm) -> Iterator[None]:
 PARAM_SEARCH = "_non_linear_param_search"   # HistogramObserver's range search, which the percentile rule replaces
 
 
+def combine_histograms(observer, orig_hist, orig_min, orig_max, update_hist, update_min, update_max):
+    """``HistogramObserver._combine_histograms``: the running histogram merged with a batch's when the range grew
+    (mbquant's counted histogram observer keeps the base class's merge)."""
+    return observer._combine_histograms(orig_hist, orig_min, orig_max, update_hist, update_min, update_max)
+
+
 # --------------------------------------------------------------------------- ExecuTorch
 
 
@@ -467,6 +473,33 @@ def _probe_param_search(family: str = "torchao") -> None:
     obs(torch.linspace(-1, 1, 1000))
     obs.calculate_qparams()
     assert called, f"HistogramObserver.calculate_qparams no longer calls {PARAM_SEARCH}"
+
+
+def _probe_counted_histogram(family: str = "torchao") -> None:
+    """mbquant's counted histogram observer (``calibrate.histogram``) restates HistogramObserver.forward with a
+    faster count and the base class's ``_combine_histograms``: it must end in the same state as the installed
+    observer over batches that start it, keep its range and grow it on both sides (merges included), and bin the
+    last edge and half-bin values the same."""
+    import torch
+
+    if family == "torchao":
+        from torchao.quantization.pt2e import HistogramObserver
+    else:
+        from torch.ao.quantization import HistogramObserver
+    from .calibrate.histogram import CountedHistogram
+
+    counted = type("Counted", (CountedHistogram, HistogramObserver), {})
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(4, 8, 16, 16, generator=g).clamp(-1, 2), torch.randn(4, 8, 16, 16, generator=g) * 0.5,
+               torch.randn(4, 8, 16, 16, generator=g) * 3, torch.linspace(-5, 7, 2049 * 3),
+               torch.randn(2, 8, 16, 16, generator=g).relu() * 9]
+    for bins in (2048, 100):
+        ours, theirs = counted(bins=bins), HistogramObserver(bins=bins)
+        for x in batches:
+            ours(x), theirs(x)
+            assert torch.equal(ours.histogram, theirs.histogram), "histograms differ"
+            assert torch.equal(ours.min_val, theirs.min_val) and torch.equal(ours.max_val, theirs.max_val)
+        assert ours.calculate_qparams() == theirs.calculate_qparams()
 
 
 def _probe_fuse_bn() -> None:
@@ -613,6 +646,10 @@ PROBES: tuple[Probe, ...] = (
           _probe_param_search),
     Probe(f"torch.ao.quantization HistogramObserver.{PARAM_SEARCH} (the eager engine's percentile hook)", "torch",
           lambda: _probe_param_search("torch.ao")),
+    Probe("torchao HistogramObserver.forward / _combine_histograms (the counted histogram observer)", "torchao",
+          _probe_counted_histogram),
+    Probe("torch.ao.quantization HistogramObserver.forward / _combine_histograms (the eager engine's counted "
+          "histogram observer)", "torch", lambda: _probe_counted_histogram("torch.ao")),
     Probe("torchao.quantization.pt2e.utils._fuse_conv_bn_", "torchao", _probe_fuse_bn),
     Probe("torchao.quantization.pt2e.export_utils._replace_batchnorm / _EXPORTED_TRAINING_ATTR", "torchao",
           _probe_batchnorm_modes),

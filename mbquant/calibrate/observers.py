@@ -13,6 +13,7 @@ from types import ModuleType
 import torch
 
 from ..config import QuantConfig
+from .histogram import CountedHistogram
 
 EPS = 2 ** -12  # as ExecuTorch's XNNPACK quantizer
 
@@ -52,11 +53,19 @@ def _pt2e() -> ModuleType:
 
 
 @functools.cache
-def percentile_observer(histogram_observer: type) -> type:
-    """The percentile observer of one observer family (its HistogramObserver with :class:`PercentileRange`)."""
+def histogram_observer(base: type) -> type:
+    """The histogram observer of one observer family (its HistogramObserver), counting with
+    :class:`~mbquant.calibrate.histogram.CountedHistogram`: the same histogram, twice as fast."""
+    return type("HistogramObserver", (CountedHistogram, base), {"__module__": __name__, "__doc__": base.__doc__})
+
+
+@functools.cache
+def percentile_observer(base: type) -> type:
+    """The percentile observer of one observer family (its HistogramObserver with :class:`PercentileRange`, counting
+    with :class:`~mbquant.calibrate.histogram.CountedHistogram`)."""
     from ..compat import PARAM_SEARCH
 
-    return type("PercentileObserver", (PercentileRange, histogram_observer),
+    return type("PercentileObserver", (PercentileRange, CountedHistogram, base),
                 {"__module__": __name__, "__doc__": PercentileRange.__doc__,
                  PARAM_SEARCH: PercentileRange.percentile_range})   # the hook calculate_qparams calls
 
@@ -67,7 +76,7 @@ def activation_observer(config: QuantConfig, ns: ModuleType | None = None, **kwa
     ns = ns or _pt2e()
     kwargs = {"eps": EPS, **kwargs}
     if config.observer == "histogram":
-        return ns.HistogramObserver.with_args(**kwargs)
+        return histogram_observer(ns.HistogramObserver).with_args(**kwargs)
     if config.observer == "minmax":
         return ns.MinMaxObserver.with_args(**kwargs)
     if config.observer == "moving-average":

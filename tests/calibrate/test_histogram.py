@@ -1,0 +1,84 @@
+"""The counted histogram (``mbquant.calibrate.histogram``): torch.histc's counts, and the observers' state and
+ranges unchanged on a real model."""
+import copy
+
+import pytest
+import torch
+
+from mbquant import calibrate
+from mbquant.calibrate import histogram
+from mbquant.calibrate.histogram import CountedHistogram, histc
+from mbquant.calibrate.observers import PercentileRange
+from mbquant.config import QuantConfig
+from mbquant.mobile import table
+from mbquant.models import create
+from mbquant.quant.export import FloatModel
+
+
+def _cases():
+    g = torch.Generator().manual_seed(0)
+    yield "normal", torch.randn(3, 8, 20, 20, generator=g) * 2
+    yield "post-relu6 (many zeros, many at the top edge)", (torch.randn(4, 16, 12, 12, generator=g) * 4).clamp(0, 6)
+    yield "every bin edge and the last one", torch.linspace(-3, 5, 2048 * 4 + 1)
+    yield "more than one chunk", torch.randn(histogram.CHUNK * 2 + 123, generator=g).exp()
+    yield "one value below the rest", torch.cat([torch.full((50,), 7.0), torch.tensor([-1e-3])])
+    yield "tiny", torch.tensor([0.25, 0.5, 0.75])
+
+
+@pytest.mark.parametrize("bins", [2048, 100, 3])
+@pytest.mark.parametrize("case", list(_cases()), ids=lambda c: c[0])
+def test_counts_are_torch_histc_s(case, bins):
+    _, x = case
+    lo, hi = torch.aminmax(x)
+    ours = histc(x, bins, lo, hi)
+    assert ours.dtype == torch.float32 and ours.shape == (bins,)
+    assert torch.equal(ours, torch.histc(x, bins, min=float(lo), max=float(hi)))
+    assert float(ours.sum()) == x.numel()
+
+
+def test_a_range_wider_than_the_values_and_the_edge_cases_torch_histc_decides():
+    x = torch.rand(1000)
+    assert torch.equal(histc(x, 2048, torch.tensor(-2.0), torch.tensor(3.0)), torch.histc(x, 2048, -2.0, 3.0))
+    same = torch.full((10,), 0.5)                    # no width: torch.histc's own rule widens it
+    assert torch.equal(histc(same, 2048, 0.5, 0.5), torch.histc(same, 2048, 0.5, 0.5))
+    x64 = x.double()                                 # not float32: torch.histc itself
+    assert torch.equal(histc(x64, 16, 0.0, 1.0), torch.histc(x64, 16, 0.0, 1.0))
+    with pytest.raises(RuntimeError, match="not finite"):
+        histc(x, 16, 0.0, float("nan"))              # as torch.histc says it
+
+
+def test_values_outside_the_range_are_refused_not_miscounted():
+    with pytest.raises(ValueError, match="above the histogram's range"):
+        histc(torch.tensor([0.0, 2.0, 9.0]), 4, 0.0, 2.0)
+    for below in (-1.0, -1e-6):
+        with pytest.raises(RuntimeError, match="non-negative"):
+            histc(torch.tensor([below, 2.0]), 4, 0.0, 2.0)
+
+
+def test_a_bin_past_float32_s_exact_counts_is_counted():
+    """torch.histc's CPU kernel counts in float32 per thread and stops at 2 ** 24; the counted histogram counts in
+    int64 and rounds the total once."""
+    x = torch.zeros(2 ** 24 + 4)
+    assert float(histc(x, 8, 0.0, 1.0)[0]) == 2 ** 24 + 4
+
+
+def test_default_calibration_gives_the_uncounted_observers_ranges(calib32):
+    """A real model's default (percentile) observers, calibrated side by side with copies whose class is the plain
+    torchao percentile observer: every histogram, range and qparam is the same."""
+    spec = table.get_spec("pte-xnnpack")
+    cfg = table.resolve(QuantConfig(num_calib=40, batch_size=8), spec)
+    prepared = table.load(spec).prepare(FloatModel(create("mobilenet_v2", num_classes=10, width_mult=0.35), 32), cfg)
+    plain = copy.deepcopy(prepared)
+    swapped = 0
+    for m in calibrate.observers_of(plain).values():
+        if isinstance(m, CountedHistogram):
+            m.__class__, swapped = histogram.uncounted(type(m)), swapped + 1
+            assert isinstance(m, PercentileRange) and not isinstance(m, CountedHistogram)
+    assert swapped > 40
+    calibrate.run(prepared, calib32, batch_size=8)
+    calibrate.run(plain, calib32, batch_size=8)
+    ours, theirs = calibrate.observers_of(prepared), calibrate.observers_of(plain)
+    for name, obs in ours.items():
+        if isinstance(obs, CountedHistogram):
+            assert torch.equal(obs.histogram, theirs[name].histogram), name
+            assert obs.calculate_qparams() == theirs[name].calculate_qparams(), name
