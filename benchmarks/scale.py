@@ -2,14 +2,14 @@
 
     python benchmarks/scale.py [--models mobilenet_v2,mobilenet_v3_large,resnet50] [--num-calib 512]
                                [--eval-limit 200] [--growth 128,512,2048] [--trained mobilenet_v2_w1.0_r128_fmnist]
-                               [--out benchmarks/results/scale.json]
+                               [--calibration-only] [--out benchmarks/results/scale.json]
 
 Per model (10 classes, ImageNet preprocessing at 224 px; weights: seeded random initialisation with BatchNorm
 statistics from 64 real training images, so accuracy figures are chance-level and the job's gates refuse them:
 this table is about time and memory, not accuracy), in one run on this host:
   * the float model's own batched forward time per image (batch 32, the job's threads) on 128 of the jobs'
     calibration images (decoded beforehand), measured right before and right after every job (the host drifts);
-  * calibration's own cost in this process, on the same decoded images, three times interleaved (the fastest
+  * calibration's own cost in this process, on the same decoded images, five times interleaved in a rotating order (the fastest
     of each): the float forward, the default and the stock recipe's prepared graphs (mbquant's counted
     histograms), and the same two graphs counting with torch.histc (the observers as torchao ships them: the
     upstream flow's cost); and whether the counted and torch.histc observers end with the same ranges (a job's calibrate stage also decodes images and starts the process's
@@ -94,9 +94,9 @@ def float_reference(model, info, data: Path, num_calib: int, seed: int, images: 
             "forward_ms_per_image": round(1000 * forward_seconds(model, batches) / n, 2), "batches": batches}
 
 
-def calibration_cost(model, ref: dict, repeats: int = 3) -> dict:
+def calibration_cost(model, ref: dict, repeats: int = 5) -> dict:
     """Calibration's own cost in one process, next to the float forward over the same decoded images, repeated
-    ``repeats`` times interleaved (the fastest of each): the default recipe's prepared graph with mbquant's counted
+    ``repeats`` times interleaved in a rotating order (the fastest of each): the default recipe's prepared graph with mbquant's counted
     histograms, the same graph with torch.histc's (``calibrate.histogram.uncounted``), and the stock recipe's graph.
     Also whether the counted and the uncounted observers end with the same ranges (every observer's qparams)."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
@@ -121,10 +121,10 @@ def calibration_cost(model, ref: dict, repeats: int = 3) -> dict:
                 "stock": lambda: fresh("stock"), "stock, torch.histc": lambda: fresh("stock", counted=False)}
         best = {"float": float("inf"), **{k: float("inf") for k in runs}}
         last = {}
-        for _ in range(repeats):
-            best["float"] = min(best["float"], forward_seconds(model, ref["batches"]))
-            for name, make in runs.items():
-                g = make()
+        order = ["float", *runs]
+        for r in range(repeats):                    # each repeat starts one place later: no variant always first
+            for name in order[r % len(order):] + order[:r % len(order)]:
+                g = model if name == "float" else runs[name]()
                 best[name] = min(best[name], forward_seconds(g, ref["batches"]))
                 last[name] = g
         same = all(_same_qparams(last[recipe], last[f"{recipe}, torch.histc"]) for recipe in ("default", "stock"))
@@ -208,11 +208,11 @@ def _recipe(run: dict) -> str:
 
 def table(result: dict) -> str:
     lines = [f"host: {result['host'].get('cpu', '?')}; threads {torch.get_num_threads()}"]
-    if result["models"]:
+    if any(m.get("runs") for m in result["models"]):
         lines += ["| model | recipe | calib imgs | wall s | peak RSS MB | quant s | calibrate s | bias corr. s (imgs) "
                   "| lower+write s | evaluate s | verify s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in result["models"]:
-            for r in m["runs"]:
+            for r in m.get("runs", []):
                 st = r["stages"]
                 lines.append(f"| {m['model']} | {_recipe(r)} | "
                              f"{r['calibration_images']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
@@ -221,7 +221,7 @@ def table(result: dict) -> str:
                              f"{st.get('write', 0):.1f} | {st['evaluate']:.1f} | {st['verify']:.1f} |")
         lines += ["", "| model | float img/s | quant default/stock | RSS default/stock | calibrate/forward (stock) | "
                   "evaluate/forward | calib img/s | eval img/s |", "|---|---|---|---|---|---|---|---|"]
-        for m in result["models"]:
+        for m in (m for m in result["models"] if m.get("runs")):
             r, f = m["ratios"], m["float"]
             lines.append(f"| {m['model']} | {1000 / f['forward_ms_per_image']:.1f} | {r['quant_default_over_stock']} | "
                          f"{r['rss_default_over_stock']} | {r['calibrate_over_forward']} ({r['stock_calibrate_over_forward']})"
@@ -276,6 +276,8 @@ def main(argv=None) -> int:
     ap.add_argument("--growth", default="128,512,2048", help="--num-calib points of the growth table ('' to skip)")
     ap.add_argument("--trained", default=TRAINED, help="a shipped width-1.0 checkpoint measured on every val image "
                     "with its own resolution: default, stock and default with 512 correction images ('' to skip)")
+    ap.add_argument("--calibration-only", action="store_true",
+                    help="only the in-process calibration table (no jobs, no growth table, no trained reference)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     args = ap.parse_args(argv)
@@ -292,6 +294,11 @@ def main(argv=None) -> int:
             ref = float_reference(model, info, args.data, args.num_calib, args.seed)
             cost = calibration_cost(model, ref)
             print(f"{name} calibration in-process: {json.dumps(cost)}", flush=True)
+            if args.calibration_only:
+                ref.pop("batches")
+                result["models"].append({"model": name, "float": ref, "calibration": cost})
+                save(args.out, result)
+                continue
             common = dict(num_calib=args.num_calib, eval_limit=args.eval_limit, seed=args.seed)
             runs = [timed_job(model, ref, name, weights, args.data, work, recipe="best", **common),
                     timed_job(model, ref, name, weights, args.data, work, recipe="stock", **common)]
@@ -310,7 +317,7 @@ def main(argv=None) -> int:
                     result["growth"].append(g)
                     print(f"growth {n}: peak RSS {g['peak_rss_mb']} MB", flush=True)
             save(args.out, result)                  # after every model: a later failure keeps what was measured
-        if args.trained:
+        if args.trained and not args.calibration_only:
             common = dict(num_calib=args.num_calib, eval_limit=None, seed=args.seed)
             model = checkpoints.manifest()["checkpoints"][args.trained]["model"]
             runs = [job(model, args.trained, args.data, work, recipe="best", **common),
