@@ -102,14 +102,15 @@ class CountedHistogram:
         new_min = torch.min(current_min, x_min).detach()
         new_max = torch.max(current_max, x_max).detach()
         update = histc(x, self.bins, new_min, new_max).to(self.histogram.device)
-        if new_min == current_min and new_max == current_max:
-            combined = self.histogram + update
-        else:
+        grew = not (new_min == current_min and new_max == current_max)     # before min_val/max_val change
+        if grew:
             combined = compat.combine_histograms(self, self.histogram, current_min, current_max, update,
                                                  new_min, new_max)
+        else:
+            combined = self.histogram + update
         self.histogram.detach_().resize_(combined.shape)
         self.histogram.copy_(combined)
-        if not (new_min == current_min and new_max == current_max):
+        if grew:
             self.min_val.detach_().resize_(new_min.shape)
             self.min_val.copy_(new_min)
             self.max_val.detach_().resize_(new_max.shape)
