@@ -486,9 +486,9 @@ def _probe_counted_histogram(family: str = "torchao") -> None:
         from torchao.quantization.pt2e import HistogramObserver
     else:
         from torch.ao.quantization import HistogramObserver
-    from .calibrate.histogram import CountedHistogram
+    from .calibrate.observers import histogram_observer
 
-    counted = type("Counted", (CountedHistogram, HistogramObserver), {})
+    counted = histogram_observer(HistogramObserver)     # the class calibration uses
     g = torch.Generator().manual_seed(0)
     batches = [torch.randn(4, 8, 16, 16, generator=g).clamp(-1, 2), torch.randn(4, 8, 16, 16, generator=g) * 0.5,
                torch.randn(4, 8, 16, 16, generator=g) * 3, torch.linspace(-5, 7, 2049 * 3),

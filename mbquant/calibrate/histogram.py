@@ -31,13 +31,14 @@ from .. import compat
 CHUNK = 1 << 20     # values per pass: 4 MB of float32 and 4 MB of int32 scratch, reused (no page faults per batch)
 
 
-def _countable(x: torch.Tensor, bins: int, lo: float, hi: float) -> bool:
-    """Whether :func:`histc` reproduces ``torch.histc`` here: float32 CPU values, a finite range with room for
-    ``(hi - lo) * bins`` in float32. Else ``torch.histc`` itself runs (its own errors and edge rules included)."""
+def _countable_width(x: torch.Tensor, bins: int, lo: float, hi: float) -> float | None:
+    """The range's float32 width ``hi - lo`` when :func:`histc` reproduces ``torch.histc`` here: float32 CPU values,
+    a finite range with room for ``(hi - lo) * bins`` in float32. Else None: ``torch.histc`` itself runs (its own
+    errors and edge rules included)."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < bins < 2 ** 24:
-        return False
+        return None
     width = torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32)
-    return bool(torch.isfinite(width * bins)) and float(width) > 0
+    return float(width) if bool(torch.isfinite(width * bins)) and float(width) > 0 else None
 
 
 def histc(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
@@ -45,9 +46,9 @@ def histc(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
     what it bins): float32 counts, the last edge in the last bin. See the module docstring for the one case where
     the counts differ (torch.histc's float32 counters stop at 2 ** 24)."""
     lo, hi = float(lo), float(hi)
-    if not _countable(x, bins, lo, hi):
+    width = _countable_width(x, bins, lo, hi)
+    if width is None:
         return torch.histc(x, bins, min=lo, max=hi)
-    width = float(torch.tensor(hi, dtype=torch.float32) - torch.tensor(lo, dtype=torch.float32))
     flat = x.detach().reshape(-1)
     n = flat.numel()
     pos = torch.empty(min(CHUNK, n), dtype=torch.float32)
