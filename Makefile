@@ -102,7 +102,8 @@ test-slow: $(STAMP) data toolchains arm kotlin
 # 1 and 2 threads, Cortex-M flash/RAM, PTQ stage times, peak RSS, calibration throughput) -> benchmarks/results/
 # suite.{json,md} and README's table; then the phone checkpoint's plots (per-layer SQNR, accuracy vs calibration
 # images, recipes) -> docs/plots; then the recipe wall-time ratio and the real-size table. About 25 minutes on 2
-# cores, then the accuracy table per checkpoint (stock, default, AdaRound, budget, QAT; about 40 minutes).
+# cores, then the accuracy table per checkpoint (stock, default, AdaRound, budget, QAT; about 40 minutes), then what
+# an agreement figure resolves (the float model under sub-pixel input shifts; 4 minutes).
 bench: $(STAMP) data
 	$(BIN)/python benchmarks/suite.py --readme
 	$(BIN)/mbquant ptq mobilenet_v2 --calib $(DATA)/train --eval $(DATA)/val --overwrite --quiet --out runs/bench-phone
@@ -111,6 +112,7 @@ bench: $(STAMP) data
 	$(BIN)/python benchmarks/recipe_walltime.py
 	$(BIN)/python benchmarks/scale.py
 	$(BIN)/python benchmarks/checkpoints.py --readme
+	$(BIN)/python benchmarks/agreement_jitter.py
 
 # Re-measure mbquant's own accuracy baselines (tests/baselines/*.json) and their tolerances; nothing else writes them.
 baselines: $(STAMP) data

@@ -1,7 +1,8 @@
 """One table per shipped checkpoint, in one run on this host: the stock PT2E flow, the default recipe, AdaRound,
 the accuracy budget (phone) and QAT, on each target the checkpoint is shipped for.
 
-    python benchmarks/checkpoints.py [--checkpoints NAME ...] [--eval-limit N] [--qat-images 4000] [--readme]
+    python benchmarks/checkpoints.py [--checkpoints NAME ...] [--eval-limit N] [--qat-images 4000|all] [--qat-epochs 1]
+                                      [--targets phone mcu] [--flows QAT ...] [--out JSON] [--readme]
 
 Every row is one whole `mbquant ptq`/`qat` job (``mbquant.pipeline.run_job``: calibrate on 512 seeded images of
 data/train, write the artifact, reopen it and measure it against the float model on data/val). Columns: top-1 of
@@ -59,7 +60,8 @@ def main(argv=None) -> int:
     ap.add_argument("--flows", nargs="+", default=None, help="only these rows (names as in the table)")
     ap.add_argument("--targets", nargs="+", default=("phone", "mcu"), choices=("phone", "mcu"))
     ap.add_argument("--qat-epochs", type=int, default=1)
-    ap.add_argument("--qat-images", type=int, default=4000)
+    ap.add_argument("--qat-images", type=_images, default=4000,
+                    help="seeded training subset for QAT, or 'all' (every training image not held out)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "checkpoints.json")
     ap.add_argument("--readme", action="store_true", help="replace README's checkpoints block with the table")
@@ -103,6 +105,16 @@ def main(argv=None) -> int:
     return 0
 
 
+def _images(text: str) -> int | None:
+    """``--qat-images``: a positive count, or ``all`` (None: no subset)."""
+    if text == "all":
+        return None
+    n = int(text)
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"--qat-images {text}: use a positive count or 'all'")
+    return n
+
+
 def _runs(targets: dict) -> list[tuple[str, str, dict]]:
     """(target, flow, row) of one checkpoint, in the order they ran."""
     return [(target, flow, r) for target, by_flow in targets.items() for flow, r in by_flow.items()]
@@ -119,8 +131,8 @@ def _shown(path: Path) -> str:
 def markdown(results: dict, args, where: dict, seconds: float) -> str:
     images = _runs(next(iter(results.values())))[0][2]["images"]
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {where['cpu']} ({', '.join(where['isa'])}; {args.threads} threads), "
-             f"{images:,} val images, 512 calibration images, QAT {args.qat_epochs} epoch(s) on {args.qat_images:,} "
-             f"training images; `python benchmarks/checkpoints.py` ({seconds / 60:.0f} min) wrote this table and "
+             f"{images:,} val images, 512 calibration images, QAT {args.qat_epochs} epoch(s) on "
+             f"{'all' if args.qat_images is None else f'{args.qat_images:,}'} training images; `python benchmarks/checkpoints.py` ({seconds / 60:.0f} min) wrote this table and "
              f"`{_shown(args.out)}`.", ""]
     for name, targets in results.items():
         runs = _runs(targets)
