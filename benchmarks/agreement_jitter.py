@@ -26,6 +26,7 @@ from _common import REPO
 from mbquant import calibrate, checkpoints
 from mbquant.config import QuantConfig
 from mbquant.data.dataset import eval_set, make_loader
+from mbquant.mobile import table
 from mbquant.models import resolve_model
 from mbquant.pipeline import quantize
 from mbquant.quant.fast_qdq import with_fast_qdq
@@ -33,7 +34,6 @@ from mbquant.report import format_table, host, library_versions
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGETS = {"mobilenet_v2_w0.5_r64_fmnist": ("phone",), "mobilenet_v1_w0.25_r96_fmnist": ("phone", "mcu")}
-BACKEND = {"phone": "pte-xnnpack", "mcu": "pte-cortex-m"}
 _Q = torch.ops.quantized_decomposed.quantize_per_tensor.default
 
 
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
                              "levels": sign * k})
         calib = calibrate.from_folder(args.data / "train", info.preset, 512, seed=0, expected_classes=list(info.classes))
         for target in TARGETS[name]:
-            q = quantize(model, calib, info=info, config=QuantConfig(), backend=BACKEND[target])
+            q = quantize(model, calib, info=info, config=QuantConfig(), backend=table.select(target)[0].name)
             scale, zp = input_step(q.int8)
             r = row(f"INT8 module, {target} default recipe", ref, logits(with_fast_qdq(q.int8), x))
             r["input_scale_over_level"], r["input_zero_point"] = round(scale * 255 * std, 8), zp

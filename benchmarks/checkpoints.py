@@ -132,8 +132,8 @@ def markdown(results: dict, args, where: dict, seconds: float) -> str:
     images = _runs(next(iter(results.values())))[0][2]["images"]
     lines = [f"Measured {time.strftime('%Y-%m-%d')} on {where['cpu']} ({', '.join(where['isa'])}; {args.threads} threads), "
              f"{images:,} val images, 512 calibration images, QAT {args.qat_epochs} epoch(s) on "
-             f"{'all' if args.qat_images is None else f'{args.qat_images:,}'} training images; `python benchmarks/checkpoints.py` ({seconds / 60:.0f} min) wrote this table and "
-             f"`{_shown(args.out)}`.", ""]
+             f"{'all' if args.qat_images is None else f'{args.qat_images:,}'} training images; "
+             f"`python benchmarks/checkpoints.py` ({seconds / 60:.0f} min) wrote this table and `{_shown(args.out)}`.", ""]
     for name, targets in results.items():
         runs = _runs(targets)
         lines += [f"**{name}** (float top-1 {runs[0][2]['float_top1']:.2f} %)", "",
