@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py [--models mobilenet_v2,mobilenet_v3_large,resnet50] [--num-calib 512]
                                [--eval-limit 200] [--growth 128,512,2048] [--trained mobilenet_v2_w1.0_r128_fmnist]
-                               [--calibration-only] [--out benchmarks/results/scale.json]
+                               [--calibration-only | --growth-only] [--out benchmarks/results/scale.json]
 
 Per model (10 classes, ImageNet preprocessing at 224 px; weights: seeded random initialisation with BatchNorm
 statistics from 64 real training images, so accuracy figures are chance-level and the job's gates refuse them:
@@ -22,8 +22,10 @@ this table is about time and memory, not accuracy), in one run on this host:
     stock, calibration / the float forward around the same job, and evaluation (the float graph, the INT8 module
     and the INT8 program on every image, decoding included) / the float graph's own time in that same pass
     (the job's report times every model batch by batch);
-  * the growth table: the first model, default recipe, `--num-calib` 128 / 512 / 2048: peak RSS, bias
-    correction's seconds and the bytes it kept on disk between layers;
+  * the growth table: the first model, default recipe, `--num-calib` 128 / 512 / 2048: the job's peak RSS (set
+    while it evaluates and verifies, not while it reads the calibration set), the peak RSS of the quantization
+    stages alone (export ... bias correction, in a process of their own: the memory that could grow with the
+    calibration set), bias correction's seconds and the bytes it kept on disk between layers;
   * the trained reference (`--trained`, a shipped width-1.0 checkpoint at its own resolution): default, stock and
     default with bias correction on 512 images, on every val image: real top-1, drop and agreement next to the
     same stage times, peak RSS and images/s.
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -48,6 +51,7 @@ from mbquant.mobile import table as backends
 from mbquant.quant.export import FloatModel
 from mbquant.data.contract import spec_of
 from mbquant.models.load import create_with_info
+from mbquant.pipeline import quantize
 from mbquant.report import host, library_versions
 
 QUANT_STAGES = ("equalize", "export", "prepare", "calibrate", "convert", "bias_correction", "write", "open")
@@ -186,6 +190,26 @@ def job(name: str, weights: Path | str, data: Path, work: Path, *, recipe: str, 
             "eval_images_per_s": round(rep["artifacts"][0]["images"] / stages["evaluate"], 1)}
 
 
+def quantization_peak(name: str, weights: Path, data: Path, *, num_calib: int, seed: int) -> dict:
+    """The default recipe's quantization stages alone (export, prepare, calibrate on ``num_calib`` images, convert,
+    bias correction; no lowering, no evaluation) in a process of their own: its peak RSS (wait4) is the memory of
+    the stages that read the calibration set. A job's own peak is set later, while it evaluates and verifies."""
+    run = run_measured([sys.executable, str(Path(__file__).resolve()), "--quantize-only", name, str(weights),
+                        str(data), str(num_calib), str(seed)])
+    return {"peak_rss_mb": run["peak_rss_mb"], "wall_seconds": run["wall_seconds"],
+            **json.loads(run["stdout"].strip().splitlines()[-1])}
+
+
+def _quantize_only(name: str, weights: str, data: str, num_calib: str, seed: str) -> None:
+    """The child of :func:`quantization_peak`: prints the stage seconds as one JSON line."""
+    model, info = create_with_info(name, num_classes=CLASSES)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    calib = calibrate.from_folder(Path(data) / "train", spec_of(info.preset), int(num_calib), seed=int(seed))
+    q = quantize(model.eval(), calib, info=info, config=QuantConfig(num_calib=int(num_calib), seed=int(seed)))
+    print(json.dumps({"num_calib": int(num_calib), "calibration_images": q.calibration.samples,
+                      "stages": q.seconds}))
+
+
 def ratios(default: dict, stock: dict) -> dict:
     """Same-run ratios: default / stock; calibration / the float forward measured around the same job;
     evaluation / the float model's own share of the same evaluation pass (every model on every image)."""
@@ -251,12 +275,19 @@ def table(result: dict) -> str:
                          f"{st.get('bias_correction', 0):.1f} | {st.get('write', 0):.1f} | {st['evaluate']:.1f} | "
                          f"{r['peak_rss_mb']:.0f} | {r['calibration_images_per_s']} | {r['eval_images_per_s']} |")
     if result.get("growth"):
-        lines += ["", "| --num-calib | peak RSS MB | bias corr. s | kept on disk MB | wall s |", "|---|---|---|---|---|"]
+        lines += ["", "| --num-calib | job peak RSS MB | quantization stages alone: peak RSS MB | bias corr. s | "
+                  "kept on disk MB | job wall s |", "|---|---|---|---|---|---|"]
         for g in result["growth"]:
-            lines.append(f"| {g['num_calib']} | {g['peak_rss_mb']:.0f} | {g['stages'].get('bias_correction', 0):.1f} | "
-                         f"{g['bias_correction_stored_mb']} | {g['wall_seconds']:.0f} |")
-        rss = [g["peak_rss_mb"] for g in result["growth"]]
-        lines.append(f"peak RSS spread across the growth points: {100 * (max(rss) / min(rss) - 1):.1f} %")
+            q = g.get("quantization_only") or {}
+            bias = g.get("stages", q.get("stages", {})).get("bias_correction", 0)
+            lines.append(f"| {g['num_calib']} | {g.get('peak_rss_mb', '-')} | {q.get('peak_rss_mb', '-')} | "
+                         f"{bias:.1f} | {g.get('bias_correction_stored_mb', '-')} | {g.get('wall_seconds', '-')} |")
+        for label, rss in (("job", [g["peak_rss_mb"] for g in result["growth"] if "peak_rss_mb" in g]),
+                           ("quantization stages", [g["quantization_only"]["peak_rss_mb"] for g in result["growth"]
+                                                    if g.get("quantization_only")])):
+            if rss:
+                lines.append(f"peak RSS spread across the growth points ({label}): "
+                             f"{100 * (max(rss) / min(rss) - 1):.1f} %")
     return "\n".join(lines)
 
 
@@ -278,9 +309,16 @@ def main(argv=None) -> int:
                     "with its own resolution: default, stock and default with 512 correction images ('' to skip)")
     ap.add_argument("--calibration-only", action="store_true",
                     help="only the in-process calibration table (no jobs, no growth table, no trained reference)")
+    ap.add_argument("--growth-only", action="store_true",
+                    help="only the growth table's quantization stages (each --growth point in its own process)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--quantize-only", nargs=5, metavar=("MODEL", "WEIGHTS", "DATA", "NUM_CALIB", "SEED"),
+                    help=argparse.SUPPRESS)                  # quantization_peak's child process
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     args = ap.parse_args(argv)
+    if args.quantize_only:
+        _quantize_only(*args.quantize_only)
+        return 0
     names = [n for n in args.models.split(",") if n]
     growth = [int(g) for g in args.growth.split(",") if g]
     result = {"host": host(), "libraries": library_versions(), "resolution": RESOLUTION, "classes": CLASSES,
@@ -291,6 +329,13 @@ def main(argv=None) -> int:
         for i, name in enumerate(names):
             weights = work / f"{name}.pth"
             model, info = build(name, args.data, weights, args.seed)
+            if args.growth_only:
+                for n in growth:
+                    q = quantization_peak(name, weights, args.data, num_calib=n, seed=args.seed)
+                    result["growth"].append({"num_calib": n, "quantization_only": q})
+                    print(f"growth {n}: quantization stages alone: peak RSS {q['peak_rss_mb']} MB", flush=True)
+                save(args.out, result)
+                break
             ref = float_reference(model, info, args.data, args.num_calib, args.seed)
             cost = calibration_cost(model, ref)
             print(f"{name} calibration in-process: {json.dumps(cost)}", flush=True)
@@ -314,10 +359,12 @@ def main(argv=None) -> int:
                 for n in growth:
                     g = runs[0] if n == args.num_calib else job(name, weights, args.data, work, recipe="best",
                                                                   num_calib=n, eval_limit=args.eval_limit, seed=args.seed)
+                    g["quantization_only"] = quantization_peak(name, weights, args.data, num_calib=n, seed=args.seed)
                     result["growth"].append(g)
-                    print(f"growth {n}: peak RSS {g['peak_rss_mb']} MB", flush=True)
+                    print(f"growth {n}: peak RSS {g['peak_rss_mb']} MB (quantization stages alone: "
+                          f"{g['quantization_only']['peak_rss_mb']} MB)", flush=True)
             save(args.out, result)                  # after every model: a later failure keeps what was measured
-        if args.trained and not args.calibration_only:
+        if args.trained and not (args.calibration_only or args.growth_only):
             common = dict(num_calib=args.num_calib, eval_limit=None, seed=args.seed)
             model = checkpoints.manifest()["checkpoints"][args.trained]["model"]
             runs = [job(model, args.trained, args.data, work, recipe="best", **common),

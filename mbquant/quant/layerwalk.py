@@ -7,7 +7,8 @@ to the next visited layer, and then the stage looks at that layer on this batch 
 every batch has been seen, the stage changes the layer; the next segment sees the change. Only the tensors a later
 segment reads are kept between segments, in the dtype they have (the INT8 graph's activations cross segments as
 int8; a dequantize is recomputed where it is used), in files of a temporary folder. Each visited layer is
-computed twice in all, every other node once.
+computed twice in all, every other node once. Images above 96 px a side are walked channels-last (see
+:data:`CHANNELS_LAST_ABOVE`).
 """
 from __future__ import annotations
 
@@ -25,6 +26,21 @@ from .fast_qdq import fast
 from .ops import DEQUANTIZE_OPS
 
 Batches = Callable[[], Iterable[torch.Tensor]]
+
+# Images larger than this (pixels per side) are walked channels-last: convolutions run 1.7-1.9x faster on NHWC
+# tensors here, the walk 1.4-1.5x (bias correction at 224 px on 128 images: ResNet-50 19.5 -> 13.8 s, MobileNetV2
+# 8.1 -> 5.5 s).
+# The float rounding inside each convolution changes with the layout, so the corrections change by rounding noise
+# (well inside their own sampling spread); at and below it (every shipped checkpoint: 64-96 px) the walk keeps the
+# images' own layout and every number it gives stays as it was.
+CHANNELS_LAST_ABOVE = 96
+
+
+def walk_layout(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as the walk keeps it: channels-last for 4-D images above :data:`CHANNELS_LAST_ABOVE` pixels a side."""
+    if x.dim() == 4 and min(x.shape[-2:]) > CHANNELS_LAST_ABOVE:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def attr(gm: GraphModule, target: str) -> torch.Tensor:
@@ -215,6 +231,7 @@ def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch
             tracks.append(_Track(reference[0], reference[1], store, desc))
         n_batches = samples = 0
         for x in source(batches)():
+            x = walk_layout(x)
             for t in tracks:
                 store.put(t.input, x)
             n_batches += 1

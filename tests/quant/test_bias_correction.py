@@ -164,3 +164,38 @@ def test_means_recorded_while_calibrating_are_the_reference_pass(fmnist):
 
     with pytest.raises(QuantizationError, match=r"reads 64 images but calibration recorded the float means over 40"):
         correct_biases(copy.deepcopy(separate), fm.graph, calib.source(32), reference=recorded)
+
+
+def test_images_above_96_px_are_walked_channels_last_the_rest_as_they_are():
+    from mbquant.quant.layerwalk import walk_layout
+
+    small, large = torch.rand(2, 3, 96, 96), torch.rand(2, 3, 97, 120)
+    assert walk_layout(small) is small
+    out = walk_layout(large)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out, large)
+
+
+def test_a_channels_last_walk_still_removes_the_mean_shift(fmnist, monkeypatch):
+    """The layout large images get (here the 64 px checkpoint counts as large): the walk's batches really are
+    channels-last, and the correction does its job."""
+    from mbquant.quant import layerwalk
+
+    monkeypatch.setattr(layerwalk, "CHANNELS_LAST_ABOVE", 32)
+    layouts = []
+    put = layerwalk.BatchStore.put
+
+    def spy(self, key, t):
+        if key.op == "placeholder":
+            layouts.append(t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous())
+        return put(self, key, t)
+
+    monkeypatch.setattr(layerwalk.BatchStore, "put", spy)
+    fm, int8, batches = _setup(fmnist)
+    ref = folded_reference(fm.graph)
+    late = "conv2d_51"
+    before = (node_means(int8, {late}, batches)[late] - node_means(ref, {late}, batches)[late]).abs().mean()
+    res = correct_biases(int8, fm.graph, batches)
+    after = (node_means(int8, {late}, batches)[late] - node_means(ref, {late}, batches)[late]).abs().mean()
+    assert layouts and all(layouts)
+    assert res.layers_corrected == 53 and after < 0.5 * before
