@@ -117,15 +117,20 @@ class ReferenceMeans:
         return {k: v / self.seen for k, v in self.sums.items()}
 
 
-def _bias_update(gm: GraphModule, bias: Node | None) -> Callable[[torch.Tensor], None] | None:
-    """How to subtract a per-channel shift from a layer's bias: a float bias (``get_attr``), or an INT32 bias
-    dequantized in the graph (``dequantize(int32 get_attr, scale)``: the shift is rounded onto its grid, as the
-    backend's kernel adds it). None when the layer has no bias to correct."""
+def _bias_update(gm: GraphModule, bias: Node | None) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How to subtract a per-channel shift from a layer's bias, returning what was subtracted: a float bias
+    (``get_attr``), or an INT32 bias dequantized in the graph (``dequantize(int32 get_attr, scale)``: the shift is
+    rounded onto its grid, as the backend's kernel adds it). None when the layer has no bias to correct."""
     if not isinstance(bias, Node):
         return None
     if bias.op == "get_attr" and _attr(gm, bias.target).is_floating_point():
         t = _attr(gm, bias.target)
-        return lambda shift: t.sub_(shift.to(t.dtype))
+
+        def subtract(shift: torch.Tensor) -> torch.Tensor:
+            t.sub_(shift.to(t.dtype))
+            return shift.to(t.dtype)
+
+        return subtract
     if bias.op == "call_function" and bias.target in DEQUANTIZE_OPS and isinstance(bias.args[0], Node) \
             and bias.args[0].op == "get_attr":
         q = _attr(gm, bias.args[0].target)
@@ -134,9 +139,11 @@ def _bias_update(gm: GraphModule, bias: Node | None) -> Callable[[torch.Tensor],
         if q.dtype != torch.int32:
             return None
 
-        def apply(shift: torch.Tensor) -> None:
+        def apply(shift: torch.Tensor) -> torch.Tensor:
             step = scale.to(torch.float64).reshape(-1) if scale.numel() > 1 else scale.to(torch.float64)
-            q.sub_(torch.round(shift.to(torch.float64) / step).to(torch.int32))
+            steps = torch.round(shift.to(torch.float64) / step)
+            q.sub_(steps.to(torch.int32))
+            return (steps * step).to(torch.float32)
 
         return apply
     return None
@@ -197,6 +204,7 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
         float_means = node_means(ref, {names[n.name] for n in syncs}, batches)
     sums: dict[Node, Any] = {}
     counts: dict[Node, int] = {}
+    subtracted: dict[Node, torch.Tensor] = {}
 
     def visit(layer: Node, value) -> None:
         out = value(layer)
@@ -209,12 +217,17 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
             raise QuantizationError(f"bias correction reads {seen} images but calibration recorded the float means "
                                     f"over {reference.seen}; record them with the same image limit")
         shift = sums.pop(layer) / seen - float_means[names[layer.name]]
-        updates[layer](shift)
+        subtracted[layer] = updates[layer](shift)
         result.shifts[layer.name] = shift
         result.layers_corrected += 1
         result.max_abs_shift = max(result.max_abs_shift, float(shift.abs().max()))
 
+    def patch(layer: Node) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The corrected layer's output from its output as measured: the bias moved by what was subtracted."""
+        delta = subtracted.pop(layer)
+        return lambda out: out - delta.reshape(-1, *[1] * (out.dim() - 2)).to(out.dtype)
+
     walked = walk(int8, syncs, batches, visit=visit, done=done, workdir=workdir, progress=progress,
-                  desc="bias correction")
+                  desc="bias correction", patch=patch)
     result.samples, result.stored_bytes = walked.samples, walked.stored_bytes
     return result

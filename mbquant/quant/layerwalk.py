@@ -7,8 +7,10 @@ to the next visited layer, and then the stage looks at that layer on this batch 
 every batch has been seen, the stage changes the layer; the next segment sees the change. Only the tensors a later
 segment reads are kept between segments, in the dtype they have (the INT8 graph's activations cross segments as
 int8; a dequantize is recomputed where it is used), in files of a temporary folder. Each visited layer is
-computed twice in all, every other node once. Images above 96 px a side are walked channels-last (see
-:data:`CHANNELS_LAST_ABOVE`).
+computed twice in all (measured, then again with its new parameters), every other node once; a stage whose change
+is a function of the layer's output (bias correction: the output minus the shift) can have the walk keep the
+measured output and patch it instead (``patch=``). Images above 96 px a side are walked channels-last and patched
+where the stage can (see :data:`CHANNELS_LAST_ABOVE`).
 """
 from __future__ import annotations
 
@@ -27,20 +29,24 @@ from .ops import DEQUANTIZE_OPS
 
 Batches = Callable[[], Iterable[torch.Tensor]]
 
-# Images larger than this (pixels per side) are walked channels-last: convolutions run 1.7-1.9x faster on NHWC
-# tensors here, the walk 1.4-1.5x (bias correction at 224 px on 128 images: ResNet-50 19.5 -> 13.8 s, MobileNetV2
-# 8.1 -> 5.5 s).
-# The float rounding inside each convolution changes with the layout, so the corrections change by rounding noise
-# (well inside their own sampling spread); at and below it (every shipped checkpoint: 64-96 px) the walk keeps the
-# images' own layout and every number it gives stays as it was.
+# Images larger than this (pixels per side) are walked the fast way: channels-last (convolutions run 1.7-1.9x faster
+# on NHWC tensors here, the walk 1.4-1.5x: bias correction at 224 px on 128 images, ResNet-50 19.5 -> 13.8 s,
+# MobileNetV2 8.1 -> 5.5 s), and a patched layer is not computed again (see ``walk``'s ``patch``).
+# Both change float rounding (inside each convolution; ``conv(x, w, b - s)`` against ``conv(x, w, b) - s``), so the
+# corrections change by rounding noise (well inside their own sampling spread); at and below it (every shipped
+# checkpoint: 64-96 px) the walk keeps the images' own layout, computes every layer again, and every number it
+# gives stays as it was.
 CHANNELS_LAST_ABOVE = 96
+
+
+def large(x: torch.Tensor) -> bool:
+    """Whether ``x`` is a batch of images above :data:`CHANNELS_LAST_ABOVE` pixels a side (walked the fast way)."""
+    return x.dim() == 4 and min(x.shape[-2:]) > CHANNELS_LAST_ABOVE
 
 
 def walk_layout(x: torch.Tensor) -> torch.Tensor:
     """``x`` as the walk keeps it: channels-last for 4-D images above :data:`CHANNELS_LAST_ABOVE` pixels a side."""
-    if x.dim() == 4 and min(x.shape[-2:]) > CHANNELS_LAST_ABOVE:
-        return x.contiguous(memory_format=torch.channels_last)
-    return x
+    return x.contiguous(memory_format=torch.channels_last) if large(x) else x
 
 
 def attr(gm: GraphModule, target: str) -> torch.Tensor:
@@ -190,11 +196,16 @@ class _Track:
                                     f"{len(placeholders)} inputs")
         self.gm, self.input, self.store = gm, placeholders[0], store
         self.cut = plan(gm, layers)
+        self.patched: dict[Node, Callable[[torch.Tensor], torch.Tensor]] = {}   # layer -> its patch (see walk)
+        self.measured: dict[Node, list[torch.Tensor]] = {}                    # layer -> its output per batch
 
     def segment(self, s: int, b: int) -> dict[Node, Any]:
         env: dict[Node, Any] = {}
         for n in self.cut.segments[s]:
-            env[n] = _evaluate(self.gm, n, env, self.store, b, self.cut)
+            if n in self.patched:                       # the layer as measured, patched: not computed again
+                env[n] = self.patched[n](self.measured[n][b])
+            else:
+                env[n] = _evaluate(self.gm, n, env, self.store, b, self.cut)
             if any(c != s for c in self.cut.consumers[n]):
                 self.store.put(n, env[n])
         return env
@@ -203,22 +214,31 @@ class _Track:
         return _value(self.gm, node, env, self.store, b, self.cut)
 
     def release(self, s: int) -> None:
-        """Drop what no segment after ``s`` reads."""
+        """Drop what no segment after ``s`` reads (a patched layer's measured output once its segment has run)."""
         for n in [n for n in self.cut.consumers if n in self.store and max(self.cut.consumers[n], default=-1) <= s]:
             self.store.drop(n)
+        for n in [n for n in self.patched if self.cut.home[n] <= s]:
+            del self.patched[n], self.measured[n]
 
 
 def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch.Tensor]", *,
          visit: Callable[[Node, Value], None], done: Callable[[Node], None],
          reference: tuple[GraphModule, list[Node]] | None = None, workdir: Path | None = None,
-         progress: bool = False, desc: str = "layers") -> Walked:
+         progress: bool = False, desc: str = "layers",
+         patch: Callable[[Node], Callable[[torch.Tensor], torch.Tensor]] | None = None) -> Walked:
     """Walk ``gm`` over ``batches`` (each read once, into the store) with the ``layers`` as segment ends, in graph
     order. For each layer and each batch, ``visit(layer, value)`` is called, where ``value(node)`` is any node's
     value on that batch (the layer's inputs, the layer itself); then ``done(layer)`` once, when every batch has
     been visited: the stage changes the layer's parameters there, before the rest of the graph runs.
 
     ``reference``: a second graph and its layers, one per layer of ``gm`` in the same order (the float graph the
-    INT8 one was converted from), walked in step on the same images: ``value`` also answers for its nodes."""
+    INT8 one was converted from), walked in step on the same images: ``value`` also answers for its nodes.
+
+    ``patch``: for a stage whose change to a layer is a function of the layer's output (called after ``done``:
+    ``patch(layer)(measured_output)`` is the changed layer's output, to float rounding). Images above
+    :data:`CHANNELS_LAST_ABOVE` then keep each batch's measured output in memory (one layer's at a time: the images
+    the stage reads, not the calibration set) and the next segment starts from the patched output instead of
+    computing the layer again; smaller images compute it again, so their numbers do not depend on ``patch``."""
     from tqdm import tqdm
 
     with tempfile.TemporaryDirectory(prefix="mbquant-walk-", dir=workdir) as tmp, torch.no_grad():
@@ -230,7 +250,9 @@ def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch
                                         f"with {len(layers)}; the graphs do not match")
             tracks.append(_Track(reference[0], reference[1], store, desc))
         n_batches = samples = 0
+        fast = False
         for x in source(batches)():
+            fast = fast or large(x)
             x = walk_layout(x)
             for t in tracks:
                 store.put(t.input, x)
@@ -242,12 +264,17 @@ def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch
         bar = tqdm(total=len(main.cut.segments), disable=not progress, desc=desc, unit="layer", leave=False)
         for s in range(len(main.cut.segments)):
             stat = main.cut.stats[s]
+            keep = stat is not None and patch is not None and fast
             for b in range(n_batches):
                 envs = {t.gm.graph: (t, t.segment(s, b)) for t in tracks}
                 if stat is not None:
                     visit(stat, lambda node, envs=envs, b=b: _lookup(envs, node, b))
+                if keep:
+                    main.measured.setdefault(stat, []).append(_lookup(envs, stat, b))
             if stat is not None:
                 done(stat)
+            if keep:
+                main.patched[stat] = patch(stat)
             for t in tracks:
                 t.release(s)
             bar.update(1)
