@@ -38,6 +38,11 @@ Batches = Callable[[], Iterable[torch.Tensor]]
 # gives stays as it was.
 CHANNELS_LAST_ABOVE = 96
 
+# The most bytes of one layer's measured outputs a patching walk keeps in memory; a layer whose outputs over the
+# stage's images need more is computed again (its numbers are then the recomputing walk's). At 224 px with 128
+# images ResNet-50's largest outputs take 411 MB; 512 images would take 1.6 GB.
+PATCH_BYTES = 512 * 2 ** 20
+
 
 def large(x: torch.Tensor) -> bool:
     """Whether ``x`` is a batch of images above :data:`CHANNELS_LAST_ABOVE` pixels a side (walked the fast way)."""
@@ -236,9 +241,10 @@ def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch
 
     ``patch``: for a stage whose change to a layer is a function of the layer's output (called after ``done``:
     ``patch(layer)(measured_output)`` is the changed layer's output, to float rounding). Images above
-    :data:`CHANNELS_LAST_ABOVE` then keep each batch's measured output in memory (one layer's at a time: the images
-    the stage reads, not the calibration set) and the next segment starts from the patched output instead of
-    computing the layer again; smaller images compute it again, so their numbers do not depend on ``patch``."""
+    :data:`CHANNELS_LAST_ABOVE` then keep each batch's measured output in memory (one layer's at a time, at most
+    :data:`PATCH_BYTES`: a layer with more is computed again) and the next segment starts from the patched output
+    instead of computing the layer again; smaller images compute it again, so their numbers do not depend on
+    ``patch``."""
     from tqdm import tqdm
 
     with tempfile.TemporaryDirectory(prefix="mbquant-walk-", dir=workdir) as tmp, torch.no_grad():
@@ -270,7 +276,11 @@ def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch
                 if stat is not None:
                     visit(stat, lambda node, envs=envs, b=b: _lookup(envs, node, b))
                 if keep:
-                    main.measured.setdefault(stat, []).append(_lookup(envs, stat, b))
+                    kept = main.measured.setdefault(stat, [])
+                    kept.append(_lookup(envs, stat, b))
+                    if sum(t.numel() * t.element_size() for t in kept) > PATCH_BYTES:
+                        del main.measured[stat]             # over the budget: computed again in the next segment
+                        keep = False
             if stat is not None:
                 done(stat)
             if keep:

@@ -239,3 +239,31 @@ def test_the_fast_walk_patches_each_corrected_layer_instead_of_computing_it_agai
     assert set(runs.values()) == {2 * len(batches)}
     first = list(res.shifts)[:8]
     assert all(float((res.shifts[k] - again.shifts[k]).abs().max()) < 2e-5 for k in first)
+
+
+def test_a_layer_whose_outputs_exceed_the_patch_budget_is_computed_again(fmnist, monkeypatch):
+    """The patching walk keeps at most PATCH_BYTES of one layer's outputs: with no budget every layer runs twice
+    and the biases are exactly the recomputing walk's (the memory of the walk then does not grow with the images)."""
+    from mbquant.quant import layerwalk
+
+    monkeypatch.setattr(layerwalk, "CHANNELS_LAST_ABOVE", 32)
+    monkeypatch.setattr(layerwalk, "PATCH_BYTES", 0)
+    fm, int8, batches = _setup(fmnist)
+    recomputed = copy.deepcopy(int8)
+    evaluate = layerwalk._evaluate
+    runs: dict[str, int] = {}
+
+    def counted(gm, node, *args):
+        if node.target in CONV_OPS | LINEAR_OPS:
+            runs[node.name] = runs.get(node.name, 0) + 1
+        return evaluate(gm, node, *args)
+
+    monkeypatch.setattr(layerwalk, "_evaluate", counted)
+    correct_biases(int8, fm.graph, batches)
+    assert set(runs.values()) == {2 * len(batches)}
+    import mbquant.quant.bias_correction as bc
+    walk = layerwalk.walk
+    monkeypatch.setattr(bc, "walk", lambda *a, patch=None, **k: walk(*a, **k))
+    correct_biases(recomputed, fm.graph, batches)
+    ours, theirs = int8.state_dict(), recomputed.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
