@@ -201,6 +201,22 @@ def test_a_channels_last_walk_still_removes_the_mean_shift(fmnist, monkeypatch):
     assert res.layers_corrected == 53 and after < 0.5 * before
 
 
+def _count_layer_runs(monkeypatch) -> dict[str, int]:
+    """How many times the walk computes each conv and linear layer (filled as it runs)."""
+    from mbquant.quant import layerwalk
+
+    evaluate = layerwalk._evaluate
+    runs: dict[str, int] = {}
+
+    def counted(gm, node, *args):
+        if node.target in CONV_OPS | LINEAR_OPS:
+            runs[node.name] = runs.get(node.name, 0) + 1
+        return evaluate(gm, node, *args)
+
+    monkeypatch.setattr(layerwalk, "_evaluate", counted)
+    return runs
+
+
 def test_the_fast_walk_patches_each_corrected_layer_instead_of_computing_it_again(fmnist, monkeypatch):
     """Above 96 px (here 32) a corrected layer's output is its measured output minus the subtracted shift: every
     conv and linear runs once, not twice. ``conv(x, w, b - s)`` and ``conv(x, w, b) - s`` round differently, so
@@ -213,15 +229,7 @@ def test_the_fast_walk_patches_each_corrected_layer_instead_of_computing_it_agai
     monkeypatch.setattr(layerwalk, "CHANNELS_LAST_ABOVE", 32)
     fm, int8, batches = _setup(fmnist)
     recomputed = copy.deepcopy(int8)
-    evaluate = layerwalk._evaluate
-    runs: dict[str, int] = {}
-
-    def counted(gm, node, *args):
-        if node.target in CONV_OPS | LINEAR_OPS:
-            runs[node.name] = runs.get(node.name, 0) + 1
-        return evaluate(gm, node, *args)
-
-    monkeypatch.setattr(layerwalk, "_evaluate", counted)
+    runs = _count_layer_runs(monkeypatch)
     ref = folded_reference(fm.graph)
     late = "conv2d_51"
     before = (node_means(int8, {late}, batches)[late] - node_means(ref, {late}, batches)[late]).abs().mean()
@@ -250,15 +258,7 @@ def test_a_layer_whose_outputs_exceed_the_patch_budget_is_computed_again(fmnist,
     monkeypatch.setattr(layerwalk, "PATCH_BYTES", 0)
     fm, int8, batches = _setup(fmnist)
     recomputed = copy.deepcopy(int8)
-    evaluate = layerwalk._evaluate
-    runs: dict[str, int] = {}
-
-    def counted(gm, node, *args):
-        if node.target in CONV_OPS | LINEAR_OPS:
-            runs[node.name] = runs.get(node.name, 0) + 1
-        return evaluate(gm, node, *args)
-
-    monkeypatch.setattr(layerwalk, "_evaluate", counted)
+    runs = _count_layer_runs(monkeypatch)
     correct_biases(int8, fm.graph, batches)
     assert set(runs.values()) == {2 * len(batches)}
     import mbquant.quant.bias_correction as bc
