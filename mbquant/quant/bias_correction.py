@@ -127,8 +127,9 @@ def _bias_update(gm: GraphModule, bias: Node | None) -> Callable[[torch.Tensor],
         t = _attr(gm, bias.target)
 
         def subtract(shift: torch.Tensor) -> torch.Tensor:
-            t.sub_(shift.to(t.dtype))
-            return shift.to(t.dtype)
+            delta = shift.to(t.dtype)
+            t.sub_(delta)
+            return delta
 
         return subtract
     if bias.op == "call_function" and bias.target in DEQUANTIZE_OPS and isinstance(bias.args[0], Node) \
