@@ -179,6 +179,10 @@ def job(name: str, weights: Path | str, data: Path, work: Path, *, recipe: str, 
     return {"recipe": recipe, "num_calib": num_calib, "flags": list(extra), "exit_code": run["returncode"],
             "failures": rep.get("failures", []), "wall_seconds": run["wall_seconds"],
             "peak_rss_mb": run["peak_rss_mb"], "stages": stages,
+            # wait4's figure is the largest of the job and the children it reaped (its loader workers: forked, so
+            # they count the pages they share with it); the report's own two say which one set it
+            "job_own_peak_rss_mb": rep.get("resources", {}).get("peak_rss_mb"),
+            "job_children_peak_rss_mb": rep.get("resources", {}).get("children_peak_rss_mb"),
             "quant_seconds": round(sum(stages.get(k, 0.0) for k in QUANT_STAGES), 2),
             "calibration_images": backend["calibration"]["samples"],
             "eval_images": rep["artifacts"][0]["images"],

@@ -224,9 +224,10 @@ def correct_biases(int8: GraphModule, float_gm: GraphModule, batches: Batches | 
         result.max_abs_shift = max(result.max_abs_shift, float(shift.abs().max()))
 
     def patch(layer: Node) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The corrected layer's output from its output as measured: the bias moved by what was subtracted."""
+        """The corrected layer's output from its output as measured (in its buffer: the walk reads it once): the
+        bias moved by what was subtracted."""
         delta = subtracted.pop(layer)
-        return lambda out: out - delta.reshape(-1, *[1] * (out.dim() - 2)).to(out.dtype)
+        return lambda out: out.sub_(delta.reshape(-1, *[1] * (out.dim() - 2)).to(out.dtype))
 
     walked = walk(int8, syncs, batches, visit=visit, done=done, workdir=workdir, progress=progress,
                   desc="bias correction", patch=patch)

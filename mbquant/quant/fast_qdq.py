@@ -30,16 +30,29 @@ def _plain(x: torch.Tensor) -> bool:
     return not (x.requires_grad and torch.is_grad_enabled())
 
 
+def _onto_grid(y: torch.Tensor, zero_point: int, quant_min: int, quant_max: int) -> torch.Tensor:
+    """The quantize op's steps after ``input * (1 / scale)``, in place on ``y`` (its float grid values)."""
+    y.round_()
+    y.add_(zero_point)
+    return y.clamp_(quant_min, quant_max)
+
+
 def quantize_per_tensor(input: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
                         dtype: torch.dtype) -> torch.Tensor:
     """``quantized_decomposed.quantize_per_tensor`` (same result) for a float32 input."""
     if input.dtype != torch.float32 or not _plain(input):
         return _QUANTIZE(input, scale, zero_point, quant_min, quant_max, dtype)
-    y = torch.mul(input, 1.0 / scale)
-    y.round_()
-    y.add_(zero_point)
-    y.clamp_(quant_min, quant_max)
-    return y.to(dtype)
+    return _onto_grid(torch.mul(input, 1.0 / scale), zero_point, quant_min, quant_max).to(dtype)
+
+
+def quantize_per_tensor_(input: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """:func:`quantize_per_tensor` (same result) computed in ``input``'s own buffer, which it overwrites: for a
+    caller that knows nothing reads ``input`` again. A new float tensor the size of an activation costs more than
+    the arithmetic (page faults: 27 ms against 4 ms for one 26 M-element multiply, 2 threads)."""
+    if input.dtype != torch.float32 or not _plain(input):
+        return _QUANTIZE(input, scale, zero_point, quant_min, quant_max, dtype)
+    return _onto_grid(input.mul_(1.0 / scale), zero_point, quant_min, quant_max).to(dtype)
 
 
 def dequantize_per_tensor(input: torch.Tensor, scale: float, zero_point: int, quant_min: int, quant_max: int,
@@ -61,10 +74,7 @@ def quantize_dequantize(input: torch.Tensor, scale: float, zero_point: int, quan
     if input.dtype != torch.float32 or not _plain(input) or dtype not in _EXACT:
         return dequantize_per_tensor(quantize_per_tensor(input, scale, zero_point, quant_min, quant_max, dtype),
                                      scale, zero_point, quant_min, quant_max, dtype)
-    y = torch.mul(input, 1.0 / scale)
-    y.round_()
-    y.add_(zero_point)
-    y.clamp_(quant_min, quant_max)
+    y = _onto_grid(torch.mul(input, 1.0 / scale), zero_point, quant_min, quant_max)
     y.sub_(zero_point)
     y.mul_(scale)
     return y

@@ -10,7 +10,8 @@ int8; a dequantize is recomputed where it is used), in files of a temporary fold
 computed twice in all (measured, then again with its new parameters), every other node once; a stage whose change
 is a function of the layer's output (bias correction: the output minus the shift) can have the walk keep the
 measured output and patch it instead (``patch=``). Images above 96 px a side are walked channels-last and patched
-where the stage can (see :data:`CHANNELS_LAST_ABOVE`).
+where the stage can (see :data:`CHANNELS_LAST_ABOVE`). A quantize whose input nothing else reads overwrites that
+input's buffer (same numbers; a new activation-sized tensor costs more than the arithmetic).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch.fx
 from torch.fx import GraphModule, Node
 
 from ..errors import QuantizationError
-from .fast_qdq import fast
+from .fast_qdq import fast, quantize_per_tensor, quantize_per_tensor_
 from .ops import DEQUANTIZE_OPS
 
 Batches = Callable[[], Iterable[torch.Tensor]]
@@ -240,7 +241,8 @@ def walk(gm: GraphModule, layers: list[Node], batches: "Batches | Iterable[torch
     INT8 one was converted from), walked in step on the same images: ``value`` also answers for its nodes.
 
     ``patch``: for a stage whose change to a layer is a function of the layer's output (called after ``done``:
-    ``patch(layer)(measured_output)`` is the changed layer's output, to float rounding). Images above
+    ``patch(layer)(measured_output)`` is the changed layer's output, to float rounding; it may overwrite the
+    measured output, which the walk does not read again). Images above
     :data:`CHANNELS_LAST_ABOVE` then keep each batch's measured output in memory (one layer's at a time, at most
     :data:`PATCH_BYTES`: a layer with more is computed again) and the next segment starts from the patched output
     instead of computing the layer again; smaller images compute it again, so their numbers do not depend on
@@ -312,9 +314,24 @@ def _value(gm: GraphModule, a: Node, env: dict[Node, Any], store: BatchStore, b:
     return env[a]
 
 
+def _last_read(a: Any, env: dict[Node, Any], plan: Plan) -> bool:
+    """Whether a quantize of ``a`` may overwrite ``a``'s buffer: ``a`` was computed in this segment for this batch
+    (not a constant, not recomputed where used, not read back from the store: a copy went there if a later
+    segment reads it), the quantize is its only user, and every other value of the segment that shares its memory
+    (the input of an in-place op such as ``hardtanh_``, of a view, of dropout in eval mode) has no user left to
+    run (a stage's ``visit`` evaluates its layer after the segment: the layer's inputs keep unrun users)."""
+    if not isinstance(a, Node) or a in plan.lazy or len(a.users) != 1 or not isinstance(env.get(a), torch.Tensor):
+        return False
+    mine = env[a].untyped_storage().data_ptr()
+    return all(k is a or not isinstance(v, torch.Tensor) or v.untyped_storage().data_ptr() != mine
+               or all(u in env for u in k.users) for k, v in env.items())
+
+
 def _evaluate(gm: GraphModule, node: Node, env: dict[Node, Any], store: BatchStore, b: int, plan: Plan) -> Any:
     """``node``'s value for batch ``b``: computed from its inputs (this segment's values, the store, constants;
     lazy nodes are computed where they are needed and remembered for the rest of the batch)."""
     fn = fast(node.target) if node.op == "call_function" else gm.get_submodule(node.target)
+    if fn is quantize_per_tensor and _last_read(node.args[0], env, plan):
+        fn = quantize_per_tensor_
     value = lambda a: _value(gm, a, env, store, b, plan)  # noqa: E731
     return fn(*torch.fx.node.map_arg(node.args, value), **torch.fx.node.map_arg(node.kwargs, value))

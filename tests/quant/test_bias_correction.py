@@ -267,3 +267,54 @@ def test_a_layer_whose_outputs_exceed_the_patch_budget_is_computed_again(fmnist,
     correct_biases(recomputed, fm.graph, batches)
     ours, theirs = int8.state_dict(), recomputed.state_dict()
     assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_a_quantize_overwrites_its_input_only_when_nothing_else_reads_that_memory():
+    """The walk's in-place quantize: a value whose only user is the quantize, or one sharing memory with values
+    whose users have all run (``hardtanh_``'s input), may be overwritten; not one another node still reads (the
+    base of a view with a user left), not a constant or a value read back from the store."""
+    from torch.fx import symbolic_trace
+    from mbquant.quant import layerwalk
+    from mbquant.quant.ops import _Q
+
+    q = _Q.quantize_per_tensor.default
+
+    class M(torch.nn.Module):
+        def forward(self, x):
+            y = torch.relu(x)
+            a = q(torch.nn.functional.hardtanh_(y), 0.1, 0, -128, 127, torch.int8)     # y: its users have run
+            z = torch.sigmoid(x)
+            v = q(z.view(-1), 0.1, 0, -128, 127, torch.int8)                           # z is read again below
+            return a, v, z + 1
+
+    gm = symbolic_trace(M())
+    n = {node.name: node for node in gm.graph.nodes}
+    cut = layerwalk.plan(gm, [])
+    x = torch.randn(8)
+    y = torch.relu(x)
+    z = torch.sigmoid(x)
+    env = {n["relu"]: y, n["hardtanh_"]: torch.nn.functional.hardtanh_(y), n["sigmoid"]: z, n["view"]: z.view(-1)}
+    assert layerwalk._last_read(n["hardtanh_"], env, cut)
+    assert not layerwalk._last_read(n["view"], env, cut), "sigmoid's value still has a user (the add) to run"
+    assert not layerwalk._last_read(n["x"], env, cut), "not computed in this segment"
+    env[n["add"]] = z + 1
+    assert layerwalk._last_read(n["view"], env, cut)
+
+
+def test_in_place_quantizes_give_the_same_biases(fmnist, monkeypatch):
+    """The fast walk quantizes in the input's buffer where nothing else reads it (every hardtanh_ -> quantize of
+    MobileNetV2): the corrected graph is bit for bit the one the out-of-place quantizes give."""
+    from mbquant.quant import layerwalk
+
+    monkeypatch.setattr(layerwalk, "CHANNELS_LAST_ABOVE", 32)
+    fm, int8, batches = _setup(fmnist)
+    other = copy.deepcopy(int8)
+    calls = []
+    last_read = layerwalk._last_read
+    monkeypatch.setattr(layerwalk, "_last_read", lambda *a: calls.append(last_read(*a)) or calls[-1])
+    correct_biases(int8, fm.graph, batches)
+    assert sum(calls) > len(calls) // 2
+    monkeypatch.setattr(layerwalk, "_last_read", lambda *a: False)
+    correct_biases(other, fm.graph, batches)
+    ours, theirs = int8.state_dict(), other.state_dict()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)

@@ -28,6 +28,9 @@ def test_same_numbers_as_the_ops(scale, zp, lo, hi, dtype):
     q = Q(x, scale, zp, lo, hi, dtype)
     fq = fast_qdq.quantize_per_tensor(x, scale, zp, lo, hi, dtype)
     assert fq.dtype == q.dtype and torch.equal(fq, q)
+    own = x.clone()
+    fq_ = fast_qdq.quantize_per_tensor_(own, scale, zp, lo, hi, dtype)      # in its input's buffer
+    assert fq_.dtype == q.dtype and torch.equal(fq_, q) and not torch.equal(own, x)
     d = DQ(q, scale, zp, lo, hi, dtype)
     fd = fast_qdq.dequantize_per_tensor(q, scale, zp, lo, hi, dtype)
     assert fd.dtype == d.dtype and torch.equal(fd, d)
