@@ -2,7 +2,7 @@
 
     python benchmarks/scale.py [--models mobilenet_v2,mobilenet_v3_large,resnet50] [--num-calib 512]
                                [--eval-limit 200] [--growth 128,512,2048] [--trained mobilenet_v2_w1.0_r128_fmnist]
-                               [--calibration-only | --growth-only] [--out benchmarks/results/scale.json]
+                               [--calibration-only | --growth-only] [--one-order] [--out benchmarks/results/scale.json]
 
 Per model (10 classes, ImageNet preprocessing at 224 px; weights: seeded random initialisation with BatchNorm
 statistics from 64 real training images, so accuracy figures are chance-level and the job's gates refuse them:
@@ -17,8 +17,10 @@ this table is about time and memory, not accuracy), in one run on this host:
   * `mbquant ptq` with the default recipe and with `--recipe stock` (and, for the first model, the default
     recipe with bias correction on 512 calibration images, as every resolution had before it read fewer above
     96 px: 128 at 224 px), each in its own process: every stage's
-    seconds from the report, wall time and the process's own peak RSS (wait4);
-  * ratios in the same run: quantization stages (export ... lower + write) default / stock, peak RSS default /
+    seconds from the report, wall time and the process's own peak RSS (wait4); then the pair again, stock first
+    (the first job after this process's own measurements runs slower; `--one-order` skips the second pair);
+  * ratios in the same run: quantization stages (export ... lower + write) default / stock (each order, and
+    pooled over both orders), peak RSS default /
     stock, calibration / the float forward around the same job, and evaluation (the float graph, the INT8 module
     and the INT8 program on every image, decoding included) / the float graph's own time in that same pass
     (the job's report times every model batch by batch);
@@ -163,7 +165,11 @@ def job(name: str, weights: Path | str, data: Path, work: Path, *, recipe: str, 
         if isinstance(weights, Path) else ()
     limit = ("--eval-limit", str(eval_limit)) if eval_limit is not None else ()
     tag = weights.stem if isinstance(weights, Path) else weights
-    out = work / "-".join([name, tag, recipe, str(num_calib), *(a.lstrip("-") for a in extra)])
+    base = out = work / "-".join([name, tag, recipe, str(num_calib), *(a.lstrip("-") for a in extra)])
+    for again in range(2, 100):          # a job run again writes a folder of its own (ptq refuses to overwrite one)
+        if not (out.exists() or out.with_name(out.name + ".failed").exists()):
+            break
+        out = base.with_name(f"{base.name}-{again}")
     run = run_measured(mbquant_cmd(
         "ptq", name, "--weights", str(weights), *shape, "--calib", str(data / "train"), "--eval", str(data / "val"),
         "--num-calib", str(num_calib), *limit, "--seed", str(seed), "--recipe", recipe,
@@ -240,9 +246,9 @@ def table(result: dict) -> str:
         lines += ["| model | recipe | calib imgs | wall s | peak RSS MB | quant s | calibrate s | bias corr. s (imgs) "
                   "| lower+write s | evaluate s | verify s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         for m in result["models"]:
-            for r in m.get("runs", []):
+            for r, again in [(r, "") for r in m.get("runs", [])] + [(r, ", again") for r in m.get("again", [])]:
                 st = r["stages"]
-                lines.append(f"| {m['model']} | {_recipe(r)} | "
+                lines.append(f"| {m['model']} | {_recipe(r)}{again} | "
                              f"{r['calibration_images']} | {r['wall_seconds']:.0f} | {r['peak_rss_mb']:.0f} | "
                              f"{r['quant_seconds']:.1f} | {st['calibrate']:.1f} | {st.get('bias_correction', 0):.1f} "
                              f"({r['bias_correction_samples'] or '-'}) | "
@@ -251,7 +257,10 @@ def table(result: dict) -> str:
                   "evaluate/forward | calib img/s | eval img/s |", "|---|---|---|---|---|---|---|---|"]
         for m in (m for m in result["models"] if m.get("runs")):
             r, f = m["ratios"], m["float"]
-            lines.append(f"| {m['model']} | {1000 / f['forward_ms_per_image']:.1f} | {r['quant_default_over_stock']} | "
+            both = m.get("quant_default_over_stock_both_orders")
+            quant = f"{r['quant_default_over_stock']}" + (
+                f"; stock first {m['ratios_stock_first']['quant_default_over_stock']}; both orders {both}" if both else "")
+            lines.append(f"| {m['model']} | {1000 / f['forward_ms_per_image']:.1f} | {quant} | "
                          f"{r['rss_default_over_stock']} | {r['calibrate_over_forward']} ({r['stock_calibrate_over_forward']})"
                          f" | {r['evaluate_over_forward']} | {r['calibration_images_per_s']} | {r['eval_images_per_s']} |")
     if any(m.get("calibration") for m in result["models"]):
@@ -318,6 +327,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--quantize-only", nargs=5, metavar=("MODEL", "WEIGHTS", "DATA", "NUM_CALIB", "SEED"),
                     help=argparse.SUPPRESS)                  # quantization_peak's child process
+    ap.add_argument("--one-order", action="store_true",
+                    help="run each default/stock pair once, default first (by default it runs again, stock first)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "scale.json")
     args = ap.parse_args(argv)
     if args.quantize_only:
@@ -354,10 +365,22 @@ def main(argv=None) -> int:
             if i == 0:
                 runs.append(timed_job(model, ref, name, weights, args.data, work, recipe="best",
                                       extra=("--bias-correction-images", "512"), **common))
+            # the first job after this process's own measurements ran slower here (ResNet-50's default calibrate
+            # stage 58-65 s against the stock job's 50-58 s right after it; 58 against 59 s with stock first): the
+            # pair runs again in the other order and the time ratio pools both orders
+            again = [] if args.one_order else [
+                timed_job(model, ref, name, weights, args.data, work, recipe=r, **common) for r in ("stock", "best")]
             ref.pop("batches")
             del model
             result["models"].append({"model": name, "float": ref, "calibration": cost, "runs": runs,
                                      "ratios": ratios(runs[0], runs[1])})
+            if again:
+                m = result["models"][-1]
+                m["again"] = again
+                m["ratios_stock_first"] = ratios(again[1], again[0])
+                m["quant_default_over_stock_both_orders"] = round(
+                    (runs[0]["quant_seconds"] + again[1]["quant_seconds"]) /
+                    (runs[1]["quant_seconds"] + again[0]["quant_seconds"]), 2)
             print(f"{name}: {json.dumps(result['models'][-1]['ratios'])}", flush=True)
             if i == 0:
                 for n in growth:
