@@ -80,9 +80,10 @@ def build(name: str, data: Path, path: Path, seed: int = 0):
 
 
 def forward_seconds(model, batches: list[torch.Tensor]) -> float:
-    """The float model's batched forward over ``batches`` (one warm-up batch first), no_grad."""
+    """The float model's batched forward over ``batches`` (one full warm-up batch first: the first batch of a
+    process allocates its buffers, and a 2-image warm-up left the first model's figure 3x too slow), no_grad."""
     with torch.no_grad():
-        model(batches[0][:2])
+        model(batches[0])
         t = time.perf_counter()
         for x in batches:
             model(x)
