@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from mbquant.data import imagenet_preset, small_preset
-from mbquant.data.contract import apply, spec_of
+from mbquant.data.contract import apply, normalize, spec_of
 from mbquant.data.dataset import eval_set, load_folder
 from mbquant.data.slicing import Shuffler, check_seed, eval_indices, stratified_indices
 from mbquant.errors import ConfigError
@@ -35,6 +35,23 @@ def test_the_contract_is_torchvisions_transform_bit_for_bit(preset, small_folder
     tv, spec = _torchvision_eval(preset), spec_of(preset)
     for im in images:
         assert np.array_equal(apply(im, spec), tv(im).numpy())
+
+
+@pytest.mark.parametrize("preset", [small_preset(16), imagenet_preset(16)], ids=["grayscale", "rgb"])
+def test_normalize_looks_up_what_torchvision_computes_for_every_level(preset):
+    """The per-channel table of the 256 levels gives torchvision's ToDtype(scale=True) + Normalize, every level in
+    every channel (a 16 x 16 image holds each level once, a different permutation per channel)."""
+    from torchvision.transforms import v2 as T
+
+    rng = np.random.default_rng(1)
+    levels = np.stack([rng.permutation(256).astype(np.uint8).reshape(16, 16) for _ in range(3)], -1)
+    spec = spec_of(preset)
+    tv = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True), T.Normalize(list(spec.mean), list(spec.std))])
+    for im in (Image.fromarray(levels), Image.fromarray(levels[..., 0])):
+        rgb = im.convert("RGB")
+        out = normalize(im, spec)
+        assert out.dtype == np.float32 and out.shape == (3, 16, 16) and out.flags.c_contiguous
+        assert np.array_equal(out, tv(rgb).numpy())
 
 
 def test_datasets_apply_the_contract_and_nothing_else(small_folder):
