@@ -94,11 +94,15 @@ def forward_seconds(model, batches: list[torch.Tensor]) -> float:
     return time.perf_counter() - t
 
 
+def decoded(info, data: Path, num_calib: int, seed: int, images: int = 128) -> list[torch.Tensor]:
+    """The first ``images`` of the jobs' calibration images, decoded, in batches of BATCH."""
+    return list(calibrate.from_folder(data / "train", spec_of(info.preset), num_calib, seed=seed).source(BATCH, images)())
+
+
 def float_reference(model, info, data: Path, num_calib: int, seed: int, images: int = 128) -> dict:
     """The float model's forward per image, on the first ``images`` calibration images (decoded beforehand)."""
-    spec = spec_of(info.preset)
     t = time.perf_counter()
-    batches = list(calibrate.from_folder(data / "train", spec, num_calib, seed=seed).source(BATCH, images)())
+    batches = decoded(info, data, num_calib, seed, images)
     decode = time.perf_counter() - t
     n = sum(len(b) for b in batches)
     return {"decode_ms_per_image": round(1000 * decode / n, 2), "images": n,
@@ -144,6 +148,13 @@ def calibration_cost(model, ref: dict, repeats: int = 5) -> dict:
             "same_ranges_as_torch_histc": same}
 
 
+def _saved(name: str, weights: str):
+    """The model :func:`build` saved to ``weights`` (a child process's copy), in eval mode, and its info."""
+    model, info = create_with_info(name, num_classes=CLASSES)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval(), info
+
+
 def calibration_cost_apart(name: str, weights: Path, data: Path, *, num_calib: int, seed: int) -> dict:
     """:func:`calibration_cost` in a process of its own (the same model from ``weights``, the same decoded images),
     so that the jobs after it start from a lean parent. Run in this process, it slowed the next job: ResNet-50's
@@ -157,10 +168,9 @@ def calibration_cost_apart(name: str, weights: Path, data: Path, *, num_calib: i
 
 def _calibration_cost_child(name: str, weights: str, data: str, num_calib: str, seed: str) -> None:
     """The child of :func:`calibration_cost_apart`: prints the measurement as one JSON line."""
-    model, info = create_with_info(name, num_classes=CLASSES)
-    model.load_state_dict(torch.load(weights, weights_only=True))
-    ref = float_reference(model.eval(), info, Path(data), int(num_calib), int(seed))
-    print(json.dumps(calibration_cost(model, ref)))
+    model, info = _saved(name, weights)
+    batches = decoded(info, Path(data), int(num_calib), int(seed))
+    print(json.dumps(calibration_cost(model, {"images": sum(len(b) for b in batches), "batches": batches})))
 
 
 def _same_qparams(a, b) -> bool:
@@ -236,8 +246,7 @@ def quantization_peak(name: str, weights: Path, data: Path, *, num_calib: int, s
 
 def _quantize_only(name: str, weights: str, data: str, num_calib: str, seed: str) -> None:
     """The child of :func:`quantization_peak`: prints the stage seconds as one JSON line."""
-    model, info = create_with_info(name, num_classes=CLASSES)
-    model.load_state_dict(torch.load(weights, weights_only=True))
+    model, info = _saved(name, weights)
     calib = calibrate.from_folder(Path(data) / "train", spec_of(info.preset), int(num_calib), seed=int(seed))
     q = quantize(model.eval(), calib, info=info, config=QuantConfig(num_calib=int(num_calib), seed=int(seed)))
     print(json.dumps({"num_calib": int(num_calib), "calibration_images": q.calibration.samples,
