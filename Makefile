@@ -101,9 +101,10 @@ test-slow: $(STAMP) data toolchains arm kotlin
 # The benchmark suite: every shipped checkpoint, mbquant against the stock PT2E flow in one run (sizes, latency at
 # 1 and 2 threads, Cortex-M flash/RAM, PTQ stage times, peak RSS, calibration throughput) -> benchmarks/results/
 # suite.{json,md} and README's table; then the phone checkpoint's plots (per-layer SQNR, accuracy vs calibration
-# images, recipes) -> docs/plots; then the recipe wall-time ratio and the real-size table. About 25 minutes on 2
-# cores, then the accuracy table per checkpoint (stock, default, AdaRound, budget, QAT; about 40 minutes), then what
-# an agreement figure resolves (the float model under sub-pixel input shifts; 4 minutes).
+# images, recipes) -> docs/plots; then the recipe wall-time ratio (about 25 minutes on 2 cores so far); the
+# real-size table (width 1.0 at 224 px, both orders, growth, trained reference: about 50 minutes); evaluation's
+# decode workers (a few minutes); the accuracy table per checkpoint (stock, default, AdaRound, budget, QAT; about
+# 40 minutes); what an agreement figure resolves (the float model under sub-pixel input shifts; 4 minutes).
 bench: $(STAMP) data
 	$(BIN)/python benchmarks/suite.py --readme
 	$(BIN)/mbquant ptq mobilenet_v2 --calib $(DATA)/train --eval $(DATA)/val --overwrite --quiet --out runs/bench-phone
@@ -111,6 +112,7 @@ bench: $(STAMP) data
 	cp runs/bench-phone/calibration_sweep.json runs/bench-phone/recipes.json benchmarks/results/
 	$(BIN)/python benchmarks/recipe_walltime.py
 	$(BIN)/python benchmarks/scale.py
+	$(BIN)/python benchmarks/decode_workers.py
 	$(BIN)/python benchmarks/checkpoints.py --readme
 	$(BIN)/python benchmarks/agreement_jitter.py
 

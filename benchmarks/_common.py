@@ -80,3 +80,26 @@ def replace_readme_block(md: str, mark: str) -> None:
     head, _, tail = text.split(mark)
     readme.write_text(f"{head}{mark}\n{md}{mark}{tail}")
     print("updated README.md")
+
+
+def variant_args(ap, variants: dict, *, out: str, threads: int, checkpoint: bool = True) -> None:
+    """The flags every variant benchmark takes: the checkpoint (``--model``/``--weights``, with ``checkpoint``),
+    the data, the calibration and evaluation sizes, ``--variants`` (names of ``variants``), threads and the JSON."""
+    if checkpoint:
+        ap.add_argument("--model", default="mobilenet_v2")
+        ap.add_argument("--weights", default=None, help="default: the model's shipped checkpoint")
+    ap.add_argument("--data", type=Path, default=REPO / "data")
+    ap.add_argument("--num-calib", type=int, default=512)
+    ap.add_argument("--eval-limit", type=int, default=None)
+    ap.add_argument("--variants", default=",".join(variants), help="comma-separated names from: " + ", ".join(variants))
+    ap.add_argument("--threads", type=int, default=threads)
+    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / out)
+
+
+def chosen_variants(ap, args, variants: dict) -> list[str]:
+    """The ``--variants`` names, each one of ``variants`` (else a usage error listing them)."""
+    names = args.variants.split(",")
+    unknown = [n for n in names if n not in variants]
+    if unknown:
+        ap.error(f"unknown variants {unknown}; known: {', '.join(variants)}")
+    return names

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO, job, summary
+from _common import chosen_variants, job, summary, variant_args
 from mbquant import calibrate
 from mbquant.config import QuantConfig, RunConfig
 from mbquant.mobile.table import CPUS
@@ -57,19 +57,11 @@ def memory_per_cpu(model, info, data: Path, num_calib: int) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", type=Path, default=REPO / "data")
+    variant_args(ap, VARIANTS, out="mcu.json", threads=2, checkpoint=False)
     ap.add_argument("--models", default=",".join(MODELS))
-    ap.add_argument("--num-calib", type=int, default=512)
-    ap.add_argument("--eval-limit", type=int, default=None)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated names from: " + ", ".join(VARIANTS))
     ap.add_argument("--no-memory", action="store_true", help="skip the per-CPU flash/RAM table")
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "mcu.json")
     args = ap.parse_args(argv)
-    chosen = args.variants.split(",")
-    unknown = [v for v in chosen if v not in VARIANTS]
-    if unknown:
-        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    chosen = chosen_variants(ap, args, VARIANTS)
     torch.set_num_threads(args.threads)
     results = {}
     for weights in args.models.split(","):

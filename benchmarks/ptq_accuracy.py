@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
-from _common import REPO, job, summary
+from _common import chosen_variants, job, summary, variant_args
 from mbquant.config import QuantConfig, RunConfig
 from mbquant.report import format_table, host, library_versions
 from mbquant.models import resolve_model
@@ -27,19 +26,9 @@ QUANT_STAGES = ("equalize", "export", "prepare", "calibrate", "convert", "adarou
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="mobilenet_v2")
-    ap.add_argument("--weights", default=None, help="default: the model's shipped checkpoint")
-    ap.add_argument("--data", type=Path, default=REPO / "data")
-    ap.add_argument("--num-calib", type=int, default=512)
-    ap.add_argument("--eval-limit", type=int, default=None)
-    ap.add_argument("--variants", default=",".join(VARIANTS))
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "ptq_accuracy.json")
+    variant_args(ap, VARIANTS, out="ptq_accuracy.json", threads=2)
     args = ap.parse_args(argv)
-    names = args.variants.split(",")
-    unknown = [n for n in names if n not in VARIANTS]
-    if unknown:
-        ap.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    names = chosen_variants(ap, args, VARIANTS)
     torch.set_num_threads(args.threads)
     model, info = resolve_model(args.model, args.weights)
     rows, results = [], {}

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .config import check_decode_workers
 from .distributed import Dist
 from .errors import ConfigError, DataError
 from .records import VERDICT, Baseline, PreprocessSpec, RunReport, Sidecar, check_tolerance, paths
@@ -141,10 +142,10 @@ def _same_weights(sha: str | None, model, given) -> None:
 
 
 def measure(artifact: Path | str, data: Path | str, *, float_model: nn.Module | str | Path | None = None,
-            limit: int | None = None, dist: Dist | None = None) -> Verdict:
+            limit: int | None = None, dist: Dist | None = None, workers: int = 0) -> Verdict:
     """``artifact``'s top-1 (and, with ``float_model``, its paired drop and agreement) on ``data``: the whole
     folder, or the seeded class-stratified slice of ``limit`` images. With an active ``dist`` (torchrun) each
-    rank runs its shard and every rank gets the verdict of all images."""
+    rank runs its shard and every rank gets the verdict of all images; ``workers`` processes decode the images."""
     from .data.dataset import eval_set
     from .data.folders import files_digest
     from .evaluate import compare_dataset
@@ -158,7 +159,7 @@ def measure(artifact: Path | str, data: Path | str, *, float_model: nn.Module | 
         fl = _float_module(float_model, src.model)
         if fl is not None:
             predictors["float"] = fl
-        cmp = compare_dataset(predictors, ds, 100, dist=dist)
+        cmp = compare_dataset(predictors, ds, 100, dist=dist, workers=workers)
     finally:
         src.close()
     if cmp.count == 0 or not cmp.labelled:
@@ -252,7 +253,7 @@ def check_limit(limit: int | None) -> None:
 def check(artifact: Path | str, data: Path | str, *, float_model: nn.Module | str | Path | None = None,
           baseline: Baseline | Path | str | None = None, max_drop: float | None = None,
           min_agreement: float | None = None, tolerance: float | None = None, strict_ci: bool = False,
-          limit: int | None = None, dist: Dist | None = None) -> Verdict:
+          limit: int | None = None, dist: Dist | None = None, workers: int = 0) -> Verdict:
     """:func:`measure` then :func:`judge`; with a baseline, on the images it was recorded on (its ``limit``)."""
     if isinstance(baseline, (str, Path)):
         baseline = read_baseline(baseline)
@@ -260,7 +261,8 @@ def check(artifact: Path | str, data: Path | str, *, float_model: nn.Module | st
         limit = baseline.limit
     # before the measurement: a request that cannot be judged fails before any image is run
     check_request(max_drop, min_agreement, baseline, tolerance, has_float=float_model is not None, limit=limit)
-    v = measure(artifact, data, float_model=float_model, limit=limit, dist=dist)
+    check_decode_workers(workers)
+    v = measure(artifact, data, float_model=float_model, limit=limit, dist=dist, workers=workers)
     return judge(v, baseline=baseline, max_drop=max_drop, min_agreement=min_agreement, tolerance=tolerance,
                  strict_ci=strict_ci)
 
@@ -302,17 +304,18 @@ def baseline_record(v: Verdict, *, tolerance: float, why: str = "", limit: int |
 
 def write_baseline(artifact: Path | str, data: Path | str, out: Path | str, *, tolerance: float,
                    float_model: nn.Module | str | Path | None = None, limit: int | None = None,
-                   why: str = "", overwrite: bool = False) -> Baseline:
+                   why: str = "", overwrite: bool = False, workers: int = 0) -> Baseline:
     """Measure and record a baseline (the only function that writes one). ``out`` is a new file, or an earlier
     baseline with ``overwrite``; never the artifact, the data or anything else."""
     from ._io import check_outputs, write_record_file
 
     check_tolerance(tolerance)
     check_limit(limit)
+    check_decode_workers(workers)
     check_outputs({"--out": Path(out)}, {"ARTIFACT": Path(artifact), "--data": Path(data)}, kind=Baseline.KIND,
                   overwrite=overwrite)
-    rec = baseline_record(measure(artifact, data, float_model=float_model, limit=limit), tolerance=tolerance,
-                          why=why, limit=limit)
+    rec = baseline_record(measure(artifact, data, float_model=float_model, limit=limit, workers=workers),
+                          tolerance=tolerance, why=why, limit=limit)
     write_record_file(Path(out), rec.document(), kind=Baseline.KIND, overwrite=overwrite)
     return rec
 

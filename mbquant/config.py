@@ -17,6 +17,7 @@ INIT_RANGES = ("recipe", "minmax", "off")
 INIT_BIASES = ("corrected", "float")
 KEEP = ("best", "last")
 SELECT_IMAGES = 2000     # held-out training images QAT's keep="best" chooses on, at most (and a fifth of the folder)
+MAX_DECODE_WORKERS = 64  # image-decoding processes a loader may start (RunConfig.decode_workers, --decode-workers)
 SEED_MAX = 2 ** 32 - 1  # a 32-bit generator seed (mbquant.data.slicing)
 BIAS_CORRECTION_IMAGES = 512  # bias correction reads at most this many calibration images unless told otherwise ...
 BIAS_CORRECTION_PIXELS = 512 * 96 * 96  # ... and, at larger inputs, as many as hold this many pixels (see below) ...
@@ -81,6 +82,12 @@ def _number(value: Any, what: str, flag: str, *, lo: float | None = None, hi: fl
 
 def _positive_int(value: Any, what: str, flag: str) -> None:
     _number(value, what, flag, lo=1, integer=True)
+
+
+def check_decode_workers(workers: Any) -> None:
+    """A number of image-decoding processes: 0 (decode in the calling process) up to MAX_DECODE_WORKERS."""
+    _number(workers, "decode workers", "--decode-workers N (0: decode in this process)", lo=0, hi=MAX_DECODE_WORKERS,
+            integer=True)
 
 
 @dataclass(frozen=True)
@@ -288,6 +295,8 @@ class RunConfig(_Config):
     (top-1 and agreement with the float model; paired test, ``parity_z`` standard errors);
     ``min_parity``: an optional floor on top-1 agreement (%) between the artifact and that INT8 model.
     ``eval_limit``: evaluate on a seeded, class-stratified subset of this many images (None: all).
+    ``decode_workers``: processes that decode and preprocess the evaluation images ahead of the models (0: this
+    process does); the same images in the same order, so the same numbers.
     ``fallback``: ``"auto"`` keeps the fewest blocks in fp32 that bring the drop within ``max_drop`` on
     ``fallback_images`` held-out calibration-folder images (:mod:`mbquant.fallback`); ``"none"``: never.
     """
@@ -301,6 +310,7 @@ class RunConfig(_Config):
     parity_z: float = 3.0
     eval_limit: int | None = None
     eval_batch_size: int = 100
+    decode_workers: int = 0
     latency_runs: int = 20
     latency_threads: int = 1
     float_program: bool = True
@@ -327,6 +337,7 @@ class RunConfig(_Config):
         if self.eval_limit is not None:
             _positive_int(self.eval_limit, "eval_limit", "--eval-limit")
         _positive_int(self.eval_batch_size, "eval batch size", "--eval-batch-size")
+        check_decode_workers(self.decode_workers)
         _positive_int(self.latency_runs, "latency runs", "--latency-runs")
         _positive_int(self.latency_threads, "latency threads", "--latency-threads")
         _choice(self.fallback, ("none", "auto"), "fallback")

@@ -135,19 +135,19 @@ def merge(parts: list[tuple[list[int], Comparison]]) -> Comparison:
                       seconds={n: round(max(c.seconds.get(n, 0.0) for c in cmps), 3) for n in first.seconds})
 
 
-def compare_dataset(predictors: Mapping[str, Predictor], dataset, batch_size: int, *, dist=None,
+def compare_dataset(predictors: Mapping[str, Predictor], dataset, batch_size: int, *, dist=None, workers: int = 0,
                     progress: bool = False, desc: str = "evaluate") -> Comparison:
     """:func:`compare` over an :class:`~mbquant.data.dataset.ImageFolderDataset`; with an active ``dist``
     (:class:`~mbquant.distributed.Dist`) each rank runs every ``world``-th image and every rank gets the whole
     Comparison in dataset order (the same numbers as one process); unreadable images of every shard are
-    recorded in ``dataset.skipped``."""
+    recorded in ``dataset.skipped``. ``workers`` processes decode the images ahead of the models (0: this one)."""
     from .data.dataset import make_loader
 
     if dist is None or not dist.active:
-        return compare(predictors, make_loader(dataset, batch_size), progress=progress, desc=desc)
+        return compare(predictors, make_loader(dataset, batch_size, workers=workers), progress=progress, desc=desc)
     idx = dist.shard(len(dataset))
     part = dataset.subset(idx)
-    cmp = compare(predictors, make_loader(part, batch_size), progress=progress and dist.is_main,
+    cmp = compare(predictors, make_loader(part, batch_size, workers=workers), progress=progress and dist.is_main,
                   desc=f"{desc} (rank {dist.rank} of {dist.world})")
     readable = [i for i, s in zip(idx, part.samples) if s.path not in part.skipped]
     if len(readable) != cmp.count:

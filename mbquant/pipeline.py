@@ -433,7 +433,8 @@ def _measure(fm: FloatModel, built: list[Built], eval_set: ImageFolderDataset, r
         for w, pred in b.files:
             predictors[f"{b.backend.name}:{w.path.name}"] = pred
     cmp = _timed(seconds, "evaluate", lambda: compare_dataset(predictors, eval_set, run.eval_batch_size, dist=dist,
-                                                              progress=progress, desc=f"evaluate {len(predictors)} models"))
+                                                              workers=run.decode_workers, progress=progress,
+                                                              desc=f"evaluate {len(predictors)} models"))
     if not dist.is_main:
         return None
     seconds.update({f"evaluate {name}": v for name, v in cmp.seconds.items()})

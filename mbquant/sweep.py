@@ -73,7 +73,7 @@ class RunContext:
         from .mobile.backend import ModulePredictor
 
         return compare({"float": ModulePredictor(self.float_model.graph, "float")},
-                       make_loader(self.eval_set, self.run.eval_batch_size))
+                       make_loader(self.eval_set, self.run.eval_batch_size, workers=self.run.decode_workers))
 
     def calibration(self, num_calib: int, seed: int):
         """The calibration subset of that size and seed, decoded once per sweep (recipes share one)."""
@@ -99,7 +99,8 @@ class RunContext:
         calib = self.calibration(resolved.num_calib, resolved.seed)
         q = quantize_with(backend, self.float_model, resolved, calib)
         fl = self.float_outcomes
-        int8 = compare({"int8": backend.reference(q.int8)}, make_loader(self.eval_set, self.run.eval_batch_size))
+        int8 = compare({"int8": backend.reference(q.int8)},
+                       make_loader(self.eval_set, self.run.eval_batch_size, workers=self.run.decode_workers))
         if not torch.equal(int8.labels, fl.labels):
             raise DataError(f"the images under '{self.report.data.eval_root}' changed during the sweep (another set "
                             f"was read for this point); sweep again when the data stays put")

@@ -247,14 +247,15 @@ def _finish_training(model: nn.Module, train_set: ImageFolderDataset, val_set: I
               "kind of images")
 
 
-def evaluate_float(model: nn.Module, dataset: ImageFolderDataset, batch_size: int = 256, *, progress: bool = False):
+def evaluate_float(model: nn.Module, dataset: ImageFolderDataset, batch_size: int = 256, *, progress: bool = False,
+                   workers: int = 0):
     """Top-1/top-5 of a float model (channels_last, eval mode) on a dataset: a :class:`~mbquant.evaluate.Comparison`
-    with the one predictor ``model``."""
+    with the one predictor ``model``; ``workers`` processes decode the images."""
     from .evaluate import compare
 
     model = model.eval().to(memory_format=torch.channels_last)
-    return compare({"model": lambda x: model(_channels_last(x))}, make_loader(dataset, batch_size), progress=progress,
-                   desc="eval")
+    return compare({"model": lambda x: model(_channels_last(x))}, make_loader(dataset, batch_size, workers=workers),
+                   progress=progress, desc="eval")
 
 
 @dataclass

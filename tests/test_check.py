@@ -90,8 +90,9 @@ def test_assert_accuracy_drop_raises_the_verdict(broken, fmnist):
 def test_cli_check_exit_codes_json_and_verdict_file(good, fmnist, tmp_path, capsys):
     # the default recipe's .pte passes --max-drop 0.5 and fails --min-agreement 100 (its agreement on the 2,000
     # images is about 99.5 %: about ten images flip on every host kind; the broken quantization's verdict is in
-    # make test-slow)
-    for gate, images, rc_expected in ((["--max-drop", "0.5"], 300, 0), (["--min-agreement", "100"], 2000, 1)):
+    # make test-slow); the second decodes its images in two worker processes: the same numbers as decoding here
+    for gate, images, rc_expected in ((["--max-drop", "0.5"], 300, 0),
+                                      (["--min-agreement", "100", "--decode-workers", "2"], 2000, 1)):
         out = tmp_path / f"verdict{rc_expected}.json"
         rc = main(["check", str(_pte(good[0])), "--data", str(fmnist / "val"), "--float-weights", PHONE, *gate,
                    "--limit", str(images), "--out", str(out)])
@@ -99,6 +100,9 @@ def test_cli_check_exit_codes_json_and_verdict_file(good, fmnist, tmp_path, caps
         assert rc == rc_expected
         verdict = json.loads(out.read_text())
         assert verdict["ok"] is (rc == 0) and verdict["images"] == images
+        if images == 2000:
+            assert (verdict["top1"], verdict["agreement"], verdict["drop_pp"], verdict["eval_digest"]) == (
+                good[2].top1, good[2].agreement, good[2].drop_pp, good[2].eval_digest)
         stream = captured.out if rc == 0 else captured.err
         assert stream.startswith(f"mbquant check: {'PASSED' if rc == 0 else 'FAILED'}")
 

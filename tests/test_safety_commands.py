@@ -177,6 +177,8 @@ CASES = [
     Case("check-tolerance-nan", "check {pte} --data {root}/val --baseline {baseline} --tolerance nan", 2,
          r"--tolerance nan is not a finite number"),
     Case("check-max-drop-nan", CHECK + " --max-drop nan", 2, r"--max-drop nan is not a finite number"),
+    Case("check-decode-workers-negative", CHECK + " --max-drop 5 --decode-workers -2", 2,
+         r"--decode-workers -2 is invalid; pass a value in \[0, 64\]"),
     Case("check-min-agreement-200", CHECK + " --min-agreement 200", 2,
          r"--min-agreement 200.0 is invalid; pass a number of percent in \[0, 100\]"),
     Case("seed-2-70", PTQ + " --seed 1180591620717411303424 --out {tmp}/o", 2,

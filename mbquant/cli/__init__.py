@@ -12,6 +12,7 @@ import math
 import sys
 from typing import Iterator, Sequence
 
+from ..config import MAX_DECODE_WORKERS
 from ..errors import ConfigError, MbquantError
 from .commands import COMMANDS
 from .parser import build_parser
@@ -55,7 +56,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     """Numeric flags that no config validates, checked before any work."""
     for name, lo, hi in (("threads", 1, 1024), ("batch_size", 1, 65536), ("max_image_pixels", 1, 2 ** 40),
                          ("num_classes", 1, 100_000), ("resolution", 8, 1024), ("epochs", 1, 100_000),
-                         ("latency_runs", 1, 100_000), ("limit", 1, 10 ** 9)):
+                         ("latency_runs", 1, 100_000), ("limit", 1, 10 ** 9),
+                         ("decode_workers", 0, MAX_DECODE_WORKERS)):
         v = getattr(args, name, None)
         if v is not None and not lo <= v <= hi:
             flag = "--" + name.replace("_", "-")

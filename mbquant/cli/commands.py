@@ -42,8 +42,8 @@ def _run_config(args: argparse.Namespace):
     options = {k[len("opt_"):]: v for k, v in vars(args).items() if k.startswith("opt_") and v is not None}
     return RunConfig(target=args.target, formats=args.format, backends=args.backend, options=options,
                      max_drop=args.max_drop, min_parity=args.min_parity, parity_z=args.parity_z,
-                     eval_limit=args.eval_limit, latency_runs=args.latency_runs, float_program=args.float_program,
-                     fallback=args.fallback, fallback_images=args.fallback_images)
+                     eval_limit=args.eval_limit, decode_workers=args.decode_workers, latency_runs=args.latency_runs,
+                     float_program=args.float_program, fallback=args.fallback, fallback_images=args.fallback_images)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -86,7 +86,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, info = _model(args)
     ds = load_folder(args.data, spec_of(info.preset), expected_classes=info.classes or None,
                      max_pixels=args.max_image_pixels)
-    res = evaluate_float(model, ds, args.batch_size, progress=_progress(args))
+    res = evaluate_float(model, ds, args.batch_size, progress=_progress(args), workers=args.decode_workers)
     if res.count == 0:
         raise ConfigError(f"none of the {len(ds)} images in '{args.data}' is readable ({_skipped(ds)}); pass a folder "
                           f"of valid images")
@@ -270,7 +270,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     try:
         v = check(args.artifact, args.data, float_model=args.float_weights, baseline=args.baseline,
                   max_drop=args.max_drop, min_agreement=args.min_agreement, tolerance=args.tolerance,
-                  strict_ci=args.strict_ci, limit=args.limit, dist=dist)
+                  strict_ci=args.strict_ci, limit=args.limit, dist=dist, workers=args.decode_workers)
     finally:
         distributed.shutdown(dist)
     if not dist.is_main:
@@ -292,7 +292,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     check_outputs({"--out": args.out}, {"ARTIFACT": args.artifact, "--data": args.data}, kind=Baseline.KIND,
                   overwrite=args.overwrite)
     rec = write_baseline(args.artifact, args.data, args.out, tolerance=args.tolerance, float_model=args.float_weights,
-                         limit=args.limit, why=args.why, overwrite=args.overwrite)
+                         limit=args.limit, why=args.why, overwrite=args.overwrite, workers=args.decode_workers)
     emit(args, rec.document(), [f"baseline written to {args.out}: top-1 {rec.top1:.2f} % on {rec.images:,} images"
                                 + (f", agreement {rec.agreement:.2f} %" if rec.agreement is not None else "")
                                 + f"; tolerance {rec.tolerance_pp:g} pp"])

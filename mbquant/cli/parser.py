@@ -70,12 +70,19 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an unexpected error")
 
 
+def _add_decode_workers(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--decode-workers", type=int, default=0, metavar="N",
+                   help="processes that decode and preprocess the evaluation images ahead of the models (default 0: "
+                        "this process; the same images in the same order, so the same numbers)")
+
+
 def _add_check_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("artifact", type=path, help="an artifact written by mbquant (with its sidecar) or a bundle folder")
     p.add_argument("--data", type=path, required=True, help="labelled ImageFolder (e.g. data/val)")
     p.add_argument("--float-weights", default=None, help="the float model (checkpoint path or shipped name) to compare "
                    "with")
     p.add_argument("--limit", type=int, default=None, help="a seeded, class-stratified slice of N images")
+    _add_decode_workers(p)
 
 
 def _add_quant_args(p: argparse.ArgumentParser) -> None:
@@ -132,6 +139,7 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--parity-z", type=float, default=3.0,
                    help="fail when an artifact is worse than its INT8 model by more than Z standard errors")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on a seeded, stratified slice of N images")
+    _add_decode_workers(p)
     p.add_argument("--float-program", action=argparse.BooleanOptionalAction, default=True,
                    help="also write the float program for size/latency comparison")
     p.add_argument("--latency-runs", type=int, default=20)
@@ -185,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", type=path, required=True, help="labelled ImageFolder (e.g. data/val)")
     p.add_argument("--batch-size", type=int, default=256)
+    _add_decode_workers(p)
     _add_common(p)
 
     p = sub.add_parser("ptq", help="post-training static INT8 -> verified artifacts + report")

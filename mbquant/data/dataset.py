@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from ..config import check_decode_workers
 from ..errors import ConfigError, DataError
 from ..records.preprocess import PreprocessSpec
 from . import contract
@@ -153,6 +154,7 @@ def make_loader(dataset: Dataset, batch_size: int, *, shuffle: bool = False, see
                 sampler=None, drop_last: bool = False, workers: int = 0) -> Loader:
     """A loader that sets unreadable images aside and counts them; ``workers`` decode in other processes (the
     order of images is the same)."""
+    check_decode_workers(workers)
     gen = torch.Generator().manual_seed(seed)
     inner = DataLoader(dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                        generator=gen, collate_fn=collate_skip, num_workers=workers, drop_last=drop_last,

@@ -125,3 +125,34 @@ def test_an_empty_class_folder_is_refused_by_every_path(tmp_path, small_folder):
                  lambda: labelled_images(root, sorted(p.name for p in root.iterdir()))):
         with pytest.raises(DataError, match=r"class folder '.*aaa-empty' holds no images"):
             call()
+
+
+def test_decode_workers_give_the_same_batches_and_count_the_same_unreadable_images(tmp_path, small_folder):
+    """Images decoded in worker processes: the same tensors in the same order as decoding here, and the unreadable
+    ones recorded in the parent's dataset (a worker's own copy of it would lose them)."""
+    from mbquant.evaluate import compare_dataset
+
+    root = copy_subset(small_folder, tmp_path / "imgs", 6, classes=["bag", "coat", "dress"])
+    (root / "bag" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a png")
+    (root / "dress" / "notes.jpg").write_text("plain text")
+    here, there = _load(root, small_preset(32)), _load(root, small_preset(32))
+    a = [b for b in make_loader(here, 5) if b is not None]
+    b = [b for b in make_loader(there, 5, workers=2) if b is not None]
+    assert len(a) == len(b) and all(torch.equal(x[0], y[0]) and torch.equal(x[1], y[1]) for x, y in zip(a, b))
+    assert here.skipped == there.skipped and {p.name for p in there.skipped} == {"broken.png", "notes.jpg"}
+    w = torch.randn(3, 3 * 32 * 32, generator=torch.Generator().manual_seed(0))
+    preds = {"a": lambda x: x.flatten(1) @ w.T, "b": lambda x: (x.flatten(1) @ w.T).round()}
+    one, two = compare_dataset(preds, _load(root, small_preset(32)), 4), compare_dataset(preds, there, 4, workers=2)
+    assert one.count == two.count == 18 and torch.equal(one.labels, two.labels)
+    assert all(torch.equal(one.preds[n], two.preds[n]) and torch.equal(one.margins[n], two.margins[n]) for n in preds)
+
+
+def test_a_bad_number_of_decode_workers_is_refused_naming_the_flag(small_folder):
+    from mbquant.config import RunConfig
+
+    ds = _load(small_folder, small_preset(32))
+    for bad in (-1, 65, 1.5, True):
+        with pytest.raises(ConfigError, match=r"decode workers .* pass --decode-workers N \(0: decode in this process\)"):
+            make_loader(ds, 4, workers=bad)
+        with pytest.raises(ConfigError, match=r"--decode-workers"):
+            RunConfig(decode_workers=bad)
