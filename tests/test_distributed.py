@@ -89,7 +89,8 @@ def test_ranks_that_built_different_programs_are_refused(tmp_path):
 
 @pytest.mark.slow
 def test_torchrun_shards_ptq_and_check_evaluation_with_identical_numbers(tiny_ckpt, tmp_path):
-    """`torchrun --nproc_per_node=2 -m mbquant ptq` and `... check` give one process's numbers; rank 0 alone writes."""
+    """`torchrun --nproc_per_node=2 -m mbquant ptq` and `... check` give one process's numbers; rank 0 alone writes.
+    The two ranks decode their shards in a worker process each (`--decode-workers 1`), the one process in itself."""
     import shutil
 
     root, ck = tiny_ckpt
@@ -108,7 +109,7 @@ def test_torchrun_shards_ptq_and_check_evaluation_with_identical_numbers(tiny_ck
         return proc
 
     run([sys.executable, *ptq, "--out", str(tmp_path / "one")])
-    proc = run([*torchrun, *ptq, "--out", str(tmp_path / "two")])
+    proc = run([*torchrun, *ptq, "--decode-workers", "1", "--out", str(tmp_path / "two")])
     assert proc.stdout.count('"command"') == 1                                   # only rank 0 reports
     one, two = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("one", "two"))
     assert sorted(p.name for p in (tmp_path / "one").iterdir()) == sorted(p.name for p in (tmp_path / "two").iterdir())
@@ -122,7 +123,7 @@ def test_torchrun_shards_ptq_and_check_evaluation_with_identical_numbers(tiny_ck
 
     pte = tmp_path / "two" / a2["file"]
     proc = run([*torchrun, "-m", "mbquant", "check", str(pte), "--data", str(val), "--float-weights", str(ck),
-                "--max-drop", "50", "--json", "--threads", "1"])
+                "--max-drop", "50", "--json", "--threads", "1", "--decode-workers", "1"])
     verdict = json.loads(proc.stdout)
     assert proc.stdout.count('"artifact"') == 1
     assert (verdict["images"], verdict["top1"], verdict["drop_pp"], verdict["agreement"]) == \
