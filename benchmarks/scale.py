@@ -248,7 +248,7 @@ def _quantize_only(name: str, weights: str, data: str, num_calib: str, seed: str
     """The child of :func:`quantization_peak`: prints the stage seconds as one JSON line."""
     model, info = _saved(name, weights)
     calib = calibrate.from_folder(Path(data) / "train", spec_of(info.preset), int(num_calib), seed=int(seed))
-    q = quantize(model.eval(), calib, info=info, config=QuantConfig(num_calib=int(num_calib), seed=int(seed)))
+    q = quantize(model, calib, info=info, config=QuantConfig(num_calib=int(num_calib), seed=int(seed)))
     print(json.dumps({"num_calib": int(num_calib), "calibration_images": q.calibration.samples,
                       "stages": q.seconds}))
 
