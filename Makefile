@@ -10,8 +10,13 @@ OUT    ?= runs/demo
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# pip compiles mbquant's one C module (the histogram count, mbquant/calibrate/_count.c): a C compiler and Python's
+# headers must be there (Debian: apt-get install gcc python3.11-dev).
+$(STAMP): pyproject.toml setup.py mbquant/calibrate/_count.c
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found; install Python 3.11 (or run make PYTHON=/path/to/python3.11)"; exit 2; }
+	@command -v cc >/dev/null || { echo "error: no C compiler (cc) to build mbquant/calibrate/_count.c; install one (Debian: apt-get install gcc)"; exit 2; }
+	@$(PYTHON) -c "import os, sys, sysconfig; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()['include'], 'Python.h')))" || \
+	  { echo "error: $(PYTHON) has no headers (Python.h) to build mbquant/calibrate/_count.c; install them (Debian: apt-get install python3.11-dev)"; exit 2; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet --no-compile -e '.[test,plot,onnx]'

@@ -1,21 +1,23 @@
-"""The histogram observers' binning, counted at more than twice ``torch.histc``'s speed with the same counts.
+"""The histogram observers' binning, counted at about three times ``torch.histc``'s speed with the same counts.
 
 torchao's (and torch.ao's) ``HistogramObserver`` bins every activation of every calibration batch into 2,048
 bins with ``torch.histc``. On CPU that op classifies one element at a time (about 1.8 ns per value with two threads
 here), and at 224 px it costs more than the network: 59 % of MobileNetV3-Large's calibration pass, against 33 %
 for its convolutions. :func:`histc` computes the same bin of every element with the op's own float32 formula,
-``trunc((x - lo) * bins / (hi - lo))`` (the last edge in the last bin), in vectorised passes over a reused,
-cache-sized buffer, and counts with ``torch.bincount``:
+``trunc((x - lo) * bins / (hi - lo))`` (the last edge in the last bin), and counts it in one fused pass of
+mbquant's one compiled module (``_count.c``, plain C):
 
-* two float passes, not three: with a power-of-two bin count, ``(x - lo) / (width / bins)`` is the same number as
-  the kernel's ``(x - lo) * bins / width`` (see :func:`_count`);
-* the bin indices in int16 (2,048 bins fit), converted by truncation as the kernel casts;
-* four interleaved sub-histograms (:func:`_lane_offsets`): ``torch.bincount`` is serial, and the run of zeros after
-  a ReLU, all in one bin, made each of its adds wait for the one before.
+* each of torch's threads (``torch.get_num_threads()``) bins its share of the values a cache-sized block at a time
+  (vectorised: IEEE division and truncation round the same at any vector width) and counts the block at once into
+  its own histograms; the totals are integers, so they do not depend on the number of threads;
+* with a power-of-two bin count, ``(x - lo) / (width / bins)`` is the same number as the kernel's
+  ``(x - lo) * bins / width`` (see :func:`_count`): one rounding step, not two;
+* four interleaved sub-histograms per thread: a run of values in one bin (the zeros after a ReLU: half of an
+  activation) would otherwise make each add wait for the one before.
 
-On MobileNetV3-Large's twelve largest activations at 224 px (batch 32) that is 0.7-0.8 ns per value against
-1.4-1.8 ns for the previous counted histogram (three float passes, int32 indices, one histogram) in the same runs,
-and against 1.8-2.0 ns for ``torch.histc`` (``benchmarks/scale.py`` measures the whole calibration).
+On 1 M-value activations at 224 px that is 0.26-0.33 ns per value with two threads, against 0.93-0.98 ns for the
+same count in torch ops (a float pass per step, an int16 cast, the serial ``torch.bincount``) and 1.8-2.0 ns for
+``torch.histc`` (``benchmarks/scale.py`` measures the whole calibration).
 
 The counts are ``torch.histc``'s whenever it counts right. Its CPU kernel keeps one float32 histogram per thread,
 and a float32 counter stops at 2 ** 24: with one thread, ``torch.histc(torch.zeros(20_000_000), 2048, 0, 1)[0]``
@@ -31,7 +33,6 @@ observer on every test run.
 """
 from __future__ import annotations
 
-import functools
 import math
 import struct
 import warnings
@@ -40,8 +41,14 @@ import torch
 
 from .. import compat
 
-CHUNK = 1 << 20     # values per pass: 4 MB of float32 and 2-4 MB of integer scratch, reused within a call
-LANES = 4           # sub-histograms counted side by side (see _lane_offsets)
+try:
+    from . import _count as _native
+except ImportError as e:          # a checkout used without installing it: say how to build the count
+    raise ImportError(f"mbquant's compiled histogram count (mbquant/calibrate/_count.c) is not built ({e}); install "
+                      "mbquant with pip on a machine with a C compiler: `pip install -e .` in a checkout, or "
+                      "`make setup`") from e
+
+MAX_BINS = (1 << 24) - 1         # _count.c's bound: every bin index and bins + 1 are exact float32 integers
 
 
 def _f32(v: float) -> float:
@@ -60,25 +67,10 @@ def _countable_width(x: torch.Tensor, bins: int, lo: float, hi: float) -> float 
     Float32 arithmetic in Python floats: a float64 sum or product of two float32 values, rounded to float32, is the
     float32 operation's result (a 53-bit format holds 2 * 24 + 2 bits, so the double rounding is innocuous), and it
     costs no tensor ops (the observer asks once per batch per activation)."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < bins < 2 ** 24 // LANES:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not 0 < bins <= MAX_BINS:
         return None
     width = _f32(_f32(hi) - _f32(lo))
     return width if math.isfinite(_f32(width * bins)) and width > 0 else None
-
-
-def _index_dtype(bins: int) -> torch.dtype:
-    """The narrowest integer type that holds every sub-histogram's bin index (int16 for torchao's 2,048 bins:
-    half the bytes for the conversion, the offsets and bincount's three reads of them)."""
-    return torch.int16 if LANES * (bins + 1) <= torch.iinfo(torch.int16).max else torch.int32
-
-
-@functools.lru_cache(maxsize=8)
-def _lane_offsets(bins: int) -> torch.Tensor:
-    """``[0, b, 2b, 3b, 0, b, ...]`` (``b = bins + 1``), CHUNK values: adding them to consecutive bin indices sends
-    neighbours to different sub-histograms. ``torch.bincount`` adds one at a time, and a run of values in one bin
-    (the zeros after a ReLU: half of an activation) makes each add wait for the one before it; four interleaved
-    sub-histograms break that chain (about 2x faster on post-ReLU values here). A constant, read only."""
-    return ((torch.arange(CHUNK) % LANES) * (bins + 1)).to(_index_dtype(bins))
 
 
 def histc(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
@@ -104,31 +96,25 @@ def _count(x: torch.Tensor, bins: int, lo: float, hi: float) -> torch.Tensor:
     lo = _f32(lo)                                   # the kernel's edges are in the input's dtype
     # torch.histc's float32 formula is (x - lo) * bins / width, rounded at each step. With a power-of-two bin count
     # the product is exact, and so is width / bins when it is a normal float: (x - lo) / (width / bins) rounds the
-    # same real number once, as the kernel's division does. One pass fewer; other bin counts take all three steps.
+    # same real number once, as the kernel's division does. Other bin counts take all three steps.
     step = width / bins
     exact_step = bins & (bins - 1) == 0 and step >= torch.finfo(torch.float32).tiny
-    flat = x.detach().reshape(-1)
-    n = flat.numel()
-    pos = torch.empty(min(CHUNK, n), dtype=torch.float32)
-    lanes = _lane_offsets(bins)
-    index = torch.empty(min(CHUNK, n), dtype=lanes.dtype)
-    counts = torch.zeros(LANES * (bins + 1), dtype=torch.int64)
-    for start in range(0, n, CHUNK):
-        part = flat[start:start + CHUNK]
-        m = part.numel()
-        p, i = pos[:m], index[:m]
-        torch.sub(part, lo, out=p)                  # the kernel's float32 arithmetic (not div's floor mode: that
-        if exact_step:                              # is the exact quotient's floor)
-            p.div_(step)
-        else:
-            p.mul_(bins)
-            p.div_(width)
-        i.copy_(p)                                  # truncation = the kernel's cast (every value is >= lo)
-        i.add_(lanes[:m])
-        counts += torch.bincount(i, minlength=LANES * (bins + 1))
-    counts = counts.view(LANES, bins + 1).sum(0)
+    counts = torch.zeros(bins + 1, dtype=torch.int64)
+    outside = _native.count(_flat(x.detach()).numpy(), counts.numpy(), lo, step if exact_step else float(bins),
+                            width, exact_step, bins, torch.get_num_threads())
+    if outside:
+        raise ValueError(f"{outside} values outside the histogram's range [{lo}, {hi}] (or not numbers); bin values "
+                         "within the range")
     counts[bins - 1] += counts[bins]                # the last edge belongs to the last bin
     return counts[:bins].to(torch.float32)
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """The values of ``x`` as one contiguous row, without a copy when ``x`` is dense in either memory format (a count
+    does not care in which order it meets them)."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        x = x.permute(0, 2, 3, 1)
+    return x.contiguous().view(-1)
 
 
 class CountedHistogram:
