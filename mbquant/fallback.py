@@ -49,7 +49,7 @@ from .stats import paired
 RANK_IMAGES = 256
 MIN_SLICE = 200
 
-__all__ = ["FallbackResult", "held_out", "search", "smallest_meeting", "units", "with_float_units"]
+__all__ = ["FallbackResult", "held_out", "search", "smallest_meeting", "units", "with_float_units", "with_float_weights"]
 
 
 @dataclass
@@ -99,15 +99,24 @@ def with_float_units(int8: GraphModule, reference: GraphModule, kept: tuple[str,
     them: their convs/linears take the float weights and biases of ``reference`` (the float graph with BN
     folded, node names as in ``int8``), and a quantize -> dequantize between two ops of the kept blocks is
     removed; quantization at their borders stays."""
+    gm = with_float_weights(int8, reference, kept)
+    for n in list(gm.graph.nodes):
+        if n.op == "call_function" and n.target in QUANTIZE_OPS and not in_layers(n, kept) and _internal(n, kept):
+            for d in list(n.users):
+                d.replace_all_uses_with(n.args[0])
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def with_float_weights(int8: GraphModule, reference: GraphModule, kept: tuple[str, ...]) -> GraphModule:
+    """A copy of the converted graph ``int8`` whose convs/linears in the blocks ``kept`` take the float weights
+    and biases of ``reference`` (the float graph with BN folded, node names as in ``int8``); every activation
+    quantize stays where it is."""
     gm = copy.deepcopy(int8)
     ref_nodes = {n.name: n for n in reference.graph.nodes}
     for i, n in enumerate(list(gm.graph.nodes)):
-        if n.op != "call_function" or not in_layers(n, kept):
-            if n.op == "call_function" and n.target in QUANTIZE_OPS and _internal(n, kept):
-                for d in list(n.users):
-                    d.replace_all_uses_with(n.args[0])
-            continue
-        if n.target not in CONV_OPS | LINEAR_OPS:
+        if n.op != "call_function" or n.target not in CONV_OPS | LINEAR_OPS or not in_layers(n, kept):
             continue
         r = ref_nodes.get(n.name)
         if r is None:

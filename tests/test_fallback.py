@@ -5,7 +5,7 @@ import torch
 
 from mbquant.config import QuantConfig, RunConfig
 from mbquant.errors import ConfigError
-from mbquant.fallback import held_out, smallest_meeting, units, with_float_units
+from mbquant.fallback import held_out, smallest_meeting, units, with_float_units, with_float_weights
 from mbquant.pipeline import check_run
 from mbquant.quant.bias_correction import folded_reference
 from mbquant.quant.export import FloatModel
@@ -69,6 +69,29 @@ def test_a_block_put_back_in_float_in_the_graph_computes_what_the_quantizer_buil
     assert (a - before).abs().max() > 1e-2                # and it did change the logits
     count = lambda gm: sum(1 for n in gm.graph.nodes if "quantize_per_tensor" in str(n.target))  # noqa: E731
     assert count(sim) == count(real) < count(int8)
+
+
+def test_float_weights_swap_every_weight_and_bias_and_keep_every_activation_quantize(tiny):
+    """The stand-in for 'weights exact, activations INT8' (benchmarks/agreement_jitter.py): every quantized
+    conv/linear reads the float weight and bias, and the activations are quantized exactly as before, so that
+    removing the activation quantizes as well gives the float graph back."""
+    model, calib, int8 = tiny
+    ref = folded_reference(FloatModel(model, 32).graph)
+    sim = with_float_weights(int8, ref, tuple(units(int8)))
+    kinds = lambda gm: [str(n.target) for n in gm.graph.nodes if "quantize_per" in str(n.target)]  # noqa: E731
+    assert "quantized_decomposed.dequantize_per_channel.default" in kinds(int8)
+    assert "quantized_decomposed.dequantize_per_channel.default" not in kinds(sim)
+    assert kinds(sim) == [k for k in kinds(int8) if "per_channel" not in k]
+    x = calib.images[:16]
+    with torch.no_grad():
+        assert (sim(x) - int8(x)).abs().max() > 1e-3                  # the weights did change
+        for n in list(sim.graph.nodes):                              # now drop the activation rounding too
+            if n.target == torch.ops.quantized_decomposed.quantize_per_tensor.default:
+                for d in list(n.users):
+                    d.replace_all_uses_with(n.args[0])
+        sim.graph.eliminate_dead_code()
+        sim.recompile()
+        assert torch.allclose(sim(x), ref(x), atol=1e-5), (sim(x) - ref(x)).abs().max()
 
 
 def test_the_held_out_slice_shares_no_image_with_calibration_or_evaluation(calib32, small_folder):
