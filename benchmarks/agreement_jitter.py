@@ -46,20 +46,21 @@ import torch
 
 from _common import REPO
 from mbquant import calibrate, checkpoints
-from mbquant.fallback import units, with_float_weights
-from mbquant.quant.bias_correction import correct_biases, folded_reference
 from mbquant.config import QuantConfig, bias_correction_images
 from mbquant.data.dataset import eval_set, make_loader
 from mbquant.data.slicing import stratified_indices
+from mbquant.fallback import units, with_float_weights
 from mbquant.mobile import table
 from mbquant.models import resolve_model
 from mbquant.pipeline import quantize
+from mbquant.quant.bias_correction import correct_biases, folded_reference
 from mbquant.quant.fast_qdq import with_fast_qdq
 from mbquant.report import format_table, host, library_versions
 
 RESULTS = REPO / "benchmarks" / "results"
 TARGETS = {"mobilenet_v2_w0.5_r64_fmnist": ("phone",), "mobilenet_v1_w0.25_r96_fmnist": ("phone", "mcu")}
 DECOMPOSE = {"mobilenet_v2_w0.5_r64_fmnist": "phone", "mobilenet_v1_w0.25_r96_fmnist": "mcu"}   # issue 20's targets
+AS_BUILT = "INT8 (8-bit activations and weights)"
 _Q = torch.ops.quantized_decomposed.quantize_per_tensor.default
 _DQ = torch.ops.quantized_decomposed.dequantize_per_tensor.default
 
@@ -137,21 +138,21 @@ def decompose(model, info, data: Path, target: str, seeds, bits, x: torch.Tensor
     xh = held_out_images(data, info, calibs, held_out) if held_out else None
     ref_h = logits(model, xh) if held_out else None
     held: list[int] = []
+    images = bias_correction_images(info.resolution)      # what the recipe's correction reads at this resolution
     for seed, calib in zip(seeds, calibs):
         q = quantize(model, calib, info=info, config=QuantConfig(seed=seed, bias_correction=False),
                      backend=table.select(target)[0].name)
-        source = (q.source.graph if q.source is not None else None)
-        variants = {"INT8 (8-bit activations and weights)": copy.deepcopy(q.int8),
+        source = q.source.graph                 # the float model the backend quantized (equalized when it does)
+        variants = {AS_BUILT: copy.deepcopy(q.int8),
                     "activations exact, INT8 weights": activations_exact(q.int8),
                     "activations clipped to their ranges, not rounded; INT8 weights": activations_exact(q.int8, True),
                     "weights exact, INT8 activations": with_float_weights(q.int8, folded_reference(source),
                                                                           tuple(units(q.int8)))}
         variants.update({f"activations at {b} bits, INT8 weights": activations_at(q.int8, b) for b in bits})
-        images = bias_correction_images(info.resolution)
         for m in variants.values():           # the recipe's bias correction, made for each graph as it now rounds
             correct_biases(m, source, calib.source(q.config.batch_size, images))
         if held_out:
-            held.append(row("held out", ref_h, logits(next(iter(variants.values())), xh))["flips"])
+            held.append(row("held out", ref_h, logits(variants[AS_BUILT], xh))["flips"])
         for kind, m in variants.items():
             r = row(kind, ref, logits(m, x))
             flips.setdefault(kind, []).append(r["flips"])
@@ -159,7 +160,7 @@ def decompose(model, info, data: Path, target: str, seeds, bits, x: torch.Tensor
         print(f"  seed {seed}: " + ", ".join(f"{k.split(',')[0]} {v[-1]}" for k, v in flips.items()), flush=True)
     n = len(x)
     return {"target": target, "seeds": list(seeds), "images": n,
-            "held_out": {"images": held_out, "int8_flips": held, "val_int8_flips": flips[next(iter(flips))]},
+            "held_out": {"images": held_out, "int8_flips": held, "val_int8_flips": flips[AS_BUILT]},
             "rows": [{"variant": k, "flips": v, "mean_flips": round(sum(v) / len(v), 1),
                       "mean_agreement": round(100 * (1 - sum(v) / len(v) / n), 2), "logit_rms_change": rms[k],
                       "mean_logit_rms_change": round(sum(rms[k]) / len(rms[k]), 4)} for k, v in flips.items()]}
@@ -203,14 +204,15 @@ def main(argv=None) -> int:
             rows.append(r)
         results[name] = {"images": len(x), "rows": rows}
         if args.seeds and name in DECOMPOSE:
-            part = decompose(model, info, args.data, DECOMPOSE[name], args.seeds, args.bits, x, ref, args.held_out)
+            part = decompose(model, info, args.data, DECOMPOSE[name], args.seeds, args.bits, x, ref,
+                             args.held_out)
             results[name]["decomposition"] = part
             h = part["held_out"]
             if h["images"]:
                 decomp_rows.append((name, part["target"], f"INT8, on {h['images']:,} held-out training images",
                                     f"{sum(h['int8_flips']) / len(h['int8_flips']):g}",
                                     f"{min(h['int8_flips'])}-{max(h['int8_flips'])}",
-                                    f"{100 * (1 - sum(h['int8_flips']) / len(h['int8_flips']) / h['images']):.2f}",
+                                    f"{100 - 100 * sum(h['int8_flips']) / len(h['int8_flips']) / h['images']:.2f}",
                                     "-"))
             for r in part["rows"]:
                 decomp_rows.append((name, part["target"], r["variant"], f"{r['mean_flips']:g}",

@@ -49,7 +49,8 @@ from .stats import paired
 RANK_IMAGES = 256
 MIN_SLICE = 200
 
-__all__ = ["FallbackResult", "held_out", "search", "smallest_meeting", "units", "with_float_units", "with_float_weights"]
+__all__ = ["FallbackResult", "held_out", "search", "smallest_meeting", "units", "with_float_units",
+           "with_float_weights"]
 
 
 @dataclass
